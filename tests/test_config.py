@@ -1,0 +1,34 @@
+import pytest
+
+from lora_ogpsa import OGPSAConfig
+
+
+def test_defaults_are_valid_and_round_trip():
+    config = OGPSAConfig()
+    assert config.project == "update"
+    assert OGPSAConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_directions", 0, r"`max_directions` must be an integer >= 1, got 0"),
+    ("max_directions", 2.0, "max_directions"),
+    ("max_directions", True, "max_directions"),
+    ("energy", 0.0, r"`energy` must be in \(0, 1\]"),
+    ("energy", 1.01, "energy"),
+    ("energy", "0.9", "energy"),
+    ("refresh_every", -1, "refresh_every"),
+    ("reference_examples", 0, "reference_examples"),
+    ("project", "both", r"`project` must be one of update, grad, none, got 'both'"),
+    ("reference_batch_size", 0, "reference_batch_size"),
+    ("opening_tokens", -2, "opening_tokens"),
+    ("later_token_weight", 1.5, r"`later_token_weight` must be in \[0, 1\]"),
+    ("later_token_weight", float("nan"), "later_token_weight"),
+])
+def test_validation_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        OGPSAConfig(**{field: value})
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown OGPSA setting\(s\) \['max_direction'\]"):
+        OGPSAConfig.from_dict({"max_direction": 4})
