@@ -145,13 +145,20 @@ class StackedBasis:
             removal = torch.bmm(coefficients, stacked).squeeze(1)  # (P, n)
             squared_norm += _squared_norm(change).double().cpu()
             squared_in_span += _squared_norm(coefficients).double().cpu()
-            targets = [tensors_by_name[name] for name in names]
-            torch._foreach_sub_([target.view(-1) for target in targets],
-                                [row.to(target.dtype) for row, target in zip(removal, targets, strict=True)])
+            _subtract_(([tensors_by_name[name] for name in names]), removal)
         for name, tensor in tensors_by_name.items():
             if name not in covered:  # no basis: nothing removed, but the change still counts in the total
                 squared_norm += measure_change(tensor, None).double().cpu()
         return ProjectionStats(float(squared_norm), float(squared_in_span))
+
+
+def _subtract_(targets: list[torch.Tensor], removal: torch.Tensor) -> None:
+    """`target -= removal[i]`; a low-precision target is updated in float32 and rounded once."""
+    if all(target.dtype == torch.float32 for target in targets):
+        torch._foreach_sub_([target.view(-1) for target in targets], list(removal.unbind()))
+        return
+    for target, row in zip(targets, removal, strict=True):
+        target.copy_((target.float().view(-1) - row).view_as(target))
 
 
 def measure_change(tensor: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
