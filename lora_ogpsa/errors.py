@@ -1,0 +1,6 @@
+"""The one exception type that means "the user's input is wrong" (the command exits 2 on it)."""
+
+
+class InputError(ValueError):
+    """Bad input: a missing or malformed file, row or field, a model path that is not a model, a flag out of
+    range. The message is one line that names what is wrong, where (file, row, field) and how to fix it."""

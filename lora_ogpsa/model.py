@@ -1,0 +1,174 @@
+"""Load the base model (4-bit NF4 through bitsandbytes, or full precision) and attach or load LoRA adapters.
+
+The stack quirks handled here (DESIGN.md §4):
+- bitsandbytes repacks 4-bit weights in place on the first eval-mode forward on AVX512-BF16 CPUs, after which
+  every LoRA gradient is silently wrong: `disable_cpu_repack_` turns that off right after loading.
+- TRL casts trainable LoRA tensors to bf16 when the base is quantized: `keep_lora_float32_` undoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from lora_ogpsa.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+LORA_TENSOR_MARKERS = (".lora_A.", ".lora_B.")
+
+
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A local Hugging Face model directory (with `config.json`), or InputError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"--model {path}: no such directory; give a local Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise InputError(f"--model {path}: no config.json in it; give a directory written by save_pretrained")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (the EOS token when the model defines none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+    except (OSError, ValueError) as error:
+        raise InputError(f"--model {path}: cannot load its tokenizer ({_first_line(error)})") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    path: str | Path, *, quantize: bool, device: torch.device | str | None = None
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory.
+
+    Args:
+        path: a directory written by `save_pretrained` (config.json + safetensors weights).
+        quantize: 4-bit NF4 through bitsandbytes (compute in bf16 on CUDA, float32 on CPU); else float32.
+        device: where the model goes (default: `default_device()`).
+
+    Raises:
+        InputError: not a model directory, or transformers cannot load it.
+    """
+    path = check_model_dir(path)
+    device = torch.device(device) if device is not None else default_device()
+    kwargs: dict = {"dtype": torch.float32, "device_map": {"": device}}
+    if quantize:
+        kwargs["quantization_config"] = nf4_config(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"--model {path}: cannot load it as a causal LM ({_first_line(error)})") from error
+    if quantize:
+        disable_cpu_repack_(model)
+    return model
+
+
+def nf4_config(device: torch.device):
+    """The BitsAndBytesConfig used for every 4-bit load (training, merge audit): NF4, double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def disable_cpu_repack_(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights on eval-mode CPU forwards; returns the layers changed."""
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether the (base of the) model is loaded in 4 or 8 bit."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def lora_config(*, r: int, alpha: float | None = None, dropout: float = 0.0,
+                target_modules: str | list[str] = "all-linear") -> LoraConfig:
+    """A causal-LM LoRA config; alpha defaults to 2·r (scaling 2)."""
+    if r < 1:
+        raise InputError(f"--lora-r must be >= 1, got {r}")
+    return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+                      target_modules=target_modules, task_type="CAUSAL_LM")
+
+
+def attach_lora(model: PreTrainedModel, config: LoraConfig, *, seed: int, gradient_checkpointing: bool) -> PeftModel:
+    """Wrap the base in a fresh trainable LoRA adapter (float32 tensors).
+
+    The seed is set right before `get_peft_model`, exactly as TRL's trainers do, so the random lora_A init is
+    the one a plain TRL + PEFT run with the same seed gets.
+    """
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    set_seed(seed)
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    keep_lora_float32_(peft_model)
+    return peft_model
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool,
+                 gradient_checkpointing: bool = False) -> PeftModel:
+    """Load a saved PEFT adapter onto the base (trainable to continue training it, e.g. SFT→DPO)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError(f"--adapter {adapter_dir}: no adapter_config.json in it; give a directory written by "
+                         "`lora-ogpsa sft|dpo|align|export` or PEFT's save_pretrained")
+    if trainable and is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=ADAPTER_NAME,
+                                               is_trainable=trainable)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise InputError(f"--adapter {adapter_dir}: cannot load it onto this base model ({_first_line(error)}); "
+                         "was it trained on another architecture?") from error
+    keep_lora_float32_(peft_model)
+    return peft_model
+
+
+def lora_parameters(model: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.nn.Parameter]:
+    """The trainable lora_A / lora_B weights of one adapter, keyed as in `adapter_model.safetensors`.
+
+    PEFT's parameter `...q_proj.lora_A.default.weight` is saved as `...q_proj.lora_A.weight`.
+    """
+    marker = f".{adapter_name}."
+    return {
+        name.replace(marker, "."): parameter
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and marker in name and any(m in name for m in LORA_TENSOR_MARKERS)
+    }
+
+
+def keep_lora_float32_(model: torch.nn.Module) -> None:
+    """Cast every trainable LoRA tensor to float32 (TRL casts them to bf16 on a quantized base)."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
