@@ -79,15 +79,15 @@ class StackedBasis:
     """Bases of equal-size tensors stacked into `(P, k_max, n)` (zero rows pad the smaller k), so that a
     projection of hundreds of LoRA tensors costs a few batched products instead of a Python loop of small ones.
 
-    A zero row adds nothing to `Uᵀ(U v)`, so padding changes no result.
+    A zero row adds nothing to `Uᵀ(U v)`, so padding changes no result. Names with k = 0 are kept (in groups
+    with k_max = 0) so that every tensor is counted in the statistics and covered by `snapshot`.
     """
 
     def __init__(self, basis_by_name: Mapping[str, torch.Tensor]) -> None:
-        """Args: basis_by_name: `(k, n)` orthonormal rows per name; names with k = 0 are skipped."""
+        """Args: basis_by_name: `(k, n)` orthonormal rows per name (k may be 0)."""
         by_key: dict[tuple[int, str], list[str]] = defaultdict(list)
         for name, basis in basis_by_name.items():
-            if basis.shape[0]:
-                by_key[(basis.shape[1], str(basis.device))].append(name)
+            by_key[(basis.shape[1], str(basis.device))].append(name)
         self.groups: list[tuple[list[str], torch.Tensor]] = []
         for names in by_key.values():
             k_max = max(basis_by_name[name].shape[0] for name in names)
@@ -100,23 +100,23 @@ class StackedBasis:
         self.directions_by_name = {name: basis.shape[0] for name, basis in basis_by_name.items()}
 
     def views(self) -> dict[str, torch.Tensor]:
-        """`(k, n)` views into the stacked storage, per name (k = 0 names get an empty tensor)."""
+        """`(k, n)` views into the stacked storage, per name, in the original order."""
         found = {name: stacked[index, : self.directions_by_name[name]]
                  for names, stacked in self.groups for index, name in enumerate(names)}
-        return {name: found.get(name, torch.empty(0, 0)) for name in self.directions_by_name}
+        return {name: found[name] for name in self.directions_by_name}
 
     @torch.no_grad()
     def project_(self, tensors_by_name: Mapping[str, torch.Tensor]) -> ProjectionStats:
-        """`v ← P⊥ v` in place for every named tensor that has a basis (others are only measured).
+        """`v ← P⊥ v` in place for every named tensor (all names must have a basis, possibly empty).
 
         Returns:
-            ProjectionStats: Σ‖v‖² over all given tensors and Σ‖Uv‖² removed.
+            ProjectionStats: Σ‖v‖² over the given tensors and Σ‖Uv‖² removed.
         """
         return self.project_change_(tensors_by_name, None)
 
     @torch.no_grad()
     def snapshot(self, tensors_by_name: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Float32 copies of the tensors that have a basis, stacked per group: the `before` of `project_change_`."""
+        """Float32 copies of the tensors, stacked per group: the `before` of `project_change_`."""
         return [_stack(tensors_by_name, names) for names, _ in self.groups]
 
     @torch.no_grad()
@@ -126,29 +126,33 @@ class StackedBasis:
         """`θ ← θ_before + P⊥ (θ − θ_before)` in place: keep only the part of the change outside the span.
 
         Args:
-            tensors_by_name: the current tensors θ (e.g. parameters right after `optimizer.step()`).
-            before: `snapshot(...)` taken before the change, or None to project θ itself.
+            tensors_by_name: the current tensors θ (e.g. parameters right after `optimizer.step()`); a subset of
+                the names is allowed when `before` is None (e.g. only the parameters that have a gradient).
+            before: `snapshot(...)` of all names taken before the change, or None to project θ itself.
 
         Returns:
-            ProjectionStats over the change: Σ‖Δ‖² over all given tensors and Σ‖UΔ‖² removed.
+            ProjectionStats over the change: Σ‖Δ‖² and Σ‖UΔ‖² removed.
         """
-        covered: set[str] = set()
         squared_norm = torch.zeros((), dtype=torch.float64)
         squared_in_span = torch.zeros((), dtype=torch.float64)
         for group_index, (names, stacked) in enumerate(self.groups):
-            covered.update(names)
+            if before is None:
+                present = [index for index, name in enumerate(names) if name in tensors_by_name]
+                if len(present) < len(names):
+                    names, stacked = [names[index] for index in present], stacked[present]
+            if not names:
+                continue
             change = _stack(tensors_by_name, names)  # (P, n)
             if before is not None:
                 change -= before[group_index]
+            squared_norm += _squared_norm(change).double().cpu()
+            if stacked.shape[1] == 0:
+                continue
             # (P, 1, n) @ (P, n, k): this orientation measured 5x faster than (P, k, n) @ (P, n, 1) on CPU.
             coefficients = torch.bmm(change.unsqueeze(1), stacked.mT)  # (P, 1, k)
             removal = torch.bmm(coefficients, stacked).squeeze(1)  # (P, n)
-            squared_norm += _squared_norm(change).double().cpu()
             squared_in_span += _squared_norm(coefficients).double().cpu()
-            _subtract_(([tensors_by_name[name] for name in names]), removal)
-        for name, tensor in tensors_by_name.items():
-            if name not in covered:  # no basis: nothing removed, but the change still counts in the total
-                squared_norm += measure_change(tensor, None).double().cpu()
+            _subtract_([tensors_by_name[name] for name in names], removal)
         return ProjectionStats(float(squared_norm), float(squared_in_span))
 
 
@@ -159,12 +163,6 @@ def _subtract_(targets: list[torch.Tensor], removal: torch.Tensor) -> None:
         return
     for target, row in zip(targets, removal, strict=True):
         target.copy_((target.float().view(-1) - row).view_as(target))
-
-
-def measure_change(tensor: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
-    """‖θ − θ_before‖² (or ‖θ‖²) as a float32 scalar tensor on the tensor's device."""
-    values = tensor.detach().float()
-    return _squared_norm(values if before is None else values - before)
 
 
 def _squared_norm(values: torch.Tensor) -> torch.Tensor:
@@ -180,11 +178,13 @@ def project_out_(
     tensors_by_name: Mapping[str, torch.Tensor], basis_by_name: Mapping[str, torch.Tensor]
 ) -> ProjectionStats:
     """Project every named tensor in place (flattened): `v ← v − Uᵀ(U v)`, math in float32, on the tensor's
-    own device and dtype. Names without a basis (or with k = 0) are left alone but counted in the total.
+    own device and dtype. Names with k = 0 are left alone but counted in the total; names without a basis are
+    skipped.
 
     For repeated projections with the same bases, build a `StackedBasis` once and call its `project_`.
 
     Returns:
         ProjectionStats: Σ‖v‖² before projection and Σ‖Uv‖² removed.
     """
-    return StackedBasis(basis_by_name).project_(tensors_by_name)
+    return StackedBasis({name: basis_by_name[name] for name in tensors_by_name if name in basis_by_name}).project_(
+        tensors_by_name)

@@ -74,9 +74,10 @@ def test_in_place_projection_matches_project_out(dtype):
     original = {name: tensor.clone() for name, tensor in tensors.items()}
     stats = project_out_(tensors, bases)
     total, inside = 0.0, 0.0
+    assert torch.equal(tensors.pop("no_basis"), original["no_basis"])  # skipped: not projected, not counted
     for name, tensor in tensors.items():
         assert tensor.dtype == dtype
-        basis = bases.get(name, torch.empty(0, tensor.numel()))
+        basis = bases[name]
         expected = project_out(original[name].reshape(-1), basis).view_as(tensor)
         tolerance = {"rtol": 2**-8, "atol": 1e-6} if dtype == torch.bfloat16 else {"atol": 1e-6}  # one bf16 ulp
         assert torch.allclose(tensor.float(), expected.float(), **tolerance)
@@ -90,17 +91,18 @@ def test_in_place_projection_matches_project_out(dtype):
 
 def test_project_change_keeps_only_the_orthogonal_part_of_the_change():
     tensors, bases = _tensors_and_bases()
+    del tensors["no_basis"]
     stacked = StackedBasis(bases)
     before_values = {name: tensor.clone() for name, tensor in tensors.items()}
     before = stacked.snapshot(tensors)
     for tensor in tensors.values():
         tensor.add_(torch.randn_like(tensor))
+    change_norm = sum(float((tensors[n] - before_values[n]).square().sum()) for n in tensors)
     stats = stacked.project_change_(tensors, before)
+    assert stats.squared_norm == pytest.approx(change_norm, rel=1e-5)  # k = 0 tensors count too
     for name, tensor in tensors.items():
         change = (tensor - before_values[name]).reshape(-1)
-        basis = bases.get(name)
-        if basis is not None and basis.shape[0]:
-            assert (basis @ change).norm() <= 1e-6 * change.norm()
+        assert (bases[name] @ change).norm() <= 1e-6 * change.norm()
     assert 0 < stats.span_fraction < 1
     # The parts outside the span are untouched: projecting again changes nothing.
     again = {name: tensor.clone() for name, tensor in tensors.items()}
@@ -113,4 +115,4 @@ def test_stacked_views_match_the_bases():
     views = StackedBasis(bases).views()
     assert list(views) == list(bases)
     for name, basis in bases.items():
-        assert torch.equal(views[name], basis) or basis.shape[0] == 0 == views[name].shape[0]
+        assert torch.equal(views[name], basis)

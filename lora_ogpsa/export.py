@@ -1,0 +1,198 @@
+"""Write adapters the ecosystem loads unchanged, check what was written, and describe it in a model card.
+
+A training output directory (DESIGN.md §3) holds the PEFT adapter (`adapter_model.safetensors`,
+`adapter_config.json`), the OGPSA subspace sidecar, the run config, a model card and the metrics. Everything
+is written into a temporary sibling and renamed when complete; after writing, the tensors are read back and
+compared with the ones in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lora_ogpsa.callback import SUBSPACE_FILE
+from lora_ogpsa.errors import InputError
+from lora_ogpsa.model_card import write_model_card
+from lora_ogpsa.subspace import Subspace
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "ogpsa_config.json"
+METRICS_FILE = "metrics.jsonl"
+CARD_FILE = "README.md"
+
+
+def partial_path(output: Path) -> Path:
+    """The temporary sibling an output is built in before it is renamed into place."""
+    return output.with_name(f"{output.name}.partial")
+
+
+def check_output_dir(output: Path, *, overwrite: bool, resume: bool = False, flag: str = "--output") -> None:
+    """Refuse an existing non-empty output directory unless told to overwrite it (or to resume into it)."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{flag} {output}: exists and is not a directory; choose another path")
+    if output.is_dir() and any(output.iterdir()) and not (overwrite or resume):
+        raise InputError(f"{flag} {output}: exists and is not empty; pass --overwrite to replace it"
+                         f"{' or --resume to continue it' if flag == '--output' else ''}, or choose another path")
+
+
+def finalize_directory(work: Path, output: Path) -> None:
+    """Move a completed `work` directory to `output`, replacing an old output only once the new one is ready."""
+    old = output.with_name(f"{output.name}.old")
+    if output.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        output.rename(old)
+    work.rename(output)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_directory(output: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a temporary sibling; rename it to `output` on success, delete it on failure."""
+    work = partial_path(output)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if output.exists() and not overwrite and any(output.iterdir()):
+        shutil.rmtree(work, ignore_errors=True)
+        raise InputError(f"{output}: appeared while writing; nothing was overwritten")
+    finalize_directory(work, output)
+
+
+def save_adapter(model: torch.nn.Module, directory: Path, adapter_name: str = "default") -> None:
+    """Save one adapter (PEFT format) and check the file against the tensors in memory."""
+    model.save_pretrained(str(directory), selected_adapters=[adapter_name], safe_serialization=True)
+    saved_dir = directory if adapter_name == "default" else directory / adapter_name
+    from lora_ogpsa.model import lora_parameters
+
+    expected = {name: parameter.detach() for name, parameter in lora_parameters(model, adapter_name).items()}
+    verify_adapter_file(saved_dir / ADAPTER_FILE, expected)
+
+
+def verify_adapter_file(path: Path, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read an adapter file back: every expected tensor present and equal; warn about suspicious content.
+
+    Returns:
+        The tensors read from the file.
+
+    Raises:
+        RuntimeError: a tensor is missing or differs (the write went wrong).
+    """
+    tensors = read_safetensors(path, flag="adapter")
+    for name, value in expected.items():
+        if name not in tensors:
+            raise RuntimeError(f"{path}: tensor {name} missing after writing")
+        if not torch.equal(tensors[name], value.to("cpu", tensors[name].dtype)):
+            raise RuntimeError(f"{path}: tensor {name} differs from the trained one after writing")
+    warn_about_adapter(path, tensors)
+    return tensors
+
+
+def warn_about_adapter(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Warn when the adapter never trained (every lora_B zero) or carries full base weights."""
+    lora_b = [value for name, value in tensors.items() if ".lora_B." in name]
+    if lora_b and all(not value.any() for value in lora_b):
+        logger.warning("%s: every lora_B is zero: this adapter never trained and changes nothing", path)
+    extra = {name: value for name, value in tensors.items() if ".lora_A." not in name and ".lora_B." not in name}
+    if extra:
+        size = sum(value.numel() * value.element_size() for value in extra.values()) / 2**20
+        logger.warning("%s: %d non-LoRA tensors (%.1f MiB; e.g. %s): full base weights (modules_to_save, "
+                       "embeddings) leak into the adapter", path, len(extra), size, next(iter(extra)))
+
+
+def read_safetensors(path: Path, *, flag: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or InputError for a missing or corrupt one."""
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{flag} {path}: corrupt or truncated safetensors file ({error})") from error
+
+
+def save_subspace(subspace: Subspace | None, directory: Path) -> None:
+    """Write the subspace sidecar and read it back (names, shapes and values must survive)."""
+    if subspace is None:
+        return
+    path = directory / SUBSPACE_FILE
+    subspace.save(path)
+    numel = {name: basis.shape[1] for name, basis in subspace.basis_by_name.items()}
+    loaded = Subspace.load(path, numel_by_name=numel)
+    for name, basis in subspace.basis_by_name.items():
+        if not torch.equal(loaded.basis_by_name[name], basis.detach().cpu()):
+            raise RuntimeError(f"{path}: basis {name} differs after writing")
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Pretty JSON, written to a temporary sibling and renamed."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    partial.replace(path)
+
+
+def export_adapter(source: Path, output: Path, *, include_subspace: bool = True, overwrite: bool = False) -> Path:
+    """Re-export a training output or `checkpoint-N` as a clean standalone adapter directory.
+
+    Copies the PEFT adapter (and the subspace sidecar and run config unless `include_subspace` is False),
+    checks every tensor after copying, and writes a model card.
+
+    Raises:
+        InputError: no adapter_config.json / adapter file in `source`, corrupt files, or `output` exists.
+    """
+    if not (source / ADAPTER_CONFIG).is_file():
+        raise InputError(f"--adapter {source}: no {ADAPTER_CONFIG}; give a training output or checkpoint directory")
+    tensors = read_safetensors(source / ADAPTER_FILE, flag="--adapter")
+    check_output_dir(output, overwrite=overwrite, flag="--output")
+    subspace = None
+    if include_subspace and (source / SUBSPACE_FILE).is_file():
+        numel = {name: value.numel() for name, value in tensors.items() if ".lora_" in name}
+        try:
+            subspace = Subspace.load(source / SUBSPACE_FILE, numel_by_name=numel)
+        except ValueError as error:
+            raise InputError(f"--adapter {source}: {error}") from error
+    run_config = _read_json(source / RUN_CONFIG) if (source / RUN_CONFIG).is_file() else {}
+    with atomic_directory(output, overwrite=overwrite) as work:
+        shutil.copy2(source / ADAPTER_CONFIG, work / ADAPTER_CONFIG)
+        shutil.copy2(source / ADAPTER_FILE, work / ADAPTER_FILE)
+        verify_adapter_file(work / ADAPTER_FILE, tensors)
+        if subspace is not None:
+            save_subspace(subspace, work)
+        if run_config and include_subspace:
+            write_json(work / RUN_CONFIG, run_config)
+        metrics = read_metrics(source / METRICS_FILE) if (source / METRICS_FILE).is_file() else []
+        write_model_card(work / CARD_FILE, run_config=run_config, subspace=subspace, metrics=metrics,
+                         source=str(source))
+    return output
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl file (empty when missing)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: invalid JSON ({error.msg} at line {error.lineno})") from error

@@ -1,0 +1,209 @@
+"""Per-example reference gradients of every LoRA tensor, from one forward/backward per micro-batch.
+
+For a LoRA layer `y = W x + s · B A x`, hooks capture the input of lora_A (x_i, T×d_in), the input of lora_B
+(h_i = A x_i, T×r) and the gradients at their outputs. Example i's gradients are then
+
+    ∇B_i = g_B,iᵀ h_i        g_B,i = ∂L/∂(B h_i)  (T×d_out; already holds the scaling s)
+    ∇A_i = g_A,iᵀ x_i        g_A,i = ∂L/∂(A x_i)  (T×r)
+
+which is DESIGN.md §4's `∇B_i = s·δ_iᵀ (x_i Aᵀ)`, `∇A_i = s·(Bᵀ δ_iᵀ) x_i`, read off autograd instead of
+rebuilt. The loss is the sum over examples of each example's mean NLL on its response tokens, so example i's
+gradient is exactly ∇ of its own loss. Hooks are attached to the forward call that builds the autograd graph,
+so this works with gradient checkpointing (reentrant or not) and on a 4-bit base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lora_ogpsa.data import TokenizedExample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceBatch:
+    """A right-padded micro-batch of reference examples."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    loss_weights: torch.Tensor  # (B, T-1): weight of predicting token t+1 from position t; 0 off the response
+
+
+def make_batches(examples: Sequence[TokenizedExample], *, batch_size: int, pad_token_id: int,
+                 opening_tokens: int = 0, later_token_weight: float = 1.0) -> list[ReferenceBatch]:
+    """Pad examples into micro-batches and weight each response token (the first `opening_tokens` of every
+    response get weight 1, the rest `later_token_weight`; `opening_tokens = 0` weights all equally)."""
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        length = max(len(example.input_ids) for example in chunk)
+        input_ids = torch.full((len(chunk), length), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), length), dtype=torch.long)
+        weights = torch.zeros((len(chunk), length), dtype=torch.float32)
+        for row, example in enumerate(chunk):
+            size = len(example.input_ids)
+            input_ids[row, :size] = torch.tensor(example.input_ids)
+            attention[row, :size] = 1
+            weights[row, :size] = _token_weights(example.completion_mask, opening_tokens, later_token_weight)
+        batches.append(ReferenceBatch(input_ids, attention, weights[:, 1:]))
+    return batches
+
+
+def _token_weights(mask: Sequence[int], opening_tokens: int, later_token_weight: float) -> torch.Tensor:
+    response = torch.tensor(mask, dtype=torch.float32)
+    if opening_tokens == 0:
+        return response
+    rank = response.cumsum(0)  # 1 for the first response token, 2 for the second, ...
+    return torch.where(rank <= opening_tokens, response, response * later_token_weight)
+
+
+def example_losses(model: nn.Module, batch: ReferenceBatch) -> torch.Tensor:
+    """Each example's weighted mean NLL over its response tokens, `(B,)` float32."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                   use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+    targets = batch.input_ids[:, 1:].to(device)
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+    weights = batch.loss_weights.to(device)
+    return (nll * weights).sum(-1) / weights.sum(-1).clamp_min(1e-12)
+
+
+@dataclass
+class _LoraPair:
+    """The lora_A and lora_B modules of one LoRA layer and their names in the adapter file."""
+
+    lora_a: nn.Module
+    lora_b: nn.Module
+    name_a: str
+    name_b: str
+
+
+def find_lora_pairs(model: nn.Module, parameters: Mapping[str, torch.nn.Parameter],
+                    adapter_name: str = "default") -> list[_LoraPair]:
+    """The (lora_A, lora_B) modules behind the given parameters (keyed as in the adapter file)."""
+    name_by_id = {id(parameter): name for name, parameter in parameters.items()}
+    pairs = []
+    for module in model.modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, nn.ModuleDict) or adapter_name not in lora_a:
+            continue
+        a, b = lora_a[adapter_name], lora_b[adapter_name]
+        name_a, name_b = name_by_id.get(id(a.weight)), name_by_id.get(id(b.weight))
+        if name_a is not None and name_b is not None:
+            pairs.append(_LoraPair(a, b, name_a, name_b))
+    found = {name for pair in pairs for name in (pair.name_a, pair.name_b)}
+    missing = sorted(set(parameters) - found)
+    if missing:
+        raise ValueError(f"no LoRA layer found for {len(missing)} parameters, e.g. {missing[0]}; only plain "
+                         "lora_A/lora_B linear adapters are supported")
+    return pairs
+
+
+class _PerExampleGradients:
+    """Forward hooks on lora_A / lora_B that turn output gradients into per-example weight gradients."""
+
+    def __init__(self, pairs: Sequence[_LoraPair], samples_by_name: dict[str, torch.Tensor]) -> None:
+        self.samples_by_name = samples_by_name
+        self.offset = 0  # first sample row of the current micro-batch
+        self.handles = []
+        for pair in pairs:
+            self.handles.append(pair.lora_a.register_forward_hook(self._hook(pair.name_a)))
+            self.handles.append(pair.lora_b.register_forward_hook(self._hook(pair.name_b)))
+
+    def _hook(self, name: str):
+        def forward_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            # Under reentrant checkpointing the first forward runs without grad; the recomputation in
+            # backward builds the graph and fires this hook again.
+            if output.requires_grad:
+                layer_input = inputs[0].detach()
+                output.register_hook(lambda grad: self._accumulate(name, grad, layer_input))
+        return forward_hook
+
+    @torch.no_grad()
+    def _accumulate(self, name: str, grad: torch.Tensor, layer_input: torch.Tensor) -> None:
+        batch = grad.shape[0]
+        grad = grad.reshape(batch, -1, grad.shape[-1]).float()  # (B, T, out)
+        layer_input = layer_input.reshape(batch, -1, layer_input.shape[-1]).float()  # (B, T, in)
+        rows = self.samples_by_name[name][self.offset:self.offset + batch]  # (B, out, in)
+        rows += torch.einsum("bto,bti->boi", grad, layer_input)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def collect_reference_samples(
+    model: nn.Module,
+    batches: Sequence[ReferenceBatch],
+    parameters: Mapping[str, torch.nn.Parameter],
+    *,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One reference-gradient sample per example for every LoRA tensor.
+
+    Args:
+        model: the PEFT model (any base: full precision or 4-bit; gradient checkpointing on or off).
+        batches: padded reference micro-batches (`make_batches`).
+        parameters: the trainable LoRA weights, keyed as in the adapter file (`model.lora_parameters`).
+        adapter_name: the adapter whose lora_A / lora_B modules the parameters belong to.
+        progress: show a progress bar.
+
+    Returns:
+        (samples_by_name, mean_loss): `(S, *param_shape)` float32 per name, S = total examples, on the
+        parameters' device; and the mean reference loss over the examples.
+
+    The model's state is restored on exit, also on error: hooks removed, `.grad` of every parameter, dropout
+    modules' train/eval mode.
+    """
+    total = sum(batch.input_ids.shape[0] for batch in batches)
+    samples_by_name = {name: torch.zeros((total, *parameter.shape), dtype=torch.float32, device=parameter.device)
+                       for name, parameter in parameters.items()}
+    losses = []
+    hooks = _PerExampleGradients(find_lora_pairs(model, parameters, adapter_name), samples_by_name)
+    try:
+        with _stashed_grads(model), _dropout_off(model):
+            for batch in tqdm(batches, desc="reference gradients", leave=False, disable=not progress):
+                example_loss = example_losses(model, batch)  # (B,)
+                example_loss.sum().backward()
+                losses.append(example_loss.detach().float().cpu())
+                hooks.offset += batch.input_ids.shape[0]
+    finally:
+        hooks.remove()
+    return samples_by_name, float(torch.cat(losses).mean()) if losses else float("nan")
+
+
+@contextlib.contextmanager
+def _stashed_grads(model: nn.Module) -> Iterator[None]:
+    """Set aside every `.grad` (the trainer's accumulated gradients) and put it back afterwards."""
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    stashed = [parameter.grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.grad = None
+    try:
+        yield
+    finally:
+        for parameter, grad in zip(parameters, stashed, strict=True):
+            parameter.grad = grad
+
+
+@contextlib.contextmanager
+def _dropout_off(model: nn.Module) -> Iterator[None]:
+    """Deterministic reference gradients: dropout modules in eval mode, the model itself left as it is (so that
+    gradient checkpointing, active only in train mode, keeps saving memory)."""
+    dropouts = [module for module in model.modules() if isinstance(module, nn.Dropout) and module.training]
+    for module in dropouts:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in dropouts:
+            module.train()

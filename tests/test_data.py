@@ -1,0 +1,124 @@
+"""Data reading and validation, and reference tokenization identical to TRL's SFTTrainer."""
+
+import json
+import logging
+
+import pytest
+from datasets import Dataset
+
+from lora_ogpsa.data import fingerprint, read_rows, tokenize_prompt_completion, tokenize_rows
+from lora_ogpsa.errors import InputError
+from lora_ogpsa.tiny import build_tokenizer
+
+USER = {"role": "user", "content": "What is two plus two?"}
+ASSISTANT = {"role": "assistant", "content": "Four."}
+
+
+def _write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_reads_messages_and_prompt_completion_rows(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"messages": [USER, ASSISTANT]}, "", {"messages": [
+        {"role": "system", "content": "Be brief."}, USER, ASSISTANT]}])
+    rows = read_rows(path, "sft")
+    assert len(rows) == 2 and rows.source == str(path)
+    assert rows.rows[0] == {"prompt": [USER], "completion": [ASSISTANT]}
+    assert rows.rows[1]["prompt"][0]["role"] == "system"
+    plain = read_rows(_write(tmp_path / "p.jsonl", [{"prompt": "2+2=", "completion": "4"}]), "sft")
+    assert plain.rows == [{"prompt": "2+2=", "completion": "4"}]
+
+
+def test_reads_json_arrays_and_datasets(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
+    assert len(read_rows(path, "preference")) == 1
+    dataset = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    assert read_rows(dataset, "sft").rows == [{"prompt": "a", "completion": "b"}]
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    assert len(read_rows(tmp_path / "saved", "sft")) == 1
+
+
+def test_preference_rows_with_equal_chosen_and_rejected_are_skipped_and_counted(tmp_path, caplog):
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"},
+                                         {"prompt": "q", "chosen": "a", "rejected": "b"},
+                                         {"prompt": "r", "chosen": "x", "rejected": "x"}])
+    with caplog.at_level(logging.WARNING):
+        rows = read_rows(path, "preference")
+    assert len(rows) == 1 and rows.skipped == 2
+    assert "skipped 2 preference rows" in caplog.text
+
+
+@pytest.mark.parametrize(("lines", "kind", "message"), [
+    ([], "sft", "the file is empty"),
+    (["{not json"], "sft", r"d.jsonl:1: invalid JSON"),
+    ([{"messages": [USER, ASSISTANT]}, "[1, 2]"], "sft", r"d.jsonl:2: each row must be a JSON object"),
+    ([{"text": "hello"}], "sft", r"d.jsonl:1: missing field 'messages' \(or 'prompt' and 'completion'\)"),
+    ([{"messages": "hello"}], "sft", r"field 'messages' must be a non-empty list of messages, got str"),
+    ([{"messages": [USER]}], "sft", "must end with an assistant message"),
+    ([{"messages": [USER, {"role": "assistant", "content": 4}]}], "sft", r"'messages'\[1\].content must be a string"),
+    ([{"messages": [{"role": "robot", "content": "x"}, ASSISTANT]}], "sft", r"'messages'\[0\].role must be one of"),
+    ([{"prompt": "x", "completion": 3}], "sft", "field 'completion' must be a string or a list of messages, got int"),
+    ([{"prompt": "x", "completion": [ASSISTANT]}], "sft", "must both be strings or both message lists"),
+    ([{"prompt": " ", "completion": "y"}], "sft", "field 'prompt' is empty"),
+    ([{"prompt": "x", "chosen": "y"}], "preference", "missing field 'rejected'"),
+    ([{"prompt": "x", "chosen": "y", "rejected": None}], "preference", "field 'rejected' must be a string"),
+    ([{"prompt": "x", "chosen": "y", "rejected": "y"}], "preference", "no usable rows"),
+    ([{"prompt": "x", "completion": "y"}, {"messages": [USER, ASSISTANT]}], "sft", "d.jsonl:2: .*conversational"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, lines, kind, message):
+    path = _write(tmp_path / "d.jsonl", lines) if lines else (tmp_path / "d.jsonl")
+    if not lines:
+        path.write_text("")
+    with pytest.raises(InputError, match=message) as error:
+        read_rows(path, kind)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_source_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match=r"--reference .*missing.jsonl: no such file"):
+        read_rows(tmp_path / "missing.jsonl", "sft", flag="--reference")
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_tokenization_matches_trl_sft_trainer(tmp_path, conversational):
+    """The reference loss must be the same NLL the SFT trainer optimises: same ids, same loss mask."""
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_ogpsa.tiny import save_tiny_model
+
+    save_tiny_model(tmp_path / "model")
+    tokenizer = build_tokenizer()
+    if conversational:
+        rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+                 "completion": [{"role": "assistant", "content": "Answer " * (i + 1)}]} for i in range(4)]
+    else:
+        rows = [{"prompt": f"Question {i}? ", "completion": "Answer " * (i + 1)} for i in range(4)]
+    max_length = 32 if conversational else 16  # truncates the longer rows
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=max_length, report_to="none", use_cpu=True,
+                     bf16=False)
+    trainer = SFTTrainer(model=str(tmp_path / "model"), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    prepared = list(trainer.train_dataset)
+    ours = tokenize_rows(tokenizer, rows, max_length=max_length)
+    assert len(prepared) == len(ours) == 4
+    for theirs, mine in zip(prepared, ours, strict=True):
+        assert theirs["input_ids"] == mine.input_ids
+        assert [label != -100 for label in theirs["labels"]] == [bool(bit) for bit in mine.completion_mask]
+
+
+def test_rows_whose_prompt_fills_max_length_are_dropped():
+    tokenizer = build_tokenizer()
+    long_row = {"prompt": [{"role": "user", "content": "word " * 50}], "completion": [ASSISTANT]}
+    short_row = {"prompt": [USER], "completion": [ASSISTANT]}
+    assert len(tokenize_rows(tokenizer, [long_row, short_row], max_length=40)) == 1
+    with pytest.raises(InputError, match="raise --max-length"):
+        tokenize_rows(tokenizer, [long_row], max_length=40)
+
+
+def test_fingerprint_changes_with_content():
+    tokenizer = build_tokenizer()
+    one = tokenize_prompt_completion(tokenizer, {"prompt": "a", "completion": "b"}, max_length=None)
+    two = tokenize_prompt_completion(tokenizer, {"prompt": "a", "completion": "c"}, max_length=None)
+    assert fingerprint([one]) == fingerprint([one]) != fingerprint([two])
