@@ -123,7 +123,8 @@ def attach_lora(model: PreTrainedModel, config: LoraConfig, *, seed: int, gradie
     the one a plain TRL + PEFT run with the same seed gets.
     """
     if is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(seed)
     peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
     keep_lora_float32_(peft_model)
@@ -138,7 +139,8 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: 
         raise InputError(f"--adapter {adapter_dir}: no adapter_config.json in it; give a directory written by "
                          "`lora-ogpsa sft|dpo|align|export` or PEFT's save_pretrained")
     if trainable and is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=ADAPTER_NAME,
                                                is_trainable=trainable)
