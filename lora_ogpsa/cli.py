@@ -105,6 +105,8 @@ def _add_merge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", choices=["original", "dequantized"], default="original",
                         help="original: add the delta to the full-precision weights; dequantized: to dequant(NF4(W))")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--no-audit", action="store_true",
+                        help="skip comparing the merged model with base + adapter (it loads a full model)")
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
@@ -212,8 +214,12 @@ def _run_merge(args: argparse.Namespace) -> None:
     _require(args, "model", "adapter", "output")
     from lora_ogpsa.merge import merge_adapter
 
-    report = merge_adapter(Path(args.model), Path(args.adapter), Path(args.output), base=args.base, dtype=args.dtype)
-    print(f"merged model written to {args.output} ({report})")
+    report = merge_adapter(args.model, args.adapter, args.output, base=args.base, dtype=args.dtype,
+                           audit=not args.no_audit)
+    audit = ("" if report.max_logit_diff is None else
+             f"; audit: max logit difference {report.max_logit_diff:.2e} (tolerance {report.tolerance:.2e})")
+    print(f"merged {report.merged_tensors} tensors into {report.output_dir} ({report.dtype}, {report.base} base, "
+          f"{report.shards} shard(s), {report.seconds:.1f} s){audit}")
 
 
 def _run_eval(args: argparse.Namespace) -> None:

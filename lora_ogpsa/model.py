@@ -21,7 +21,7 @@ from transformers import (
     set_seed,
 )
 
-from lora_ogpsa.errors import InputError
+from lora_ogpsa.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
     except (OSError, ValueError) as error:
-        raise InputError(f"--model {path}: cannot load its tokenizer ({_first_line(error)})") from error
+        raise InputError(f"--model {path}: cannot load its tokenizer ({first_line(error)})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -76,7 +76,7 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise InputError(f"--model {path}: cannot load it as a causal LM ({_first_line(error)})") from error
+        raise InputError(f"--model {path}: cannot load it as a causal LM ({first_line(error)})") from error
     if quantize:
         disable_cpu_repack_(model)
     return model
@@ -145,7 +145,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: 
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=ADAPTER_NAME,
                                                is_trainable=trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise InputError(f"--adapter {adapter_dir}: cannot load it onto this base model ({_first_line(error)}); "
+        raise InputError(f"--adapter {adapter_dir}: cannot load it onto this base model ({first_line(error)}); "
                          "was it trained on another architecture?") from error
     keep_lora_float32_(peft_model)
     return peft_model
@@ -169,8 +169,3 @@ def keep_lora_float32_(model: torch.nn.Module) -> None:
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
