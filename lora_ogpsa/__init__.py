@@ -1,12 +1,22 @@
 """lora_ogpsa: safety alignment with LoRA/QLoRA and Orthogonal Gradient Projection (OGPSA).
 
 The public API is small: the config, the subspace math and the trainer callback. Everything else is reached
-through the `lora-ogpsa` command.
+through the `lora-ogpsa` command. `OGPSACallback` is imported lazily, so that the math needs only torch.
 """
+
+from typing import Any
 
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.projector import project_out
 from lora_ogpsa.subspace import Subspace, compute_subspace
 
-__all__ = ["OGPSAConfig", "Subspace", "compute_subspace", "project_out"]
+__all__ = ["OGPSACallback", "OGPSAConfig", "Subspace", "compute_subspace", "project_out"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OGPSACallback":
+        from lora_ogpsa.callback import OGPSACallback
+
+        return OGPSACallback
+    raise AttributeError(f"module 'lora_ogpsa' has no attribute {name!r}")
