@@ -57,6 +57,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     result.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
+    result.add_argument("--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct")
     return result
 
 

@@ -4,7 +4,8 @@ Schedule (DESIGN.md §1.4), with N = optimizer steps done:
 - before the first step (N = 0), after the first step (N = 1: every lora_A has a zero reference gradient until
   lora_B moves), then whenever N is a multiple of `refresh_every`. A refresh runs in `on_step_end`, before the
   trainer logs and saves, so `checkpoint-N/ogpsa_subspace.safetensors` is the basis that constrains update N+1
-  and resuming from checkpoint N is exact.
+  and resuming from checkpoint N is exact. A refresh due after the run's last step is skipped (no update
+  follows it) and performed on resume if the run is continued.
 
 Projection, once per optimizer step:
 - `update`: snapshot θ in `on_pre_optimizer_step`, and in `on_optimizer_step` replace the change the optimizer
@@ -73,9 +74,12 @@ class OGPSACallback(TrainerCallback):
         self._parameters = self.parameters_fn(model)
         if not self._parameters:
             raise ValueError("OGPSACallback found no trainable lora_A/lora_B weights in the model")
-        if state.global_step > 0 and self._load_from_checkpoint(args, state):
-            return
-        self._refresh(model, optimizer, state.global_step)
+        step = state.global_step
+        loaded = step > 0 and self._load_from_checkpoint(args, state)
+        # A refresh due at the last step of a run is skipped (nothing follows it); continuing such a run with
+        # more steps performs it now, on the same weights, so the result equals an uninterrupted run.
+        if not loaded or (self._is_refresh_step(step) and self.subspace.metadata.get("step") != str(step)):
+            self._refresh(model, optimizer, step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.config.project == "grad":
@@ -92,9 +96,12 @@ class OGPSACallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.config.project == "none":
             return
-        step, every = state.global_step, self.config.refresh_every
-        if step == 1 or (every > 0 and step % every == 0):
-            self._refresh(model, optimizer, step)
+        if self._is_refresh_step(state.global_step) and state.global_step < state.max_steps:
+            self._refresh(model, optimizer, state.global_step)
+
+    def _is_refresh_step(self, step: int) -> bool:
+        every = self.config.refresh_every
+        return step <= 1 or (every > 0 and step % every == 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._pending or logs is None or "loss" not in logs:
@@ -123,7 +130,8 @@ class OGPSACallback(TrainerCallback):
                                                                 progress=self.progress)
         subspace = compute_subspace(samples, max_directions=self.config.max_directions, energy=self.config.energy)
         del samples
-        self._install(subspace, step)
+        subspace.metadata = {**self.metadata, "step": str(step), "config": _config_json(self.config)}
+        self._install(subspace)
         if self.config.project == "update" and optimizer is not None:
             self._project_first_moment(optimizer)
         seconds = time.perf_counter() - start
@@ -135,8 +143,7 @@ class OGPSACallback(TrainerCallback):
                     "reference loss %.4f, %.1f s", step, summary["k_min"], summary["k_median"], summary["k_max"],
                     summary["tensors"], summary["k_zero"], reference_loss, seconds)
 
-    def _install(self, subspace: Subspace, step: int) -> None:
-        subspace.metadata = {**self.metadata, "step": str(step), "config": _config_json(self.config)}
+    def _install(self, subspace: Subspace) -> None:
         self._stacked = StackedBasis(subspace.basis_by_name)
         subspace.basis_by_name = self._stacked.views()  # share the stacked storage instead of holding two copies
         self.subspace = subspace
@@ -165,8 +172,7 @@ class OGPSACallback(TrainerCallback):
             return False
         numel = {name: parameter.numel() for name, parameter in self._parameters.items()}
         device = next(iter(self._parameters.values())).device
-        subspace = Subspace.load(path, numel_by_name=numel).to(device)
-        self._install(subspace, state.global_step)
+        self._install(Subspace.load(path, numel_by_name=numel).to(device))
         logger.info("OGPSA: resumed the subspace of step %d from %s", state.global_step, path)
         return True
 

@@ -62,7 +62,7 @@ def test_update_mode_applied_change_is_orthogonal_to_the_basis_in_force(tiny_mod
     assert all(row["ogpsa/k_min_lora_A"] >= 1 for row in metrics[1:] if "loss" in row)
     assert all(0 <= row["ogpsa/span_fraction"] <= 1 and "ogpsa/removed_norm" in row for row in metrics if "loss" in row)
     refreshes = [row["step"] for row in metrics if "ogpsa/refresh_seconds" in row]
-    assert refreshes == [1, 3, 6]  # steps 0 and 1 share the first log line
+    assert refreshes == [1, 3]  # steps 0 and 1 share the first log line; none after the last step
 
 
 def test_grad_mode_gradient_given_to_the_optimizer_is_orthogonal(tiny_model_dir, data_files, tmp_path):
@@ -156,6 +156,18 @@ def test_resume_after_an_interruption_ends_with_the_same_adapter(tiny_model_dir,
     assert max(float((straight[name] - resumed[name]).abs().max()) for name in straight) <= 1e-6
     assert [row["step"] for row in _metrics(tmp_path / "interrupted") if "loss" in row] == [1, 2, 3, 4, 5, 6]
     assert not (tmp_path / "interrupted.partial").exists()
+
+
+def test_continuing_a_finished_run_performs_the_refresh_skipped_at_its_end(tiny_model_dir, data_files, tmp_path):
+    output = tmp_path / "out"
+    flags = ["--save-steps", "2", "--refresh-every", "2", "--no-quantize"]
+    assert _sft(tiny_model_dir, data_files, output, "--max-steps", "4", *flags) == 0
+    assert Subspace.load(output / "ogpsa_subspace.safetensors").metadata["step"] == "2"  # step 4's was skipped
+    assert _sft(tiny_model_dir, data_files, output, "--max-steps", "6", "--resume", *flags) == 0
+    assert Subspace.load(output / "ogpsa_subspace.safetensors").metadata["step"] == "4"  # done on resume
+    metrics = [row for row in _metrics(output) if "loss" in row]
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5, 6]
+    assert "ogpsa/refresh_seconds" in metrics[4]  # the step-4 refresh, done on resume, shows in step 5's line
 
 
 @pytest.mark.parametrize("mode", ["update", "grad", "none"])
