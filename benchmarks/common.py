@@ -61,6 +61,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return result
 
 
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory in MiB: `VmRSS` now, `VmHWM` the peak (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0), so that a peak excludes what came before (the imports)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _format(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import parser, table, write_json
+from benchmarks.common import parser, reset_peak_rss, rss_mb, table, write_json
 
 FULL = {"hidden": 1024, "layers": 8, "max_shard_size": "80MB", "rank": 16}
 QUICK = {"hidden": 128, "layers": 4, "max_shard_size": "300KB", "rank": 4}
@@ -71,8 +71,8 @@ def child(kind: str, audit: bool, base: Path, adapter: Path, output: Path) -> No
 
     from lora_ogpsa.merge import merge_adapter
 
-    baseline = _rss_mb("VmRSS")
-    peak_reset = _reset_peak()
+    baseline = rss_mb("VmRSS")
+    peak_reset = reset_peak_rss()
     start = time.perf_counter()
     extra = {}
     if kind == "ours":
@@ -83,24 +83,8 @@ def child(kind: str, audit: bool, base: Path, adapter: Path, output: Path) -> No
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
         model.merge_and_unload().save_pretrained(output)
     seconds = time.perf_counter() - start
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": _rss_mb("VmHWM"), "seconds": seconds,
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": rss_mb("VmHWM"), "seconds": seconds,
                       "peak_reset": peak_reset, **extra}))
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); without it the peak includes the imports."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def main() -> None:

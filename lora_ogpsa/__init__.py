@@ -4,6 +4,7 @@ The public API is small: the config, the subspace math and the trainer callback.
 through the `lora-ogpsa` command. `OGPSACallback` is imported lazily, so that the math needs only torch.
 """
 
+import logging
 from typing import Any
 
 from lora_ogpsa.config import OGPSAConfig
@@ -12,6 +13,17 @@ from lora_ogpsa.subspace import Subspace, compute_subspace
 
 __all__ = ["OGPSACallback", "OGPSAConfig", "Subspace", "compute_subspace", "project_out"]
 __version__ = "0.1.0"
+
+
+class _DropOptionalKernelNotice(logging.Filter):
+    """bitsandbytes warns at import (peft imports it) that an optional CPU kernel package is missing; that
+    changes nothing here, and the warning would greet every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelNotice())
 
 
 def __getattr__(name: str) -> Any:
