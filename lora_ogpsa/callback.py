@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lora_ogpsa import distributed
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.projector import ProjectionStats, StackedBasis
 from lora_ogpsa.reference import ReferenceBatch, collect_reference_samples
@@ -71,6 +72,7 @@ class OGPSACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.config.project == "none":
             return
+        _refuse_sharded_training(args)
         self._parameters = self.parameters_fn(model)
         if not self._parameters:
             raise ValueError("OGPSACallback found no trainable lora_A/lora_B weights in the model")
@@ -125,16 +127,23 @@ class OGPSACallback(TrainerCallback):
     @torch.no_grad()
     def _refresh(self, model, optimizer, step: int) -> None:
         start = time.perf_counter()
-        with torch.enable_grad():
-            samples, reference_loss = collect_reference_samples(model, self.reference_batches, self._parameters,
-                                                                progress=self.progress)
-        subspace = compute_subspace(samples, max_directions=self.config.max_directions, energy=self.config.energy)
-        del samples
-        subspace.metadata = {**self.metadata, "step": str(step), "config": _config_json(self.config)}
+        subspace = None
+        samples, losses = self._collect(model)
+        if samples is not None:  # rank 0 (or the only process) computes the subspace
+            subspace = compute_subspace(samples, max_directions=self.config.max_directions,
+                                        energy=self.config.energy)
+            del samples
+            subspace.metadata = {**self.metadata, "step": str(step), "config": _config_json(self.config),
+                                 "reference_loss": f"{float(losses.mean()):.6f}"}
+        if distributed.active():
+            shapes = {name: parameter.shape for name, parameter in self._parameters.items()}
+            device = next(iter(self._parameters.values())).device
+            subspace = distributed.broadcast_subspace(subspace, shapes, device)
         self._install(subspace)
         if self.config.project == "update" and optimizer is not None:
             self._project_first_moment(optimizer)
         seconds = time.perf_counter() - start
+        reference_loss = float(subspace.metadata["reference_loss"])
         key = f"{METRIC_PREFIX}refresh_seconds"
         self._pending[key] = self._pending.get(key, 0.0) + seconds  # step 0 and step 1 refreshes share a log line
         self._pending[f"{METRIC_PREFIX}reference_loss"] = reference_loss
@@ -142,6 +151,18 @@ class OGPSACallback(TrainerCallback):
         logger.info("OGPSA refresh at step %d: k min/median/max %d/%g/%d over %d tensors (%d with k=0), "
                     "reference loss %.4f, %.1f s", step, summary["k_min"], summary["k_median"], summary["k_max"],
                     summary["tensors"], summary["k_zero"], reference_loss, seconds)
+
+    def _collect(self, model) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """All reference samples and losses on rank 0 (None elsewhere); each rank collects its share."""
+        with torch.enable_grad():
+            samples, losses = collect_reference_samples(model, distributed.my_share(self.reference_batches),
+                                                        self._parameters,
+                                                        progress=self.progress and distributed.is_main())
+        if not distributed.active():
+            return samples, losses
+        counts = [batch.input_ids.shape[0] for batch in self.reference_batches]
+        gathered = distributed.gather_samples(samples, counts, losses)
+        return gathered if gathered is not None else (None, None)
 
     def _install(self, subspace: Subspace) -> None:
         self._stacked = StackedBasis(subspace.basis_by_name)
@@ -175,6 +196,16 @@ class OGPSACallback(TrainerCallback):
         self._install(Subspace.load(path, numel_by_name=numel).to(device))
         logger.info("OGPSA: resumed the subspace of step %d from %s", state.global_step, path)
         return True
+
+
+def _refuse_sharded_training(args) -> None:
+    """DeepSpeed and FSDP step the optimizer inside their engines on sharded tensors: the trainer events this
+    callback hooks would not see the update it must project. Refuse instead of projecting the wrong thing."""
+    state = getattr(args, "distributed_state", None)
+    kind = str(getattr(state, "distributed_type", ""))
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or "DEEPSPEED" in kind or "FSDP" in kind:
+        raise ValueError("OGPSA projection does not support DeepSpeed or FSDP (the optimizer steps on sharded "
+                         "tensors inside their engines); use DDP (torchrun) or --project none")
 
 
 def _k_summary(subspace: Subspace) -> dict[str, float]:

@@ -87,6 +87,9 @@ def _add_training_flags(parser: argparse.ArgumentParser, command: str) -> None:
         help="(default: on with CUDA, off on the CPU)")
     add("--resume", action="store_true", help="continue from the last checkpoint in --output")
     add("--overwrite", action="store_true", help="replace an existing --output once the new run has finished")
+    add("--ddp-timeout", type=int, default=defaults.ddp_timeout,
+        help=f"several processes: seconds a rank waits for the others before the run fails "
+             f"(default: {defaults.ddp_timeout})")
 
 
 def _add_export_flags(parser: argparse.ArgumentParser) -> None:
@@ -187,7 +190,7 @@ def _training_settings(args: argparse.Namespace):
     fields = ("model", "output", "reference", "data", "sft_data", "dpo_data", "adapter", "max_steps", "save_steps",
               "batch_size", "gradient_accumulation_steps", "learning_rate", "dpo_learning_rate", "dpo_max_steps",
               "beta", "seed", "max_length", "lora_r", "lora_alpha", "lora_dropout", "gradient_checkpointing",
-              "resume", "overwrite")
+              "resume", "overwrite", "ddp_timeout")
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     return TrainSettings(**values, quantize=not args.no_quantize, ogpsa=ogpsa)
 
@@ -198,7 +201,10 @@ def _run_training(args: argparse.Namespace) -> None:
     settings = _training_settings(args)
     runner = {"sft": train.run_sft, "dpo": train.run_dpo, "align": train.run_align}[args.command]
     output = runner(settings)
-    print(f"adapter written to {output}")
+    from lora_ogpsa import distributed
+
+    if distributed.is_main():
+        print(f"adapter written to {output}")
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -251,6 +257,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def _configure_logging(level: str) -> None:
+    from lora_ogpsa import distributed
+
+    if not distributed.is_main() and level in ("DEBUG", "INFO"):
+        level = "WARNING"  # several processes: one voice
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # bitsandbytes announces an optional CPU kernel package at import; transformers renames a flag in v6.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

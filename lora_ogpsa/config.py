@@ -138,6 +138,8 @@ class TrainSettings:
     """Continue from the last checkpoint of an interrupted (or finished) run in `output`."""
     overwrite: bool = False
     """Replace an existing `output` (only once the new run has finished)."""
+    ddp_timeout: int = 600
+    """Several processes (torchrun): seconds a rank waits for the others before the run fails."""
     ogpsa: OGPSAConfig = dataclasses.field(default_factory=OGPSAConfig)
 
     def __post_init__(self) -> None:
@@ -148,7 +150,7 @@ class TrainSettings:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r"):
             if _not_int_at_least(getattr(self, name), 1):
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("save_steps",):
+        for name in ("save_steps", "ddp_timeout"):
             if _not_int_at_least(getattr(self, name), 0):
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.dpo_max_steps is not None and _not_int_at_least(self.dpo_max_steps, 1):

@@ -147,19 +147,19 @@ def collect_reference_samples(
     *,
     adapter_name: str = "default",
     progress: bool = True,
-) -> tuple[dict[str, torch.Tensor], float]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One reference-gradient sample per example for every LoRA tensor.
 
     Args:
         model: the PEFT model (any base: full precision or 4-bit; gradient checkpointing on or off).
-        batches: padded reference micro-batches (`make_batches`).
+        batches: padded reference micro-batches (`make_batches`); may be empty.
         parameters: the trainable LoRA weights, keyed as in the adapter file (`model.lora_parameters`).
         adapter_name: the adapter whose lora_A / lora_B modules the parameters belong to.
         progress: show a progress bar.
 
     Returns:
-        (samples_by_name, mean_loss): `(S, *param_shape)` float32 per name, S = total examples, on the
-        parameters' device; and the mean reference loss over the examples.
+        (samples_by_name, losses): `(S, *param_shape)` float32 per name, S = total examples, on the
+        parameters' device; and each example's reference loss `(S,)` (CPU).
 
     The model's state is restored on exit, also on error: hooks removed, `.grad` of every parameter, dropout
     modules' train/eval mode.
@@ -167,7 +167,7 @@ def collect_reference_samples(
     total = sum(batch.input_ids.shape[0] for batch in batches)
     samples_by_name = {name: torch.zeros((total, *parameter.shape), dtype=torch.float32, device=parameter.device)
                        for name, parameter in parameters.items()}
-    losses = []
+    losses = [torch.zeros(0)]
     hooks = _PerExampleGradients(find_lora_pairs(model, parameters, adapter_name), samples_by_name)
     try:
         with _stashed_grads(model), _dropout_off(model):
@@ -178,7 +178,7 @@ def collect_reference_samples(
                 hooks.offset += batch.input_ids.shape[0]
     finally:
         hooks.remove()
-    return samples_by_name, float(torch.cat(losses).mean()) if losses else float("nan")
+    return samples_by_name, torch.cat(losses)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from lora_ogpsa import distributed
 from lora_ogpsa.callback import SUBSPACE_FILE, OGPSACallback, StageFilesCallback
 from lora_ogpsa.config import TrainSettings
 from lora_ogpsa.data import Rows, read_rows, tokenize_rows
@@ -87,9 +88,11 @@ def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()
     if not _stage_complete(dpo_dir):
         dpo_settings = settings.for_dpo_stage()
         _train_stage("dpo", dpo_settings, dpo_dir, dpo_rows, reference, tokenizer, sft_dir, callbacks)
-    _promote_final_stage(work, sft_dir, dpo_dir)
-    finalize_directory(work, settings.output)
-    logger.info("aligned adapter written to %s", settings.output)
+    if distributed.is_main():
+        _promote_final_stage(work, sft_dir, dpo_dir)
+        finalize_directory(work, settings.output)
+        logger.info("aligned adapter written to %s", settings.output)
+    distributed.barrier()
     return settings.output
 
 
@@ -103,8 +106,10 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
                          "`lora-ogpsa sft|dpo|align|export` or PEFT's save_pretrained")
     work = _prepare_work_dir(settings)
     _train_stage(stage, settings, work, rows, reference, tokenizer, adapter, callbacks)
-    finalize_directory(work, settings.output)
-    logger.info("adapter written to %s", settings.output)
+    if distributed.is_main():
+        finalize_directory(work, settings.output)
+        logger.info("adapter written to %s", settings.output)
+    distributed.barrier()
     return settings.output
 
 
@@ -137,17 +142,24 @@ def _load_reference(settings: TrainSettings, tokenizer) -> ReferenceSet:
 
 
 def _prepare_work_dir(settings: TrainSettings) -> Path:
-    """The directory training writes into: `OUTPUT.partial`, continued with --resume, fresh otherwise."""
+    """The directory training writes into: `OUTPUT.partial`, continued with --resume, fresh otherwise.
+
+    Every input has been checked by now; with several processes this is where they first meet, and only
+    rank 0 touches the file system.
+    """
+    distributed.start(settings.ddp_timeout)
     output, work = settings.output, partial_path(settings.output)
-    if settings.resume and not work.exists() and output.is_dir() and any(output.iterdir()):
-        output.rename(work)  # continue a completed run (e.g. with more steps)
-    elif settings.resume and not work.exists():
-        logger.warning("--resume: nothing to resume in %s; starting a fresh run", work)
-    elif not settings.resume and work.exists():
-        logger.warning("removing %s, left by an earlier run that did not finish (use --resume to continue one)",
-                       work)
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        if settings.resume and not work.exists() and output.is_dir() and any(output.iterdir()):
+            output.rename(work)  # continue a completed run (e.g. with more steps)
+        elif settings.resume and not work.exists():
+            logger.warning("--resume: nothing to resume in %s; starting a fresh run", work)
+        elif not settings.resume and work.exists():
+            logger.warning("removing %s, left by an earlier run that did not finish (use --resume to continue "
+                           "one)", work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return work
 
 
@@ -160,7 +172,9 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     """Train one stage into `directory` and write its outputs there (the run config last: the stage marker)."""
     from lora_ogpsa.trainers import build_trainer
 
-    directory.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     model = _load_model(settings, adapter)
     run_config = settings.to_run_config(stage, rows, reference, adapter)
     ogpsa = None
@@ -174,11 +188,13 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     if checkpoint:
         logger.info("resuming %s from %s", stage, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
-    save_adapter(trainer.model, directory)
-    save_subspace(ogpsa.subspace if ogpsa else None, directory)
-    write_model_card(directory / CARD_FILE, run_config=run_config, subspace=ogpsa.subspace if ogpsa else None,
-                     metrics=read_metrics(directory / METRICS_FILE))
-    write_json(directory / RUN_CONFIG, run_config)
+    if distributed.is_main():
+        save_adapter(trainer.model, directory)
+        save_subspace(ogpsa.subspace if ogpsa else None, directory)
+        write_model_card(directory / CARD_FILE, run_config=run_config, subspace=ogpsa.subspace if ogpsa else None,
+                         metrics=read_metrics(directory / METRICS_FILE))
+        write_json(directory / RUN_CONFIG, run_config)
+    distributed.barrier()  # the next stage (align's DPO) reads what rank 0 wrote
     del trainer, model
     gc.collect()
 

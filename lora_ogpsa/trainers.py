@@ -32,6 +32,7 @@ def common_arguments(settings: TrainSettings, directory: Path) -> dict[str, Any]
         "gradient_checkpointing": settings.use_gradient_checkpointing,
         "max_length": settings.max_length,
         "dataloader_num_workers": 0,
+        "ddp_timeout": settings.ddp_timeout,
     }
 
 

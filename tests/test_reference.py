@@ -36,7 +36,7 @@ def test_per_example_gradients_equal_single_example_backward(tiny_model_dir, dat
     model, parameters = _model(tiny_model_dir, quantize=quantize, checkpointing=checkpointing)
     weights = {"opening_tokens": 2, "later_token_weight": 0.25, "pad_token_id": tokenizer.pad_token_id}
     batches = make_batches(examples, batch_size=4, **weights)
-    samples, mean_loss = collect_reference_samples(model, batches, parameters, progress=False)
+    samples, example_loss = collect_reference_samples(model, batches, parameters, progress=False)
     assert all(value.shape == (6, *parameters[name].shape) for name, value in samples.items())
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -52,7 +52,7 @@ def test_per_example_gradients_equal_single_example_backward(tiny_model_dir, dat
             assert expected.norm() > 0, name
             error = (samples[name][index] - expected).norm() / expected.norm()
             assert error <= 1e-5, (name, index, float(error))
-    assert mean_loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert example_loss.tolist() == pytest.approx(losses, rel=1e-5)
 
 
 def test_collection_restores_model_state(tiny_model_dir, data_files):
