@@ -1,0 +1,66 @@
+"""The demo report: interpolation at matched safety, and the files it writes."""
+
+import json
+
+import pytest
+
+from lora_ogpsa.report import (
+    build_report,
+    final_table,
+    interpolate_at,
+    matched_safety,
+    matched_table,
+    write_report,
+)
+
+BASE = {"harmful_refusal_rate": 0.0, "over_refusal_rate": 0.0, "utility_accuracy": 1.0, "benign_nll": 1.0}
+
+
+def _point(safety, utility, over, nll=1.5, label="x"):
+    return {"harmful_refusal_rate": safety, "utility_accuracy": utility, "over_refusal_rate": over,
+            "benign_nll": nll, "label": label}
+
+
+TRAJECTORIES = {
+    "ogpsa": [BASE, _point(0.4, 0.9, 0.1), _point(0.8, 0.8, 0.2)],
+    "plain": [BASE, _point(0.6, 0.4, 0.5), _point(1.0, 0.0, 1.0)],
+}
+
+
+def test_interpolates_linearly_along_training_order():
+    points = TRAJECTORIES["plain"]
+    assert interpolate_at(points, 0.3, "utility_accuracy") == pytest.approx(0.7)  # halfway from 1.0 to 0.4
+    assert interpolate_at(points, 0.6, "over_refusal_rate") == pytest.approx(0.5)
+    assert interpolate_at(points, 0.8, "utility_accuracy") == pytest.approx(0.2)
+    assert interpolate_at(points, 0.0, "utility_accuracy") == pytest.approx(1.0)
+    assert interpolate_at(TRAJECTORIES["ogpsa"], 0.9, "utility_accuracy") is None  # never reached
+
+
+def test_first_upward_crossing_counts():
+    points = [BASE, _point(0.6, 0.5, 0.1), _point(0.2, 0.9, 0.0), _point(0.6, 0.1, 0.3)]
+    assert interpolate_at(points, 0.3, "utility_accuracy") == pytest.approx(0.75)
+
+
+def test_matched_safety_keeps_levels_every_method_reaches():
+    rows = matched_safety(TRAJECTORIES, levels=(0.3, 0.5, 0.7, 0.9))
+    assert [row["harmful_refusal_rate"] for row in rows] == [0.3, 0.5, 0.7]
+    at_half = rows[1]
+    assert at_half["ogpsa"]["utility_accuracy"] == pytest.approx(0.875)
+    assert at_half["plain"]["utility_accuracy"] == pytest.approx(0.5)
+    assert at_half["plain"]["over_refusal_rate"] == pytest.approx(5 / 12)
+
+
+def test_report_files_and_tables(tmp_path):
+    report = build_report(model_path="/models/base", settings={"steps": 3},
+                          models={"base": BASE, "ogpsa": TRAJECTORIES["ogpsa"][-1], "plain": TRAJECTORIES["plain"][-1]},
+                          trajectories=TRAJECTORIES, timings={"total": 12.0})
+    paths = write_report(report, tmp_path)
+    written = json.loads(paths["json"].read_text())
+    assert written["model_path"] == "/models/base" and set(written["models"]) == {"base", "ogpsa", "plain"}
+    assert written["models"]["ogpsa"]["harmful_refusal_rate"] == 0.8
+    assert written["trajectories"]["plain"][1]["utility_accuracy"] == 0.4
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = paths["markdown"].read_text()
+    assert "## At matched safety" in text and "| 50% | 88% / 12% | 50% / 42% |" in text
+    assert "| OGPSA (update mode) | 80% | 20% | 80% | 1.500 |" in final_table(report)
+    assert "no common" in matched_table({"matched_safety": [], "trajectories": TRAJECTORIES})
