@@ -239,9 +239,15 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _run_demo(args: argparse.Namespace) -> None:
     from lora_ogpsa.demo import run_demo
+    from lora_ogpsa.report import final_table, matched_table
 
-    run_demo(output=Path(args.output), compare=args.compare, max_steps=args.max_steps, model=args.model,
-             cache_dir=args.cache_dir, overwrite=args.overwrite)
+    report = run_demo(output=Path(args.output), compare=args.compare, max_steps=args.max_steps, model=args.model,
+                      cache_dir=args.cache_dir, overwrite=args.overwrite)
+    print("\nFinal models\n\n" + final_table(report))
+    if len(report["trajectories"]) > 1:
+        print("\nAt matched safety (utility / over-refusal, interpolated along each method's checkpoints)\n\n"
+              + matched_table(report))
+    print(f"\nreport: {Path(args.output) / 'report.md'} ({report['timings_seconds']['total']:.0f} s)")
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:

@@ -1,0 +1,281 @@
+"""`lora-ogpsa demo`: align a real instruct model end to end and measure the alignment tax.
+
+base eval → OGPSA SFT→DPO (`align`) → eval at several checkpoints → merged model → report; with `--compare`
+also plain QLoRA (`--project none`) and the replay baseline (the reference examples mixed into the SFT data,
+`--project none`, the paper's "General Data"), same seed, data and steps.
+
+Layout of `--output OUT`: `OUT/ogpsa/` (a training output directory), `OUT/plain/`, `OUT/replay/` (with
+--compare), `OUT/merged/`, `OUT/evaluations/` (cached per adapter), `OUT/report.{md,json,png}`. A rerun reuses
+everything whose inputs did not change: the converted model and built data (in the cache directory), trained
+methods whose settings match, evaluations of unchanged adapters, the merged model of an unchanged adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_ogpsa.config import OGPSAConfig, TrainSettings
+from lora_ogpsa.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoPlan:
+    """Sizes and settings of the demo: chosen so `make demo` fits 10 minutes on a 2-core CPU (measured; see
+    README), larger on a GPU."""
+
+    sft_steps: int = 24
+    dpo_steps: int = 12
+    save_steps: int = 6
+    batch_size: int = 8
+    max_length: int = 192
+    learning_rate: float = 2e-4
+    dpo_learning_rate: float = 5e-5
+    lora_r: int = 16
+    quantize: bool = True
+    seed: int = 0
+    eval_harmful: int = 48
+    eval_benign: int = 40
+    eval_utility: int = 32
+    eval_max_new_tokens: int = 24
+    eval_batch_size: int = 48
+    ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=12,
+                                                                   reference_examples=32))
+
+    @classmethod
+    def for_device(cls, max_steps: int | None = None) -> DemoPlan:
+        """The CPU plan, or a larger one when CUDA is available; `max_steps` overrides the SFT steps (DPO
+        gets half)."""
+        plan = cls()
+        if torch.cuda.is_available():
+            plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, batch_size=16,
+                                       eval_harmful=199, eval_benign=100, eval_utility=64, eval_max_new_tokens=48,
+                                       ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
+        if max_steps is not None:
+            if max_steps < 1:
+                raise InputError(f"--max-steps must be >= 1, got {max_steps}")
+            plan = dataclasses.replace(plan, sft_steps=max_steps, dpo_steps=max(1, max_steps // 2),
+                                       save_steps=max(1, max_steps // 4))
+        return plan
+
+
+def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = None, model: str | None = None,
+             cache_dir: str | None = None, overwrite: bool = False, plan: DemoPlan | None = None,
+             methods: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run the demo and write the report; returns the report document.
+
+    Raises:
+        InputError: a `--model` that is not a model directory, missing wheels, an `--output` that is not a
+            demo directory (and not empty) without `--overwrite`.
+    """
+    from lora_ogpsa.assets import ensure_default_model
+    from lora_ogpsa.demo_data import build_demo_data, load_eval_suites
+    from lora_ogpsa.model import check_model_dir
+
+    plan = plan or DemoPlan.for_device(max_steps)
+    methods = methods or (("ogpsa", "plain", "replay") if compare else ("ogpsa",))
+    _check_demo_output(output, overwrite)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
+    data = build_demo_data(model_path, cache_dir, seed=plan.seed)
+    timings["model_and_data"] = time.perf_counter() - started
+    suites = load_eval_suites(data, harmful=plan.eval_harmful, benign=plan.eval_benign, utility=plan.eval_utility)
+    output.mkdir(parents=True, exist_ok=True)
+    evaluator = _Evaluator(model_path, suites, plan, output / "evaluations")
+    base_metrics = evaluator.evaluate(None, "base")
+    trajectories, finals = {}, {"base": base_metrics}
+    for method in methods:
+        start = time.perf_counter()
+        directory = _train(method, model_path, data, plan, output)
+        timings[f"train_{method}"] = time.perf_counter() - start
+        start = time.perf_counter()
+        trajectories[method] = [{"label": "base", **base_metrics}, *evaluator.trajectory(directory, method)]
+        finals[method] = dict(trajectories[method][-1])
+        timings[f"evaluate_{method}"] = time.perf_counter() - start
+    if "ogpsa" in methods:
+        start = time.perf_counter()
+        merged = _merge(model_path, output / "ogpsa", output / "merged")
+        finals["ogpsa"] = evaluator.evaluate(merged, "ogpsa merged", merged=True)
+        timings["merge_and_evaluate"] = time.perf_counter() - start
+    timings["total"] = time.perf_counter() - started
+    from lora_ogpsa.report import build_report, write_report
+
+    report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
+                          trajectories=trajectories, timings=timings)
+    write_report(report, output)
+    return report
+
+
+def _check_demo_output(output: Path, overwrite: bool) -> None:
+    """The output is a demo workspace (reused), an empty or missing directory, or replaced with --overwrite."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output}: exists and is not a directory; choose another path")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if overwrite:
+        shutil.rmtree(output)
+    elif not (output / "evaluations").is_dir():
+        raise InputError(f"--output {output}: exists, is not empty and is not a demo directory; pass --overwrite "
+                         "to replace it, or choose another path")
+
+
+def _method_settings(method: str, model_path: Path, data, plan: DemoPlan, output: Path) -> TrainSettings:
+    sft_data = str(data.path("sft"))
+    if method == "replay":
+        sft_data = str(_replay_data(data, output, plan.seed))
+    ogpsa = plan.ogpsa if method == "ogpsa" else dataclasses.replace(plan.ogpsa, project="none")
+    return TrainSettings(model=model_path, output=output / method, reference=str(data.path("reference")),
+                         sft_data=sft_data, dpo_data=str(data.path("dpo")), max_steps=plan.sft_steps,
+                         dpo_max_steps=plan.dpo_steps, save_steps=plan.save_steps, batch_size=plan.batch_size,
+                         learning_rate=plan.learning_rate, dpo_learning_rate=plan.dpo_learning_rate,
+                         seed=plan.seed, max_length=plan.max_length, lora_r=plan.lora_r, quantize=plan.quantize,
+                         overwrite=True, ogpsa=ogpsa)
+
+
+def _replay_data(data, output: Path, seed: int) -> Path:
+    """The SFT rows with the reference rows mixed in (shuffled with the seed): the replay baseline."""
+    rows = [line for name in ("sft", "reference") for line in data.path(name).read_text().splitlines() if line]
+    random.Random(seed).shuffle(rows)
+    path = output / "replay_sft.jsonl"
+    text = "".join(line + "\n" for line in rows)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def _train(method: str, model_path: Path, data, plan: DemoPlan, output: Path) -> Path:
+    """Train one method with `align`, unless a finished run with the same settings is already there."""
+    from lora_ogpsa.train import run_align
+
+    settings = _method_settings(method, model_path, data, plan, output)
+    fingerprint = _fingerprint(settings)
+    marker = settings.output / "demo_settings.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        logger.info("demo: reusing the trained %s run in %s", method, settings.output)
+        return settings.output
+    logger.info("demo: training %s (SFT %d steps, then DPO %d steps)", method, plan.sft_steps, plan.dpo_steps)
+    run_align(settings)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return settings.output
+
+
+def _fingerprint(settings: TrainSettings) -> str:
+    values = settings.to_run_config("align", _NoRows(), None, None)
+    for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows"):
+        values.pop(key, None)
+    for key in ("sft_data", "dpo_data", "reference"):
+        values[key + "_sha256"] = _file_hash(Path(values[key])) if values.get(key) else None
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _NoRows(list):
+    source = ""
+    skipped = 0
+
+
+def _merge(model_path: Path, adapter: Path, merged: Path) -> Path:
+    """Merge the OGPSA adapter into the original weights, unless this adapter's merge is already there."""
+    from lora_ogpsa.merge import merge_adapter
+
+    adapter_hash = _file_hash(adapter / "adapter_model.safetensors")
+    marker = merged / "lora_ogpsa_merge.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("adapter_sha256") == adapter_hash:
+        return merged
+    if merged.exists():
+        shutil.rmtree(merged)
+    report = merge_adapter(model_path, adapter, merged, base="original", dtype="float32")
+    marker.write_text(json.dumps({"adapter_sha256": adapter_hash, **report.as_dict()}, default=str) + "\n")
+    return merged
+
+
+def _settings(plan: DemoPlan, data, methods: tuple[str, ...]) -> dict[str, Any]:
+    return {**dataclasses.asdict(plan), "methods": list(methods), "data": str(data.directory),
+            "data_counts": data.counts, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "evaluated_on": "full-precision base + adapter (greedy); final OGPSA via the merged model"}
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class _Evaluator:
+    """Evaluates the base, adapters on it, and merged models, caching results per adapter file."""
+
+    def __init__(self, model_path: Path, suites, plan: DemoPlan, cache: Path) -> None:
+        self.model_path, self.suites, self.plan, self.cache = model_path, suites, plan, cache
+        self._base = None
+        self._tokenizer = None
+        key = json.dumps([dataclasses.asdict(suites), plan.eval_max_new_tokens], sort_keys=True, default=str)
+        self.suites_key = hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def trajectory(self, run_dir: Path, method: str) -> list[dict[str, Any]]:
+        """Metrics of every saved checkpoint, SFT then DPO, and of the final adapter."""
+        points = []
+        for stage in ("sft", "dpo"):
+            checkpoints = sorted((run_dir / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            points += [self.evaluate(path, f"{stage}-{path.name.split('-')[1]}") for path in checkpoints]
+        final = self.evaluate(run_dir, "final")
+        return [*points, final]
+
+    def evaluate(self, adapter: Path | None, label: str, *, merged: bool = False) -> dict[str, Any]:
+        """Metrics of base (+ adapter), or of a merged model directory; cached by the weights' hash."""
+        weights = None if adapter is None else (adapter / ("model.safetensors" if merged else
+                                                           "adapter_model.safetensors"))
+        key = f"{'base' if weights is None else _file_hash(weights)}-{self.suites_key}"
+        path = self.cache / f"{key}.json"
+        if path.is_file():
+            return {**json.loads(path.read_text()), "label": label}
+        metrics = self._run(adapter, merged)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        from lora_ogpsa.export import write_json
+
+        write_json(path, metrics)
+        logger.info("demo: %s: harmful refused %.0f%%, over-refusal %.0f%%, utility %.0f%%, benign NLL %.3f",
+                    label, 100 * metrics["harmful_refusal_rate"], 100 * metrics["over_refusal_rate"],
+                    100 * metrics["utility_accuracy"], metrics["benign_nll"])
+        return {**metrics, "label": label}
+
+    def _run(self, adapter: Path | None, merged: bool) -> dict[str, Any]:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from lora_ogpsa.evaluate import evaluate_suites
+        from lora_ogpsa.model import load_tokenizer
+
+        self._tokenizer = self._tokenizer or load_tokenizer(self.model_path)
+        kwargs = {"max_new_tokens": self.plan.eval_max_new_tokens, "batch_size": self.plan.eval_batch_size}
+        if merged:
+            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
+            return evaluate_suites(model, self._tokenizer, self.suites, **kwargs)
+        base = self._base_model()
+        if adapter is None:
+            return evaluate_suites(base, self._tokenizer, self.suites, **kwargs)
+        model = PeftModel.from_pretrained(base, str(adapter))
+        try:
+            return evaluate_suites(model, self._tokenizer, self.suites, **kwargs)
+        finally:
+            self._base = model.unload()  # the base without LoRA layers, for the next adapter
+
+    def _base_model(self):
+        if self._base is None:
+            from lora_ogpsa.model import load_base_model
+
+            self._base = load_base_model(self.model_path, quantize=False)
+        return self._base
