@@ -75,6 +75,8 @@ def _add_training_flags(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "align":
         add("--dpo-learning-rate", type=float, help="DPO stage learning rate (default: --learning-rate)")
         add("--dpo-max-steps", type=int, help="DPO stage steps (default: --max-steps)")
+        add("--dpo-batch-size", type=int, help="DPO stage pairs per micro-batch (default: --batch-size)")
+        add("--dpo-save-steps", type=int, help="DPO stage checkpoint interval (default: --save-steps)")
     add("--project", choices=["update", "grad", "none"], default=ogpsa.project,
         help="update: project the applied change (default); grad: project the gradient; none: plain LoRA")
     for flag, kind in (("max_directions", int), ("energy", float), ("refresh_every", int),
@@ -189,6 +191,7 @@ def _training_settings(args: argparse.Namespace):
         raise InputError(str(error).replace("`", "--", 1).replace("`", "", 1).replace("_", "-")) from error
     fields = ("model", "output", "reference", "data", "sft_data", "dpo_data", "adapter", "max_steps", "save_steps",
               "batch_size", "gradient_accumulation_steps", "learning_rate", "dpo_learning_rate", "dpo_max_steps",
+              "dpo_batch_size", "dpo_save_steps",
               "beta", "seed", "max_length", "lora_r", "lora_alpha", "lora_dropout", "gradient_checkpointing",
               "resume", "overwrite", "ddp_timeout")
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}

@@ -118,6 +118,10 @@ class TrainSettings:
     """`align` only: learning rate of the DPO stage (default: `learning_rate`)."""
     dpo_max_steps: int | None = None
     """`align` only: optimizer steps of the DPO stage (default: `max_steps`)."""
+    dpo_batch_size: int | None = None
+    """`align` only: preference pairs per micro-batch in the DPO stage (default: `batch_size`)."""
+    dpo_save_steps: int | None = None
+    """`align` only: checkpoint interval of the DPO stage (default: `save_steps`)."""
     beta: float = 0.1
     """DPO's β (strength of the KL anchor to the reference model)."""
     seed: int = 0
@@ -153,8 +157,10 @@ class TrainSettings:
         for name in ("save_steps", "ddp_timeout"):
             if _not_int_at_least(getattr(self, name), 0):
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.dpo_max_steps is not None and _not_int_at_least(self.dpo_max_steps, 1):
-            raise InputError(f"--dpo-max-steps must be an integer >= 1, got {self.dpo_max_steps!r}")
+        for name in ("dpo_max_steps", "dpo_batch_size", "dpo_save_steps"):
+            value = getattr(self, name)
+            if value is not None and _not_int_at_least(value, 1):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         for name in ("learning_rate", "dpo_learning_rate", "beta"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -173,7 +179,9 @@ class TrainSettings:
     def for_dpo_stage(self) -> TrainSettings:
         """The settings of `align`'s DPO stage: its own steps and learning rate where given."""
         return dataclasses.replace(self, max_steps=self.dpo_max_steps or self.max_steps,
-                                   learning_rate=self.dpo_learning_rate or self.learning_rate)
+                                   learning_rate=self.dpo_learning_rate or self.learning_rate,
+                                   batch_size=self.dpo_batch_size or self.batch_size,
+                                   save_steps=self.dpo_save_steps or self.save_steps)
 
     def to_run_config(self, stage: str, rows: Any, reference: Any, adapter: Path | None) -> dict[str, Any]:
         """What `ogpsa_config.json` records: every setting plus the data actually used."""

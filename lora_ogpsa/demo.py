@@ -36,44 +36,64 @@ class DemoPlan:
     """Sizes and settings of the demo: chosen so `make demo` fits 10 minutes on a 2-core CPU (measured; see
     README), larger on a GPU."""
 
-    sft_steps: int = 24
-    dpo_steps: int = 12
-    save_steps: int = 6
+    sft_steps: int = 20
+    dpo_steps: int = 8
+    save_steps: int = 10
+    dpo_save_steps: int = 4
     batch_size: int = 8
+    dpo_batch_size: int = 4
     max_length: int = 192
-    learning_rate: float = 2e-4
-    dpo_learning_rate: float = 5e-5
+    learning_rate: float = 3e-4
+    dpo_learning_rate: float = 1e-4
     lora_r: int = 16
     quantize: bool = True
     seed: int = 0
-    eval_harmful: int = 48
+    eval_harmful: int = 40
     eval_benign: int = 40
     eval_utility: int = 32
     eval_max_new_tokens: int = 24
     eval_batch_size: int = 48
-    ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=12,
+    ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=10,
                                                                    reference_examples=32))
 
     @classmethod
     def for_device(cls, max_steps: int | None = None) -> DemoPlan:
         """The CPU plan, or a larger one when CUDA is available; `max_steps` overrides the SFT steps (DPO
-        gets half)."""
+        gets 40% of them)."""
         plan = cls()
         if torch.cuda.is_available():
-            plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, batch_size=16,
-                                       eval_harmful=199, eval_benign=100, eval_utility=64, eval_max_new_tokens=48,
+            plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=20,
+                                       batch_size=16, dpo_batch_size=8, eval_harmful=200, eval_benign=64,
+                                       eval_utility=46, eval_max_new_tokens=32,
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
         if max_steps is not None:
             if max_steps < 1:
                 raise InputError(f"--max-steps must be >= 1, got {max_steps}")
-            plan = dataclasses.replace(plan, sft_steps=max_steps, dpo_steps=max(1, max_steps // 2),
-                                       save_steps=max(1, max_steps // 4))
+            plan = dataclasses.replace(plan, sft_steps=max_steps, dpo_steps=max(1, (2 * max_steps) // 5),
+                                       save_steps=max(1, max_steps // 2), dpo_save_steps=max(1, max_steps // 5))
         return plan
+
+
+@dataclass(frozen=True)
+class Method:
+    """One trained model of the comparison: how it projects, and on what data."""
+
+    name: str
+    project: str = "update"
+    replay: bool = False
+    """mix the reference examples into the SFT data (the paper's "General Data" baseline)"""
+    stages: str = "align"
+    """`align` (SFT then DPO) or `sft`"""
+    ogpsa: dict = field(default_factory=dict)
+    """OGPSAConfig fields overriding the plan's"""
+
+
+DEMO_METHODS = (Method("ogpsa"), Method("plain", project="none"), Method("replay", project="none", replay=True))
 
 
 def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = None, model: str | None = None,
              cache_dir: str | None = None, overwrite: bool = False, plan: DemoPlan | None = None,
-             methods: tuple[str, ...] | None = None) -> dict[str, Any]:
+             methods: tuple[Method, ...] | None = None) -> dict[str, Any]:
     """Run the demo and write the report; returns the report document.
 
     Raises:
@@ -85,7 +105,7 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
     from lora_ogpsa.model import check_model_dir
 
     plan = plan or DemoPlan.for_device(max_steps)
-    methods = methods or (("ogpsa", "plain", "replay") if compare else ("ogpsa",))
+    methods = methods or (DEMO_METHODS if compare else DEMO_METHODS[:1])
     _check_demo_output(output, overwrite)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -100,12 +120,13 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
     for method in methods:
         start = time.perf_counter()
         directory = _train(method, model_path, data, plan, output)
-        timings[f"train_{method}"] = time.perf_counter() - start
+        timings[f"train_{method.name}"] = time.perf_counter() - start
         start = time.perf_counter()
-        trajectories[method] = [{"label": "base", **base_metrics}, *evaluator.trajectory(directory, method)]
-        finals[method] = dict(trajectories[method][-1])
-        timings[f"evaluate_{method}"] = time.perf_counter() - start
-    if "ogpsa" in methods:
+        trajectories[method.name] = [{"label": "base", **base_metrics}, *evaluator.trajectory(directory,
+                                                                                              method.stages)]
+        finals[method.name] = dict(trajectories[method.name][-1])
+        timings[f"evaluate_{method.name}"] = time.perf_counter() - start
+    if any(method.name == "ogpsa" and method.stages == "align" for method in methods):
         start = time.perf_counter()
         merged = _merge(model_path, output / "ogpsa", output / "merged")
         finals["ogpsa"] = evaluator.evaluate(merged, "ogpsa merged", merged=True)
@@ -116,6 +137,8 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
     report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
                           trajectories=trajectories, timings=timings)
     write_report(report, output)
+    if "ogpsa" in finals and (output / "ogpsa" / "README.md").is_file():
+        _add_evaluation_to_card(output / "ogpsa", finals["ogpsa"])
     return report
 
 
@@ -132,17 +155,16 @@ def _check_demo_output(output: Path, overwrite: bool) -> None:
                          "to replace it, or choose another path")
 
 
-def _method_settings(method: str, model_path: Path, data, plan: DemoPlan, output: Path) -> TrainSettings:
-    sft_data = str(data.path("sft"))
-    if method == "replay":
-        sft_data = str(_replay_data(data, output, plan.seed))
-    ogpsa = plan.ogpsa if method == "ogpsa" else dataclasses.replace(plan.ogpsa, project="none")
-    return TrainSettings(model=model_path, output=output / method, reference=str(data.path("reference")),
-                         sft_data=sft_data, dpo_data=str(data.path("dpo")), max_steps=plan.sft_steps,
+def _method_settings(method: Method, model_path: Path, data, plan: DemoPlan, output: Path) -> TrainSettings:
+    sft_data = str(_replay_data(data, output, plan.seed) if method.replay else data.path("sft"))
+    ogpsa = dataclasses.replace(plan.ogpsa, project=method.project, **method.ogpsa)
+    return TrainSettings(model=model_path, output=output / method.name, reference=str(data.path("reference")),
+                         sft_data=sft_data, dpo_data=str(data.path("dpo")), data=sft_data, max_steps=plan.sft_steps,
                          dpo_max_steps=plan.dpo_steps, save_steps=plan.save_steps, batch_size=plan.batch_size,
-                         learning_rate=plan.learning_rate, dpo_learning_rate=plan.dpo_learning_rate,
-                         seed=plan.seed, max_length=plan.max_length, lora_r=plan.lora_r, quantize=plan.quantize,
-                         overwrite=True, ogpsa=ogpsa)
+                         dpo_batch_size=plan.dpo_batch_size, dpo_save_steps=plan.dpo_save_steps,
+                         learning_rate=plan.learning_rate,
+                         dpo_learning_rate=plan.dpo_learning_rate, seed=plan.seed, max_length=plan.max_length,
+                         lora_r=plan.lora_r, quantize=plan.quantize, overwrite=True, ogpsa=ogpsa)
 
 
 def _replay_data(data, output: Path, seed: int) -> Path:
@@ -156,24 +178,25 @@ def _replay_data(data, output: Path, seed: int) -> Path:
     return path
 
 
-def _train(method: str, model_path: Path, data, plan: DemoPlan, output: Path) -> Path:
-    """Train one method with `align`, unless a finished run with the same settings is already there."""
-    from lora_ogpsa.train import run_align
+def _train(method: Method, model_path: Path, data, plan: DemoPlan, output: Path) -> Path:
+    """Train one method, unless a finished run with the same settings is already there."""
+    from lora_ogpsa.train import run_align, run_sft
 
     settings = _method_settings(method, model_path, data, plan, output)
-    fingerprint = _fingerprint(settings)
+    fingerprint = _fingerprint(settings, method)
     marker = settings.output / "demo_settings.json"
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        logger.info("demo: reusing the trained %s run in %s", method, settings.output)
+        logger.info("demo: reusing the trained %s run in %s", method.name, settings.output)
         return settings.output
-    logger.info("demo: training %s (SFT %d steps, then DPO %d steps)", method, plan.sft_steps, plan.dpo_steps)
-    run_align(settings)
+    logger.info("demo: training %s (%s)", method.name, f"SFT {plan.sft_steps} steps" if method.stages == "sft"
+                else f"SFT {plan.sft_steps} steps, then DPO {plan.dpo_steps} steps")
+    (run_sft if method.stages == "sft" else run_align)(settings)
     marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     return settings.output
 
 
-def _fingerprint(settings: TrainSettings) -> str:
-    values = settings.to_run_config("align", _NoRows(), None, None)
+def _fingerprint(settings: TrainSettings, method: Method) -> str:
+    values = settings.to_run_config(method.stages, _NoRows(), None, None)
     for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows"):
         values.pop(key, None)
     for key in ("sft_data", "dpo_data", "reference"):
@@ -201,10 +224,26 @@ def _merge(model_path: Path, adapter: Path, merged: Path) -> Path:
     return merged
 
 
-def _settings(plan: DemoPlan, data, methods: tuple[str, ...]) -> dict[str, Any]:
-    return {**dataclasses.asdict(plan), "methods": list(methods), "data": str(data.directory),
+def _settings(plan: DemoPlan, data, methods: tuple[Method, ...]) -> dict[str, Any]:
+    return {**dataclasses.asdict(plan), "methods": [dataclasses.asdict(m) for m in methods],
+            "data": str(data.directory),
             "data_counts": data.counts, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "evaluated_on": "full-precision base + adapter (greedy); final OGPSA via the merged model"}
+
+
+def _add_evaluation_to_card(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Rewrite the OGPSA adapter's model card with the evaluation numbers."""
+    from lora_ogpsa.export import read_metrics
+    from lora_ogpsa.model_card import write_model_card
+    from lora_ogpsa.subspace import Subspace
+
+    run_config = json.loads((run_dir / "ogpsa_config.json").read_text())
+    subspace_file = run_dir / "ogpsa_subspace.safetensors"
+    subspace = Subspace.load(subspace_file) if subspace_file.is_file() else None
+    evaluation = {key: metrics[key] for key in ("harmful_refusal_rate", "over_refusal_rate", "utility_accuracy",
+                                                "benign_nll") if metrics.get(key) is not None}
+    write_model_card(run_dir / "README.md", run_config=run_config, subspace=subspace,
+                     metrics=read_metrics(run_dir / "metrics.jsonl"), evaluation=evaluation)
 
 
 def _file_hash(path: Path) -> str:
@@ -225,11 +264,12 @@ class _Evaluator:
         key = json.dumps([dataclasses.asdict(suites), plan.eval_max_new_tokens], sort_keys=True, default=str)
         self.suites_key = hashlib.sha256(key.encode()).hexdigest()[:12]
 
-    def trajectory(self, run_dir: Path, method: str) -> list[dict[str, Any]]:
+    def trajectory(self, run_dir: Path, stages: str) -> list[dict[str, Any]]:
         """Metrics of every saved checkpoint, SFT then DPO, and of the final adapter."""
         points = []
-        for stage in ("sft", "dpo"):
-            checkpoints = sorted((run_dir / stage).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for stage, directory in ([("sft", run_dir)] if stages == "sft" else [("sft", run_dir / "sft"),
+                                                                              ("dpo", run_dir / "dpo")]):
+            checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             points += [self.evaluate(path, f"{stage}-{path.name.split('-')[1]}") for path in checkpoints]
         final = self.evaluate(run_dir, "final")
         return [*points, final]
