@@ -32,6 +32,9 @@ VARIANTS = {
     "ogpsa-e95": Method("ogpsa-e95", stages="sft", ogpsa={"max_directions": 64, "energy": 0.95}),
     "ogpsa-k8-open": Method("ogpsa-k8-open", stages="sft", ogpsa={"max_directions": 8, **OPENING}),
     "ogpsa-k32-open": Method("ogpsa-k32-open", stages="sft", ogpsa={"max_directions": 32, **OPENING}),
+    "ogpsa-k8-1s": Method("ogpsa-k8-1s", stages="sft", ogpsa={"max_directions": 8, "one_sided": True}),
+    "ogpsa-k32-open-1s": Method("ogpsa-k32-open-1s", stages="sft",
+                                ogpsa={"max_directions": 32, "one_sided": True, **OPENING}),
     "ogpsa-k32-open-r5": Method("ogpsa-k32-open-r5", stages="sft",
                                 ogpsa={"max_directions": 32, "refresh_every": 5, **OPENING}),
 }

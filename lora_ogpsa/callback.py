@@ -92,7 +92,8 @@ class OGPSACallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.config.project == "update":
-            self._record(self._stacked.project_change_(self._parameters, self._before))
+            self._record(self._stacked.project_change_(self._parameters, self._before,
+                                                       one_sided=self.config.one_sided))
             self._before = None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -165,7 +166,7 @@ class OGPSACallback(TrainerCallback):
         return gathered if gathered is not None else (None, None)
 
     def _install(self, subspace: Subspace) -> None:
-        self._stacked = StackedBasis(subspace.basis_by_name)
+        self._stacked = StackedBasis(subspace.basis_by_name, subspace.mean_coefficients_by_name or None)
         subspace.basis_by_name = self._stacked.views()  # share the stacked storage instead of holding two copies
         self.subspace = subspace
         self._k_summary = _k_summary(subspace)

@@ -84,6 +84,8 @@ def _add_training_flags(parser: argparse.ArgumentParser, command: str) -> None:
                        ("later_token_weight", float)):
         add(f"--{flag.replace('_', '-')}", type=kind, default=getattr(ogpsa, flag),
             help=f"(default: {getattr(ogpsa, flag)})")
+    add("--one-sided", action="store_true",
+        help="update mode: keep the parts of the update that lower the reference loss, remove those that raise it")
     add("--no-quantize", action="store_true", help="full-precision base instead of 4-bit NF4")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
         help="(default: on with CUDA, off on the CPU)")
@@ -186,7 +188,7 @@ def _training_settings(args: argparse.Namespace):
         ogpsa = OGPSAConfig(max_directions=args.max_directions, energy=args.energy, refresh_every=args.refresh_every,
                             reference_examples=args.reference_examples, project=args.project,
                             reference_batch_size=args.reference_batch_size, opening_tokens=args.opening_tokens,
-                            later_token_weight=args.later_token_weight)
+                            later_token_weight=args.later_token_weight, one_sided=args.one_sided)
     except ValueError as error:
         raise InputError(str(error).replace("`", "--", 1).replace("`", "", 1).replace("_", "-")) from error
     fields = ("model", "output", "reference", "data", "sft_data", "dpo_data", "adapter", "max_steps", "save_steps",

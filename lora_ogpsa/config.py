@@ -49,6 +49,11 @@ class OGPSAConfig:
     later_token_weight: float = 1.0
     """Weight of response tokens after the opening ones (only used when `opening_tokens` > 0)."""
 
+    one_sided: bool = False
+    """`update` mode only: remove a protected direction's component only when it would raise the reference
+    loss (its sign is that of the mean reference gradient along the direction), keep it when it lowers it.
+    The reference loss then does not rise to first order, instead of not moving."""
+
     def __post_init__(self) -> None:
         _check_int(self, "max_directions", low=1)
         if not (isinstance(self.energy, int | float) and 0.0 < self.energy <= 1.0):
@@ -59,6 +64,10 @@ class OGPSAConfig:
             raise ValueError(f"`project` must be one of {', '.join(PROJECT_MODES)}, got {self.project!r}")
         _check_int(self, "reference_batch_size", low=1)
         _check_int(self, "opening_tokens", low=0)
+        if not isinstance(self.one_sided, bool):
+            raise ValueError(f"`one_sided` must be true or false, got {self.one_sided!r}")
+        if self.one_sided and self.project != "update":
+            raise ValueError(f"`one_sided` needs project='update', got project={self.project!r}")
         weight = self.later_token_weight
         if not (isinstance(weight, int | float) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
             raise ValueError(f"`later_token_weight` must be in [0, 1], got {weight!r}")

@@ -113,7 +113,8 @@ def broadcast_subspace(subspace: Subspace | None, shape_by_name: Mapping[str, to
     header = [None]
     if dist.get_rank() == 0:
         values = {name: value.tolist() for name, value in subspace.singular_values_by_name.items()}
-        header = [{"ks": subspace.directions_by_name, "values": values,
+        means = {name: value.tolist() for name, value in subspace.mean_coefficients_by_name.items()}
+        header = [{"ks": subspace.directions_by_name, "values": values, "means": means,
                    "energy": subspace.energy_by_name, "dropped": subspace.dropped_by_name,
                    "metadata": subspace.metadata}]
     dist.broadcast_object_list(header, src=0)
@@ -128,4 +129,5 @@ def broadcast_subspace(subspace: Subspace | None, shape_by_name: Mapping[str, to
     parts = torch.split(flat, [header["ks"][name] * numel[name] for name in numel])
     bases = {name: part.view(header["ks"][name], numel[name]) for name, part in zip(numel, parts, strict=True)}
     values = {name: torch.tensor(value, dtype=torch.float32) for name, value in header["values"].items()}
-    return Subspace(bases, values, header["energy"], header["dropped"], header["metadata"])
+    means = {name: torch.tensor(value, dtype=torch.float32) for name, value in header["means"].items()}
+    return Subspace(bases, values, header["energy"], header["dropped"], header["metadata"], means)

@@ -43,6 +43,8 @@ class Subspace:
         singular_values_by_name: `(k,)` float32, descending: the singular values of the kept directions.
         energy_by_name: share of the samples' squared norm that the kept directions capture (0 when k = 0).
         dropped_by_name: samples dropped for holding NaN/Inf.
+        mean_coefficients_by_name: `(k,)` float32: the mean sample (the gradient of the mean reference loss)
+            in basis coordinates, `U ḡ`; its signs say which way along each direction the loss rises.
         metadata: free-form strings saved with the file (config, step, reference-set hash, ...).
     """
 
@@ -51,6 +53,7 @@ class Subspace:
     energy_by_name: dict[str, float] = field(default_factory=dict)
     dropped_by_name: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    mean_coefficients_by_name: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def directions_by_name(self) -> dict[str, int]:
@@ -84,9 +87,8 @@ class Subspace:
     def to(self, device: torch.device | str) -> Subspace:
         """A copy with every basis on `device` (the other fields are shared)."""
         moved = {name: basis.to(device) for name, basis in self.basis_by_name.items()}
-        return Subspace(
-            moved, self.singular_values_by_name, self.energy_by_name, self.dropped_by_name, dict(self.metadata)
-        )
+        return Subspace(moved, self.singular_values_by_name, self.energy_by_name, self.dropped_by_name,
+                        dict(self.metadata), self.mean_coefficients_by_name)
 
     def save(self, path: str | Path) -> None:
         """Write a safetensors file: one `(k, n)` float32 tensor per name, the rest as string metadata.
@@ -100,11 +102,10 @@ class Subspace:
             **self.metadata,
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "singular_values": json.dumps(
-                {name: [round(float(s), 8) for s in values] for name, values in self.singular_values_by_name.items()}
-            ),
+            "singular_values": _tensors_json(self.singular_values_by_name),
             "energy": json.dumps(self.energy_by_name),
             "dropped_samples": json.dumps(self.dropped_by_name),
+            "mean_coefficients": _tensors_json(self.mean_coefficients_by_name),
         }
         partial = path.with_name(f".{path.name}.partial")
         save_file(tensors, str(partial), metadata=header)
@@ -132,13 +133,13 @@ class Subspace:
             _check_basis(path, name, basis)
         if numel_by_name is not None:
             _check_names(path, basis_by_name, numel_by_name)
-        singular_values = {name: torch.tensor(values, dtype=torch.float32)
-                           for name, values in json.loads(header.pop("singular_values", "{}")).items()}
+        singular_values = _tensors_from_json(header.pop("singular_values", "{}"))
+        mean_coefficients = _tensors_from_json(header.pop("mean_coefficients", "{}"))
         energy = json.loads(header.pop("energy", "{}"))
         dropped = json.loads(header.pop("dropped_samples", "{}"))
         for key in ("format", "format_version"):
             header.pop(key, None)
-        return cls(basis_by_name, singular_values, energy, dropped, header)
+        return cls(basis_by_name, singular_values, energy, dropped, header, mean_coefficients)
 
 
 def compute_subspace(
@@ -170,13 +171,13 @@ def compute_subspace(
         matrices[name] = samples.detach().reshape(samples.shape[0], -1).float()  # (S, n)
     subspace = Subspace({})
     for names in _groups_of_equal_shape(matrices):
-        group = [matrices[name] for name in names]
-        bases, singular_values, captured, dropped = _solve_group(group, max_directions, energy)
-        for index, name in enumerate(names):
-            subspace.basis_by_name[name] = bases[index]
-            subspace.singular_values_by_name[name] = singular_values[index]
-            subspace.energy_by_name[name] = captured[index]
-            subspace.dropped_by_name[name] = dropped[index]
+        for name, solution in zip(names, _solve_group([matrices[name] for name in names], max_directions, energy),
+                                  strict=True):
+            subspace.basis_by_name[name] = solution.basis
+            subspace.singular_values_by_name[name] = solution.singular_values
+            subspace.energy_by_name[name] = solution.energy
+            subspace.dropped_by_name[name] = solution.dropped
+            subspace.mean_coefficients_by_name[name] = solution.mean_coefficients
     subspace.basis_by_name = {name: subspace.basis_by_name[name] for name in samples_by_name}
     if subspace.dropped_samples:
         logger.warning("dropped %d reference-gradient samples holding NaN/Inf", subspace.dropped_samples)
@@ -191,10 +192,19 @@ def _groups_of_equal_shape(matrices: Mapping[str, torch.Tensor]) -> list[list[st
     return list(by_key.values())
 
 
+@dataclass
+class _Solution:
+    """One tensor's part of a batched solve."""
+
+    basis: torch.Tensor  # (k, n)
+    singular_values: torch.Tensor  # (k,)
+    energy: float
+    dropped: int
+    mean_coefficients: torch.Tensor  # (k,): U ḡ
+
+
 @torch.no_grad()
-def _solve_group(
-    matrices: list[torch.Tensor], max_directions: int, energy: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float], list[int]]:
+def _solve_group(matrices: list[torch.Tensor], max_directions: int, energy: float) -> list[_Solution]:
     """Top-k right singular vectors of P equal-shape `(S, n)` matrices, with one batched `eigh`.
 
     The Gram matrices and the final products are formed per matrix: stacking the samples into one (P, S, n)
@@ -202,10 +212,11 @@ def _solve_group(
     """
     rows, cols = matrices[0].shape
     if rows == 0:
-        empty = matrices[0].new_zeros(0, cols)
-        return [empty] * len(matrices), [empty[0]] * len(matrices), [0.0] * len(matrices), [0] * len(matrices)
+        empty, none = matrices[0].new_zeros(0, cols), matrices[0].new_zeros(0)
+        return [_Solution(empty, none, 0.0, 0, none) for _ in matrices]
     matrices, grams, dropped = _finite_grams(matrices)
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.stack(grams).double())  # (P, S), (P, S, S) ascending
+    gram = torch.stack(grams).double()  # (P, S, S)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # (P, S), (P, S, S) ascending; float64 is free here
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0), eigenvectors.flip(-1)
     real = eigenvalues > eigenvalues[:, :1] * rows * _NOISE_FLOOR  # (P, S): above the rounding noise
     eigenvalues = torch.where(real, eigenvalues, 0.0)
@@ -216,16 +227,21 @@ def _solve_group(
     singular_values = eigenvalues[:, :k_max].sqrt().float()  # (P, k_max)
     ks = ks.tolist()
     if k_max == 0:
-        empty = matrices[0].new_zeros(0, cols)
-        return [empty] * len(ks), [singular_values[0]] * len(ks), shares, dropped
+        empty, none = matrices[0].new_zeros(0, cols), matrices[0].new_zeros(0)
+        return [_Solution(empty, none, share, count, none) for share, count in zip(shares, dropped, strict=True)]
     # Rows of one tensor past its own k are computed and dropped: a batched product over k_max is cheaper
     # than ragged ones, and CholeskyQR orthonormalizes row by row, so the first k rows do not see the others.
     scale = torch.where(real[:, :k_max], eigenvalues[:, :k_max].clamp_min(1e-300).rsqrt(), 0.0)  # (P, k_max)
-    projectors = (eigenvectors[:, :, :k_max] * scale[:, None, :]).mT.to(matrices[0].dtype).contiguous()  # (P, k, S)
+    weights = (eigenvectors[:, :, :k_max] * scale[:, None, :]).mT  # (P, k, S): Λ^{-1/2} Vᵀ
+    projectors = weights.to(matrices[0].dtype).contiguous()
     raw = [projector @ matrix for projector, matrix in zip(projectors, matrices, strict=True)]  # (k_max, n) each
     inverses = _cholesky_qr_factors(raw, zero_rows=scale == 0)  # (P, k_max, k_max)
-    bases = [(inverse @ basis)[:k] for inverse, basis, k in zip(inverses, raw, ks, strict=True)]
-    return bases, [values[:k] for values, k in zip(singular_values, ks, strict=True)], shares, dropped
+    # U ḡ without another pass over G: Λ^{-1/2} Vᵀ G Gᵀ 1 / S, then the CholeskyQR correction.
+    valid = (rows - torch.tensor(dropped, dtype=torch.float64)).clamp_min(1)[:, None]  # (P, 1)
+    means = (inverses.double() @ (weights @ gram.sum(-1, keepdim=True))).squeeze(-1) / valid  # (P, k_max)
+    return [_Solution((inverse @ basis)[:k], values[:k], share, count, mean[:k].float())
+            for inverse, basis, k, values, share, count, mean in zip(
+                inverses, raw, ks, singular_values, shares, dropped, means, strict=True)]
 
 
 def _cholesky_qr_factors(raw: list[torch.Tensor], zero_rows: torch.Tensor) -> torch.Tensor:
@@ -263,6 +279,14 @@ def _directions_for_energy(
     reached = (cumulative < target).sum(-1) + 1  # first index reaching the target, 1-based
     rank = real.sum(-1)
     return torch.minimum(torch.minimum(reached, rank), torch.full_like(rank, max_directions))
+
+
+def _tensors_json(tensors: Mapping[str, torch.Tensor]) -> str:
+    return json.dumps({name: [round(float(x), 8) for x in values] for name, values in tensors.items()})
+
+
+def _tensors_from_json(text: str) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(values, dtype=torch.float32) for name, values in json.loads(text).items()}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

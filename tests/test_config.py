@@ -32,3 +32,11 @@ def test_validation_names_the_field(field, value, message):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match=r"unknown OGPSA setting\(s\) \['max_direction'\]"):
         OGPSAConfig.from_dict({"max_direction": 4})
+
+
+def test_one_sided_needs_update_mode():
+    assert OGPSAConfig(one_sided=True).one_sided
+    with pytest.raises(ValueError, match="`one_sided` needs project='update'"):
+        OGPSAConfig(one_sided=True, project="grad")
+    with pytest.raises(ValueError, match="`one_sided` must be true or false"):
+        OGPSAConfig(one_sided="yes")

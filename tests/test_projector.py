@@ -116,3 +116,28 @@ def test_stacked_views_match_the_bases():
     assert list(views) == list(bases)
     for name, basis in bases.items():
         assert torch.equal(views[name], basis)
+
+
+def test_one_sided_projection_removes_only_what_raises_the_reference_loss():
+    torch.manual_seed(1)
+    samples = {"a": torch.randn(12, 40) + 0.5, "b": torch.randn(12, 6, 5)}
+    subspace = compute_subspace(samples, max_directions=4, energy=1.0)
+    stacked = StackedBasis(subspace.basis_by_name, subspace.mean_coefficients_by_name)
+    tensors = {name: torch.randn(value.shape[1:]) for name, value in samples.items()}
+    before_values = {name: t.clone() for name, t in tensors.items()}
+    before = stacked.snapshot(tensors)
+    changes = {name: torch.randn_like(t) for name, t in tensors.items()}
+    for name, tensor in tensors.items():
+        tensor.add_(changes[name])
+    stacked.project_change_(tensors, before, one_sided=True)
+    for name, values in samples.items():
+        basis, slope = subspace.basis_by_name[name], subspace.mean_coefficients_by_name[name]
+        original = basis @ changes[name].reshape(-1)
+        applied = basis @ (tensors[name] - before_values[name]).reshape(-1)
+        rises = original * slope > 0
+        assert torch.allclose(applied[rises], torch.zeros(int(rises.sum())), atol=1e-5)
+        assert torch.allclose(applied[~rises], original[~rises], atol=1e-5)  # loss-lowering parts are kept
+        mean_gradient = values.reshape(12, -1).mean(0)
+        # first order: the applied change does not raise the mean reference loss along the protected rows
+        assert float((slope * applied).sum()) <= 1e-5
+        assert float(mean_gradient @ basis.T @ applied) <= 1e-4

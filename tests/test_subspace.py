@@ -210,3 +210,18 @@ def test_summary_and_to():
     assert (summary["k_min"], summary["k_max"], summary["k_zero"], summary["directions"]) == (0, 4, 1, 4)
     assert summary["megabytes"] == pytest.approx(4 * 10 * 4 / 2**20)
     assert subspace.to("cpu").directions_by_name == subspace.directions_by_name
+
+
+def test_mean_coefficients_are_the_mean_sample_in_basis_coordinates(tmp_path):
+    samples = {"a": _random_samples(20, 6, 40, seed=4) + 0.3, "b": torch.zeros(20, 8), "c": _random_samples(20, 30)}
+    samples["c"][3] = float("nan")
+    subspace = compute_subspace(samples, max_directions=5, energy=1.0)
+    for name, values in samples.items():
+        matrix = values.reshape(20, -1)
+        finite = matrix[torch.isfinite(matrix).all(1)]
+        expected = subspace.basis_by_name[name] @ finite.mean(0)
+        assert torch.allclose(subspace.mean_coefficients_by_name[name], expected, atol=1e-5), name
+    subspace.save(tmp_path / "s.safetensors")
+    loaded = Subspace.load(tmp_path / "s.safetensors")
+    assert all(torch.allclose(loaded.mean_coefficients_by_name[n], v) for n, v in
+               subspace.mean_coefficients_by_name.items())

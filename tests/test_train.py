@@ -208,3 +208,20 @@ def test_config_file_with_flag_overrides(tiny_model_dir, data_files, tmp_path):
     run_config = json.loads((tmp_path / "out" / "ogpsa_config.json").read_text())
     assert (run_config["lora_r"], run_config["max_steps"], run_config["quantize"]) == (3, 1, False)
     assert run_config["ogpsa"]["project"] == "grad"
+
+
+def test_one_sided_update_never_raises_the_reference_loss_to_first_order(tiny_model_dir, data_files, tmp_path):
+    output = tmp_path / "out"
+    assert _sft(tiny_model_dir, data_files, output, "--one-sided", "--save-steps", "1", "--max-steps", "4",
+                "--refresh-every", "2", "--learning-rate", "1e-3", "--no-quantize") == 0
+    kept_some = False
+    for step in range(1, 4):
+        before, after = _adapter(output / f"checkpoint-{step}"), _adapter(output / f"checkpoint-{step + 1}")
+        subspace = Subspace.load(output / f"checkpoint-{step}" / "ogpsa_subspace.safetensors")
+        for name, value in before.items():
+            change = (after[name] - value).reshape(-1)
+            coefficients = subspace.basis_by_name[name] @ change  # the applied change along protected rows
+            slope = subspace.mean_coefficients_by_name[name]
+            assert (coefficients * slope <= 1e-5 * change.norm() * slope.abs()).all()  # nothing that raises it
+            kept_some |= bool((coefficients.abs() > 1e-3 * change.norm()).any())
+    assert kept_some  # unlike two-sided projection, loss-lowering components survive
