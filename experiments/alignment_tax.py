@@ -35,6 +35,8 @@ VARIANTS = {
     "ogpsa-k8-1s": Method("ogpsa-k8-1s", stages="sft", ogpsa={"max_directions": 8, "one_sided": True}),
     "ogpsa-k32-open-1s": Method("ogpsa-k32-open-1s", stages="sft",
                                 ogpsa={"max_directions": 32, "one_sided": True, **OPENING}),
+    "ogpsa-k8-1s-replay": Method("ogpsa-k8-1s-replay", stages="sft", replay=True,
+                                 ogpsa={"max_directions": 8, "one_sided": True}),
     "ogpsa-k32-open-r5": Method("ogpsa-k32-open-r5", stages="sft",
                                 ogpsa={"max_directions": 32, "refresh_every": 5, **OPENING}),
 }
