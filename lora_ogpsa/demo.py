@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lora_ogpsa.config import OGPSAConfig, TrainSettings
+from lora_ogpsa.demo_prompts import DemoSizes
 from lora_ogpsa.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class DemoPlan:
     eval_batch_size: int = 48
     ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=10,
                                                                    reference_examples=32))
+    data_sizes: DemoSizes = field(default_factory=DemoSizes)
+    """how many prompts go into each built data set"""
 
     @classmethod
     def for_device(cls, max_steps: int | None = None) -> DemoPlan:
@@ -110,7 +113,7 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
-    data = build_demo_data(model_path, cache_dir, seed=plan.seed)
+    data = build_demo_data(model_path, cache_dir, sizes=plan.data_sizes, seed=plan.seed)
     timings["model_and_data"] = time.perf_counter() - started
     suites = load_eval_suites(data, harmful=plan.eval_harmful, benign=plan.eval_benign, utility=plan.eval_utility)
     output.mkdir(parents=True, exist_ok=True)

