@@ -198,8 +198,15 @@ def _train(method: Method, model_path: Path, data, plan: DemoPlan, output: Path)
     return settings.output
 
 
+# OGPSA settings added after runs were cached, at the value that behaves as before their addition: left out of
+# the fingerprint there, so that finished runs stay reusable.
+_NEUTRAL_OGPSA = {"one_sided": False}
+
+
 def _fingerprint(settings: TrainSettings, method: Method) -> str:
     values = settings.to_run_config(method.stages, _NoRows(), None, None)
+    values["ogpsa"] = {key: value for key, value in values["ogpsa"].items()
+                       if key not in _NEUTRAL_OGPSA or value != _NEUTRAL_OGPSA[key]}
     for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows"):
         values.pop(key, None)
     for key in ("sft_data", "dpo_data", "reference"):

@@ -125,3 +125,24 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
     assert on_disk["model_path"] == str(model)
     assert on_disk["models"]["base"]["utility_accuracy"] >= 0.5  # the real model answers arithmetic
     assert (output / "merged" / "config.json").is_file()
+
+
+def test_fingerprint_separates_settings(tiny_model_dir, tmp_path, data_files):
+    class Data:
+        def path(self, name):
+            return data_files[{"sft": "sft", "dpo": "dpo", "reference": "reference"}[name]]
+
+    plan = small_plan()
+
+    def fingerprint(method, **ogpsa):
+        settings = demo._method_settings(method, tiny_model_dir, Data(), dataclasses.replace(
+            plan, ogpsa=dataclasses.replace(plan.ogpsa, **ogpsa)), tmp_path)
+        return demo._fingerprint(settings, method)
+
+    method = demo.Method("ogpsa")
+    assert fingerprint(method) != fingerprint(method, one_sided=True)
+    assert fingerprint(method) != fingerprint(method, max_directions=3)
+    assert fingerprint(method) != fingerprint(demo.Method("ogpsa", stages="sft"))
+    values = demo._method_settings(method, tiny_model_dir, Data(), plan, tmp_path).to_run_config(
+        "align", demo._NoRows(), None, None)
+    assert values["ogpsa"]["one_sided"] is False  # the run config itself still records every field
