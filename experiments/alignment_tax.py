@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
-from lora_ogpsa.report import final_table, matched_table
+from lora_ogpsa.report import final_table, interpolate_at, matched_table
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
 VARIANTS = {
@@ -52,6 +52,21 @@ def plan(args: argparse.Namespace) -> DemoPlan:
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=64))
 
 
+def by_variant_table(report: dict, levels=(0.3, 0.4, 0.45, 0.5)) -> str:
+    """One row per variant: utility / over-refusal / benign NLL where its trajectory first reaches each
+    harmful-refusal level (— where it never does)."""
+    lines = ["| variant | " + " | ".join(f"at {level:.0%} harmful refused" for level in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    for name, points in report["trajectories"].items():
+        cells = []
+        for level in levels:
+            values = [interpolate_at(points, level, metric)
+                      for metric in ("utility_accuracy", "over_refusal_rate", "benign_nll")]
+            cells.append("—" if None in values else f"{values[0]:.0%} / {values[1]:.0%} / {values[2]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/tax"))
@@ -68,6 +83,9 @@ def main() -> None:
     report = run_demo(output=args.output, model=args.model, plan=plan(args), methods=methods)
     print("\nFinal checkpoints\n\n" + final_table(report))
     print("\nAt matched safety (utility / over-refusal)\n\n" + matched_table(report))
+    table = by_variant_table(report)
+    (args.output / "by_variant.md").write_text(table + "\n")
+    print("\nEach variant where it reaches a harmful-refusal level (utility / over-refusal / benign NLL)\n\n" + table)
 
 
 if __name__ == "__main__":
