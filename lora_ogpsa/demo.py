@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lora_ogpsa.config import OGPSAConfig, TrainSettings
-from lora_ogpsa.demo_prompts import DemoSizes
+from lora_ogpsa.demo_splits import DemoSizes
 from lora_ogpsa.errors import InputError
 
 logger = logging.getLogger(__name__)

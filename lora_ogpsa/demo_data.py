@@ -52,14 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_ogpsa.assets import default_cache_dir, load_donotanswer, load_harmbench
-from lora_ogpsa.demo_prompts import (
-    SOUNDS_DANGEROUS,
-    UTILITY_SET,
-    DemoSizes,
-    UtilityItem,
-    split_harmful,
-    split_ordinary,
-)
+from lora_ogpsa.demo_prompts import SOUNDS_DANGEROUS, UTILITY_SET, UtilityItem
+from lora_ogpsa.demo_splits import DemoSizes, split_harmful, split_ordinary
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.evaluate import EvalSuites, generate
 from lora_ogpsa.export import write_json

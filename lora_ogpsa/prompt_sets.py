@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_ogpsa.demo_prompts import builtin_suite
+from lora_ogpsa.demo_splits import builtin_suite
 from lora_ogpsa.errors import InputError
 
 Prompt = str | list[dict[str, str]]

