@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments
+	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments examples
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 lint: $(STAMP)
-	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments
+	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments examples
 
 clean-venv:
 	rm -rf $(VENV)

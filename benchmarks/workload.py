@@ -39,7 +39,7 @@ def resolve_model(model: str | None, quick: bool) -> Path:
         from lora_ogpsa.tiny import save_tiny_model
 
         return save_tiny_model(Path(tempfile.mkdtemp(prefix="bench-")) / "tiny")
-    from lora_ogpsa.assets import ensure_default_model
+    from lora_ogpsa.demo.assets import ensure_default_model
 
     return ensure_default_model()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
-from lora_ogpsa.report import final_table, interpolate_at, matched_table
+from lora_ogpsa.demo.report import final_table, interpolate_at, matched_table
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
 VARIANTS = {

@@ -1,7 +1,8 @@
 """lora_ogpsa: safety alignment with LoRA/QLoRA and Orthogonal Gradient Projection (OGPSA).
 
-The public API is small: the config, the subspace math and the trainer callback. Everything else is reached
-through the `lora-ogpsa` command. `OGPSACallback` is imported lazily, so that the math needs only torch.
+The public API is small: the config, the subspace math, the trainer callback and the builder of its reference
+batches. Everything else is reached through the `lora-ogpsa` command. `OGPSACallback` and
+`build_reference_set` are imported lazily, so that the math needs only torch.
 """
 
 import logging
@@ -11,7 +12,8 @@ from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.projector import project_out
 from lora_ogpsa.subspace import Subspace, compute_subspace
 
-__all__ = ["OGPSACallback", "OGPSAConfig", "Subspace", "compute_subspace", "project_out"]
+__all__ = ["OGPSACallback", "OGPSAConfig", "ReferenceSet", "Subspace", "build_reference_set", "compute_subspace",
+           "project_out"]
 __version__ = "0.1.0"
 
 
@@ -31,4 +33,8 @@ def __getattr__(name: str) -> Any:
         from lora_ogpsa.callback import OGPSACallback
 
         return OGPSACallback
+    if name in ("ReferenceSet", "build_reference_set"):
+        from lora_ogpsa import reference
+
+        return getattr(reference, name)
     raise AttributeError(f"module 'lora_ogpsa' has no attribute {name!r}")

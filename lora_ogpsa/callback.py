@@ -18,6 +18,7 @@ Projection, once per optimizer step:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -29,33 +30,44 @@ from transformers import TrainerCallback
 
 from lora_ogpsa import distributed
 from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.files import SUBSPACE_FILE, checkpoint_dir
 from lora_ogpsa.projector import ProjectionStats, StackedBasis
-from lora_ogpsa.reference import ReferenceBatch, collect_reference_samples
+from lora_ogpsa.reference import ReferenceBatch, ReferenceSet, collect_reference_samples
 from lora_ogpsa.subspace import Subspace, compute_subspace
 
 logger = logging.getLogger(__name__)
 
-SUBSPACE_FILE = "ogpsa_subspace.safetensors"
 METRIC_PREFIX = "ogpsa/"
 
 
 class OGPSACallback(TrainerCallback):
     """Wire OGPSA's refresh and projection into a transformers `Trainer` (or any TRL trainer).
 
+    In `on_train_begin` it makes the trainer safe for the guarantee: LoRA weights a trainer cast to a low
+    precision (TRL casts them to bf16 on a quantized base) are cast back to float32, bitsandbytes' CPU repack
+    is switched off (it silently corrupts later LoRA gradients), and what it cannot guarantee is refused:
+    DeepSpeed/FSDP, and trainable weights other than lora_A/lora_B (they would move unprojected). At the end
+    of training the subspace in force is written next to the adapter in `output_dir` (where
+    `trainer.save_model()` puts it); `save(directory)` writes it anywhere else.
+
     Args:
         config: the OGPSA settings (mode, k, energy, refresh interval).
-        reference_batches: padded reference micro-batches (`reference.make_batches`).
+        reference_batches: a `ReferenceSet` (`build_reference_set`: its hash and source are recorded with
+            the subspace) or padded reference micro-batches (`reference.make_batches`).
         parameters_fn: maps the trainer's model to its trainable LoRA weights keyed as in the adapter file
             (default: `lora_ogpsa.model.lora_parameters`).
         metadata: strings saved with every subspace file (e.g. the reference-set hash).
         progress: show a progress bar during reference collection.
     """
 
-    def __init__(self, config: OGPSAConfig, reference_batches: Sequence[ReferenceBatch], *,
+    def __init__(self, config: OGPSAConfig, reference_batches: ReferenceSet | Sequence[ReferenceBatch], *,
                  parameters_fn=None, metadata: dict[str, str] | None = None, progress: bool = True) -> None:
         from lora_ogpsa.model import lora_parameters
 
         self.config = config
+        if isinstance(reference_batches, ReferenceSet):
+            metadata = {**reference_batches.metadata, **(metadata or {})}
+            reference_batches = reference_batches.batches
         self.reference_batches = list(reference_batches)
         self.parameters_fn = parameters_fn or lora_parameters
         self.metadata = dict(metadata or {})
@@ -72,10 +84,12 @@ class OGPSACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.config.project == "none":
             return
+        _run_first(self, inspect.currentframe())
         _refuse_sharded_training(args)
         self._parameters = self.parameters_fn(model)
         if not self._parameters:
             raise ValueError("OGPSACallback found no trainable lora_A/lora_B weights in the model")
+        _make_safe_(model, self._parameters)
         step = state.global_step
         loaded = step > 0 and self._load_from_checkpoint(args, state)
         # A refresh due at the last step of a run is skipped (nothing follows it); continuing such a run with
@@ -115,9 +129,13 @@ class OGPSACallback(TrainerCallback):
             state.log_history[-1].update(self._pending)
         self._pending = {}
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.subspace is not None and args.should_save:
+            self.save(args.output_dir)
+
     def on_save(self, args, state, control, **kwargs):
         if self.subspace is not None and args.should_save:
-            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.save(checkpoint_dir(args.output_dir, state.global_step))
 
     # ---- the work ----
 
@@ -188,7 +206,7 @@ class OGPSACallback(TrainerCallback):
         })
 
     def _load_from_checkpoint(self, args, state) -> bool:
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / SUBSPACE_FILE
+        path = checkpoint_dir(args.output_dir, state.global_step) / SUBSPACE_FILE
         if not path.is_file():
             logger.warning("resuming at step %d without %s: recomputing the subspace", state.global_step, path)
             return False
@@ -197,6 +215,47 @@ class OGPSACallback(TrainerCallback):
         self._install(Subspace.load(path, numel_by_name=numel).to(device))
         logger.info("OGPSA: resumed the subspace of step %d from %s", state.global_step, path)
         return True
+
+
+def _make_safe_(model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]) -> None:
+    """float32 LoRA weights, no bitsandbytes CPU repack, no trainable weight outside the projection."""
+    from lora_ogpsa.model import disable_cpu_repack_, keep_lora_float32_
+
+    cast = [name for name, parameter in parameters.items() if parameter.dtype != torch.float32]
+    if cast:
+        keep_lora_float32_(model)
+        logger.info("OGPSACallback: cast %d LoRA weights back to float32 (the trainer had made them %s); the "
+                    "projection needs float32 to stay exact", len(cast), parameters[cast[0]].dtype)
+    disable_cpu_repack_(model)
+    projected = {id(parameter) for parameter in parameters.values()}
+    loose = [name for name, parameter in model.named_parameters()
+             if parameter.requires_grad and id(parameter) not in projected]
+    if loose:
+        raise ValueError(f"OGPSACallback: {len(loose)} trainable weights are not LoRA A/B weights (e.g. {loose[0]}): "
+                         "they would move unprojected; freeze them (no modules_to_save, no DoRA) or use "
+                         "project='none'")
+
+
+def _run_first(callback: TrainerCallback, frame) -> None:
+    """Move `callback` to the front of the trainer's callback list, so that the metrics it adds in `on_log`
+    are in `logs` when the integration callbacks (TensorBoard, W&B, trackio, ...) write them: the Trainer
+    puts those before any user callback, and `on_log` runs in list order.
+
+    The trainer is not passed to callbacks; its `CallbackHandler` is the caller of this event (found on the
+    stack). Moving an element from later in the list to its front while the handler iterates over the list
+    keeps every later element at its index, so the current event still reaches each callback once.
+    """
+    from transformers.trainer_callback import CallbackHandler
+
+    while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
+        frame = frame.f_back
+    if frame is None:
+        logger.warning("OGPSACallback: trainer callbacks not found; trackers may miss the ogpsa/* metrics")
+        return
+    callbacks = frame.f_locals["self"].callbacks
+    if callback in callbacks and callbacks[0] is not callback:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
 
 
 def _refuse_sharded_training(args) -> None:
@@ -223,41 +282,3 @@ def _k_summary(subspace: Subspace) -> dict[str, float]:
 
 def _config_json(config: OGPSAConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
-
-
-class StageFilesCallback(TrainerCallback):
-    """Writes `metrics.jsonl` (one JSON object per log) and, in every checkpoint, the run config, the metrics
-    so far and the model card: a checkpoint directory is a complete adapter directory."""
-
-    def __init__(self, directory: str | Path, run_config: dict, *, stage: str, subspace_fn=lambda: None) -> None:
-        self.path = Path(directory) / "metrics.jsonl"
-        self.run_config = run_config
-        self.stage = stage
-        self.subspace_fn = subspace_fn
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not args.should_save:
-            return
-        kept = [line for line in _read_lines(self.path) if json.loads(line).get("step", 0) <= state.global_step]
-        self.path.write_text("".join(kept))  # a resumed run drops what the interrupted one logged after its checkpoint
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and args.should_save:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps({"stage": self.stage, "step": state.global_step, **logs}) + "\n")
-
-    def on_save(self, args, state, control, **kwargs):
-        if not args.should_save:
-            return
-        from lora_ogpsa.export import RUN_CONFIG, read_metrics, write_json
-        from lora_ogpsa.model_card import write_model_card
-
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        (checkpoint / self.path.name).write_text("".join(_read_lines(self.path)))
-        write_json(checkpoint / RUN_CONFIG, {**self.run_config, "step": state.global_step})
-        write_model_card(checkpoint / "README.md", run_config=self.run_config, subspace=self.subspace_fn(),
-                         metrics=read_metrics(self.path))
-
-
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines(keepends=True) if path.is_file() else []

@@ -8,6 +8,7 @@ field), 1 any other failure, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 import warnings
@@ -15,17 +16,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trl import TrlParser
+
+from lora_ogpsa.arguments import dataclass_types
 from lora_ogpsa.errors import InputError
 
 logger = logging.getLogger("lora_ogpsa")
 
 PROG = "lora-ogpsa"
-_TRAINING_REQUIRED = {"sft": ("model", "data", "output"), "dpo": ("model", "data", "output"),
-                      "align": ("model", "sft_data", "dpo_data", "output")}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (and exit 2), like every other bad input."""
+class _Parser(TrlParser):
+    """TRL's parser (a transformers `HfArgumentParser`) whose errors are one line (exit 2) and which takes no
+    abbreviated flags (argparse would read `--learn` as `--learning_rate`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise InputError(f"{message} (see `{self.prog} --help`)")
@@ -33,14 +40,19 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser (one subparser per command)."""
+    from lora_ogpsa import __version__
+
     parser = _Parser(prog=PROG, description="Safety alignment with LoRA/QLoRA and OGPSA (orthogonal gradient "
                                              "projection): safer without the alignment tax.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--log-level", dest="console_log_level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="what the console shows (before the command)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in (("sft", "supervised fine-tuning on safety data"),
                             ("dpo", "DPO on preference pairs (fresh adapter, or continue --adapter)"),
                             ("align", "SFT, then DPO on the same adapter (DPO reference = base + SFT adapter)")):
-        _add_training_flags(commands.add_parser(name, help=help_text, description=help_text), name)
+        _add_training_flags(commands.add_parser(name, help=help_text, description=help_text,
+                                                dataclass_types=dataclass_types(name)))
     _add_export_flags(commands.add_parser("export", help="re-export a checkpoint as a clean standalone adapter"))
     _add_merge_flags(commands.add_parser("merge", help="merge an adapter into the base model"))
     _add_eval_flags(commands.add_parser("eval", help="generate on a prompt set and measure refusals"))
@@ -48,52 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_training_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    from lora_ogpsa.config import OGPSAConfig, TrainSettings
-
-    defaults, ogpsa = TrainSettings(model=Path("."), output=Path(".")), OGPSAConfig()
-    add = parser.add_argument
-    add("--config", type=Path, help="YAML file of flag values (keys: flag names with - → _)")
-    add("--model", help="local Hugging Face model directory of the base model")
-    if command == "align":
-        add("--sft-data", help="SFT rows (JSONL: messages, or prompt/completion)")
-        add("--dpo-data", help="preference rows (JSONL: prompt, chosen, rejected)")
-    else:
-        add("--data", help="SFT rows (JSONL: messages, or prompt/completion)" if command == "sft"
-            else "preference rows (JSONL: prompt, chosen, rejected)")
-    if command == "dpo":
-        add("--adapter", help="continue this adapter (DPO reference model = base + this adapter, frozen)")
-    add("--reference", help="reference (general-capability) rows whose loss the updates must not move")
-    add("--output", help="output directory")
-    for flag, kind in (("max_steps", int), ("save_steps", int), ("batch_size", int),
-                       ("gradient_accumulation_steps", int), ("learning_rate", float), ("seed", int),
-                       ("max_length", int), ("lora_r", int), ("lora_alpha", float), ("lora_dropout", float)):
-        add(f"--{flag.replace('_', '-')}", type=kind, default=getattr(defaults, flag),
-            help=f"(default: {getattr(defaults, flag)})")
-    if command in ("dpo", "align"):
-        add("--beta", type=float, default=defaults.beta, help=f"DPO beta (default: {defaults.beta})")
-    if command == "align":
-        add("--dpo-learning-rate", type=float, help="DPO stage learning rate (default: --learning-rate)")
-        add("--dpo-max-steps", type=int, help="DPO stage steps (default: --max-steps)")
-        add("--dpo-batch-size", type=int, help="DPO stage pairs per micro-batch (default: --batch-size)")
-        add("--dpo-save-steps", type=int, help="DPO stage checkpoint interval (default: --save-steps)")
-    add("--project", choices=["update", "grad", "none"], default=ogpsa.project,
-        help="update: project the applied change (default); grad: project the gradient; none: plain LoRA")
-    for flag, kind in (("max_directions", int), ("energy", float), ("refresh_every", int),
-                       ("reference_examples", int), ("reference_batch_size", int), ("opening_tokens", int),
-                       ("later_token_weight", float)):
-        add(f"--{flag.replace('_', '-')}", type=kind, default=getattr(ogpsa, flag),
-            help=f"(default: {getattr(ogpsa, flag)})")
-    add("--one-sided", action="store_true",
-        help="update mode: keep the parts of the update that lower the reference loss, remove those that raise it")
-    add("--no-quantize", action="store_true", help="full-precision base instead of 4-bit NF4")
-    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-        help="(default: on with CUDA, off on the CPU)")
-    add("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    add("--overwrite", action="store_true", help="replace an existing --output once the new run has finished")
-    add("--ddp-timeout", type=int, default=defaults.ddp_timeout,
-        help=f"several processes: seconds a rank waits for the others before the run fails "
-             f"(default: {defaults.ddp_timeout})")
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Beyond the dataclass fields: `--config`, and the old `--[no-]gradient-checkpointing` switch."""
+    parser.add_argument("--config", type=Path, help="YAML file of flag values (keys: field names, as for `trl sft "
+                                                    "--config`); flags given on the command line override it")
+    checkpointing = next(action for action in parser._actions if action.dest == "gradient_checkpointing")
+    checkpointing.nargs, checkpointing.const = "?", True  # a bare --gradient-checkpointing means true
+    parser.add_argument("--no-gradient-checkpointing", "--no_gradient_checkpointing", action="store_false",
+                        dest="gradient_checkpointing", help="turn gradient checkpointing off")
 
 
 def _add_export_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +100,10 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quantize", action="store_true", help="load the base in 4-bit NF4")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    parser.add_argument("--system-prompt", help="a system message put before every prompt")
+    parser.add_argument("--seed", type=int, default=0, help="torch's seed before generating (recorded)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
 def _add_demo_flags(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +126,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         return args
     subparser = _subparser(parser, args.command)
     values = _read_config(args.config, subparser)
+    for action in subparser._actions:
+        if action.dest in values:
+            action.required = False  # given by the file
     subparser.set_defaults(**values)
     return parser.parse_args(argv)
 
@@ -168,36 +149,41 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
         raise InputError(f"--config {path}: invalid YAML ({str(error).splitlines()[0]})") from error
     if not isinstance(values, dict):
         raise InputError(f"--config {path}: must be a mapping of flag names to values, got {type(values).__name__}")
-    known = {action.dest for action in parser._actions if action.dest not in ("help", "config")}
-    unknown = sorted(set(values) - known)
+    values.pop("env", None) if isinstance(values.get("env"), dict) else None  # TRL's `env:` block
+    keys = _config_keys(parser)
+    unknown = sorted(set(values) - set(keys))
     if unknown:
-        raise InputError(f"--config {path}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
-    return values
+        close = difflib.get_close_matches(unknown[0], keys, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"see `{parser.prog} --help`"
+        raise InputError(f"--config {path}: unknown key '{unknown[0]}'; {hint}")
+    translated: dict[str, Any] = {}
+    for key, value in values.items():
+        dest, negative = keys[key]
+        translated[dest] = (not value if isinstance(value, bool) else value) if negative else value
+    return translated
+
+
+def _config_keys(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
+    """Every YAML key a parser accepts: each long option without dashes (`batch_size`, `per_device_train_batch_size`,
+    `no_quantize`) → (destination, whether the option stores the negation)."""
+    keys = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config", "version"):
+            continue
+        for option in action.option_strings:
+            if option.startswith("--"):
+                negative = isinstance(action, argparse._StoreFalseAction)
+                keys.setdefault(option[2:].replace("-", "_"), (action.dest, negative))
+    return keys
 
 
 # ---- commands ----
 
 def _training_settings(args: argparse.Namespace):
-    from lora_ogpsa.config import OGPSAConfig, TrainSettings
+    from lora_ogpsa.arguments import to_train_settings
 
-    for name in _TRAINING_REQUIRED[args.command]:
-        if getattr(args, name, None) is None:
-            raise InputError(f"{args.command}: --{name.replace('_', '-')} is required (flag or --config key "
-                             f"'{name}')")
-    try:
-        ogpsa = OGPSAConfig(max_directions=args.max_directions, energy=args.energy, refresh_every=args.refresh_every,
-                            reference_examples=args.reference_examples, project=args.project,
-                            reference_batch_size=args.reference_batch_size, opening_tokens=args.opening_tokens,
-                            later_token_weight=args.later_token_weight, one_sided=args.one_sided)
-    except ValueError as error:
-        raise InputError(str(error).replace("`", "--", 1).replace("`", "", 1).replace("_", "-")) from error
-    fields = ("model", "output", "reference", "data", "sft_data", "dpo_data", "adapter", "max_steps", "save_steps",
-              "batch_size", "gradient_accumulation_steps", "learning_rate", "dpo_learning_rate", "dpo_max_steps",
-              "dpo_batch_size", "dpo_save_steps",
-              "beta", "seed", "max_length", "lora_r", "lora_alpha", "lora_dropout", "gradient_checkpointing",
-              "resume", "overwrite", "ddp_timeout")
-    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    return TrainSettings(**values, quantize=not args.no_quantize, ogpsa=ogpsa)
+    defaults = vars(_subparser(build_parser(), args.command).parse_args([]))  # before --config's values
+    return to_train_settings(args.command, vars(args), defaults)
 
 
 def _run_training(args: argparse.Namespace) -> None:
@@ -235,16 +221,21 @@ def _run_merge(args: argparse.Namespace) -> None:
 
 def _run_eval(args: argparse.Namespace) -> None:
     _require(args, "model", "prompts", "output")
-    from lora_ogpsa.evaluate import run_eval
+    from lora_ogpsa.demo.splits import BUILTIN_SUITES
+    from lora_ogpsa.eval_run import run_eval, samples_path
+    from lora_ogpsa.prompt_sets import load_prompts
 
-    result = run_eval(args.model, args.prompts, args.output, adapter_dir=args.adapter, quantize=args.quantize,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(f"{result['n']} prompts, refusal rate {result['refusal_rate']:.3f}; written to {args.output}")
+    result = run_eval(args.model, load_prompts(args.prompts, BUILTIN_SUITES), args.output, adapter_dir=args.adapter,
+                      quantize=args.quantize, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      limit=args.limit, system_prompt=args.system_prompt, seed=args.seed, overwrite=args.overwrite)
+    low, high = result["refusal_rate_ci"]
+    print(f"{result['n']} prompts, refusal rate {result['refusal_rate']:.3f} (95% CI {low:.3f}-{high:.3f}); "
+          f"written to {args.output} and {samples_path(Path(args.output))}")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from lora_ogpsa.demo import run_demo
-    from lora_ogpsa.report import final_table, matched_table
+    from lora_ogpsa.demo.report import final_table, matched_table
+    from lora_ogpsa.demo.run import run_demo
 
     report = run_demo(output=Path(args.output), compare=args.compare, max_steps=args.max_steps, model=args.model,
                       cache_dir=args.cache_dir, overwrite=args.overwrite)
@@ -282,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lora-ogpsa`; returns the exit status."""
     try:
         args = parse_args(argv)
-        _configure_logging(args.log_level)
+        _configure_logging(args.console_log_level)
         _COMMANDS[args.command](args)
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

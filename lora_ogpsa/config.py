@@ -104,7 +104,7 @@ class TrainSettings:
     """
 
     model: Path
-    """Local Hugging Face model directory of the base model."""
+    """The base model: a local Hugging Face model directory, or a Hub ID found in the local Hugging Face cache."""
     output: Path
     """Output directory (DESIGN.md §3 layout)."""
     reference: str | None = None
@@ -117,8 +117,9 @@ class TrainSettings:
     """`align` only: the DPO stage's preference data."""
     adapter: Path | None = None
     """`dpo` only: an existing adapter to continue (DPO reference model = base + this adapter, frozen)."""
-    max_steps: int = 100
-    """Optimizer steps (per stage for `align`)."""
+    max_steps: int = -1
+    """Optimizer steps (per stage for `align`); -1: `num_train_epochs` epochs (a `training_arguments` key,
+    TRL's default 3)."""
     save_steps: int = 0
     """Save a checkpoint every this many steps (0: no checkpoints, only the final adapter)."""
     batch_size: int = 8
@@ -142,11 +143,27 @@ class TrainSettings:
     max_length: int = 512
     """Tokens per example (prompt + response), longer ones are truncated at the end."""
     lora_r: int = 16
-    """LoRA rank r, on every linear layer."""
+    """LoRA rank r."""
     lora_alpha: float | None = None
     """LoRA α (default 2·r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt (default: every linear layer but the output head)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (scaling alpha / sqrt(r))."""
+    use_dora: bool = False
+    """DoRA; only with `project='none'` (its magnitude vectors are not projected)."""
+    model_revision: str = "main"
+    """Hub revision, when `model` is a Hub ID."""
+    base_model_id: str | None = None
+    """What the adapter's `base_model_name_or_path` names (what users will load it on): default the Hub ID
+    when `model` is one, else the absolute path of the model directory."""
+    logging_steps: float = 10
+    """Log every this many steps (console, `metrics.jsonl`, trackers of `report_to`)."""
+    training_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Any other `TrainingArguments` / `SFTConfig` / `DPOConfig` field (e.g. `num_train_epochs`,
+    `lr_scheduler_type`, `warmup_ratio`, `report_to`), passed to the trainer's config as is."""
     quantize: bool = True
     """Load the base in 4-bit NF4 (QLoRA); False: full precision (`--no-quantize`)."""
     gradient_checkpointing: bool | None = None
@@ -162,9 +179,13 @@ class TrainSettings:
     def __post_init__(self) -> None:
         from lora_ogpsa.errors import InputError
 
-        self.model, self.output = Path(self.model), Path(self.output)
+        self.output = Path(self.output)
+        self.model = self.model if is_hub_id(self.model) else Path(self.model)
         self.adapter = Path(self.adapter) if self.adapter is not None else None
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r"):
+        if self.max_steps != -1 and _not_int_at_least(self.max_steps, 1):
+            raise InputError(f"--max-steps must be -1 (train --num_train_epochs epochs) or an integer >= 1, got "
+                             f"{self.max_steps!r}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r"):
             if _not_int_at_least(getattr(self, name), 1):
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("save_steps", "ddp_timeout"):
@@ -178,6 +199,11 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+        alpha = self.lora_alpha
+        if alpha is not None and not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+            raise InputError(f"--lora-alpha must be a positive number, got {alpha!r}")
+        if not (isinstance(self.logging_steps, int | float) and self.logging_steps > 0):
+            raise InputError(f"--logging-steps must be a positive number, got {self.logging_steps!r}")
         if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.resume and self.overwrite:
@@ -206,6 +232,13 @@ class TrainSettings:
         if reference is not None:
             values.update(reference_rows=reference.rows, reference_hash=reference.fingerprint)
         return values
+
+
+def is_hub_id(model: str | Path) -> bool:
+    """`org/name` that is not an existing local path: a Hugging Face Hub ID."""
+    text = str(model)
+    return isinstance(model, str) and not Path(text).exists() and text.count("/") == 1 \
+        and not text.startswith((".", "/", "~")) and all(text.split("/"))
 
 
 def _not_int_at_least(value: Any, low: int) -> bool:

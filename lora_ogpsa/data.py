@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_ogpsa.errors import InputError
+from lora_ogpsa.files import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +101,8 @@ def _open_records(source: str | Path | Any, flag: str) -> tuple[str, Iterable[tu
         return str(path), enumerate(_load_tabular(path, suffix, flag), start=1)
     if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
         return str(path), enumerate(_load_json_array(path, flag), start=1)
-    return str(path), _read_jsonl(path, flag)
+    return str(path), iter_jsonl(path, flag=flag)
 
-
-def _read_jsonl(path: Path, flag: str) -> Iterable[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{flag} {path}:{number}: invalid JSON ({error.msg} at column {error.colno}); "
-                                 "each line must be one JSON object") from error
 
 
 def _load_json_array(path: Path, flag: str) -> list[Any]:
@@ -149,7 +139,7 @@ def _load_dataset_dir(path: Path, flag: str) -> list[Any]:
 
 def _normalise_sft(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     if "messages" in record:
-        messages = _check_messages(record["messages"], where, "messages")
+        messages = check_messages(record["messages"], where, "messages")
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise InputError(f"{where}: field 'messages' must end with an assistant message after at least one "
                              "other message (the prompt)")
@@ -182,11 +172,12 @@ def _check_text_or_messages(value: Any, where: str, field: str) -> str | list[di
             raise InputError(f"{where}: field '{field}' is empty")
         return value
     if isinstance(value, list):
-        return _check_messages(value, where, field)
+        return check_messages(value, where, field)
     raise InputError(f"{where}: field '{field}' must be a string or a list of messages, got {type(value).__name__}")
 
 
-def _check_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+def check_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    """A non-empty list of `{"role", "content"}` messages (roles: `ROLES`), or InputError at `where`."""
     if not isinstance(value, list) or not value:
         raise InputError(f"{where}: field '{field}' must be a non-empty list of messages, got "
                          f"{type(value).__name__ if not isinstance(value, list) else 'an empty list'}")

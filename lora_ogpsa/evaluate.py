@@ -16,18 +16,13 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from lora_ogpsa.data import tokenize_prompt_completion
-from lora_ogpsa.demo_prompts import UtilityItem
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.export import write_json
-from lora_ogpsa.model import load_adapter, load_base_model, load_tokenizer
-from lora_ogpsa.prompt_sets import Prompt, PromptSet, load_prompts
+from lora_ogpsa.prompt_sets import Prompt, UtilityItem
 from lora_ogpsa.refusal import OPENING_CHARS, is_refusal
 
 logger = logging.getLogger(__name__)
@@ -226,91 +221,31 @@ def evaluate_suites(model: torch.nn.Module, tokenizer: Any, suites: EvalSuites, 
     nll = response_nll(model, tokenizer, suites.benign, suites.benign_answers, batch_size=nll_batch_size) \
         if suites.benign_answers else None
     metrics: dict[str, Any] = {
-        "harmful_refusal_rate": _rate(list(map(is_refusal, harmful))),
-        "over_refusal_rate": _rate(list(map(is_refusal, benign))),
-        "utility_accuracy": _rate(correct),
+        "harmful_refusal_rate": rate(list(map(is_refusal, harmful))),
+        "over_refusal_rate": rate(list(map(is_refusal, benign))),
+        "utility_accuracy": rate(correct),
         "benign_nll": nll,
         "n_harmful": len(harmful), "n_benign": len(benign), "n_utility": len(utility),
     }
     if keep_responses:
         metrics["responses"] = {
-            "harmful": _records(suites.harmful, harmful),
-            "benign": _records(suites.benign, benign),
-            "utility": [{**record, "correct": ok} for record, ok in zip(_records(questions, utility), correct,
+            "harmful": records(suites.harmful, harmful),
+            "benign": records(suites.benign, benign),
+            "utility": [{**record, "correct": ok} for record, ok in zip(records(questions, utility), correct,
                                                                         strict=True)],
         }
     return metrics
 
 
-def _rate(flags: Sequence[bool]) -> float | None:
+def rate(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def _records(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[dict[str, Any]]:
+def records(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[dict[str, Any]]:
     return [{"prompt": prompt, "response": response, "refused": is_refusal(response)}
             for prompt, response in zip(prompts, responses, strict=True)]
 
 
-# ---- `lora-ogpsa eval`: prompts from a file or a built-in suite, responses to JSON ----
-
-def run_eval(model_path: str | Path, prompts: str | Path, output: str | Path, *, adapter_dir: str | Path | None = None,
-             quantize: bool = False, max_new_tokens: int = 64, batch_size: int = 32,
-             device: torch.device | str | None = None) -> dict[str, Any]:
-    """Generate greedy responses to a prompt set and write them, with the refusal rate, to a JSON file.
-
-    Args:
-        model_path: a local Hugging Face model directory.
-        prompts: a .txt / .jsonl file or a built-in suite name (see `load_prompts`).
-        output: the JSON file to write (atomically: `export.write_json` renames a temporary sibling).
-        adapter_dir: a PEFT adapter to load onto the model.
-        quantize: load the base in 4-bit NF4.
-        max_new_tokens, batch_size: generation settings.
-        device: where the model goes (default: `model.default_device()`).
-
-    Returns:
-        dict: what was written: `model`, `adapter`, `prompts`, `n`, `refusal_rate`, `max_new_tokens`,
-        `responses` (`{"prompt", "response", "refused"}`, plus `correct` for rows with answers) and, when some
-        rows have answers, `utility_accuracy` and `n_utility`.
-
-    Raises:
-        InputError: bad prompts, output path, model or adapter.
-    """
-    prompt_set = load_prompts(prompts)
-    output = Path(output)
-    if output.is_dir():
-        raise InputError(f"--output {output}: is a directory; give a file name such as eval.json")
-    tokenizer = load_tokenizer(model_path)
-    model = load_base_model(model_path, quantize=quantize, device=device)
-    if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir, trainable=False)
-    responses = generate(model, tokenizer, prompt_set.prompts, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size)
-    result = eval_result(prompt_set, responses, model=str(model_path), adapter=adapter_dir,
-                         max_new_tokens=max_new_tokens)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(output, result)
-    logger.info("wrote %s: %d responses, refusal rate %.3f", output, result["n"], result["refusal_rate"])
-    return result
-
-
-def eval_result(prompt_set: PromptSet, responses: Sequence[str], *, model: str, adapter: str | Path | None,
-                max_new_tokens: int) -> dict[str, Any]:
-    """The `lora-ogpsa eval` JSON document for responses to a prompt set."""
-    records = _records(prompt_set.prompts, responses)
-    checked = []
-    for record, answers in zip(records, prompt_set.answers, strict=True):
-        if answers is not None:
-            record["correct"] = check_answer(record["response"], answers, question=_text(record["prompt"]))
-            checked.append(record["correct"])
-    result: dict[str, Any] = {"model": model, "adapter": str(adapter) if adapter is not None else None,
-                              "prompts": prompt_set.source, "n": len(records),
-                              "refusal_rate": _rate([record["refused"] for record in records]) or 0.0,
-                              "max_new_tokens": max_new_tokens}
-    if checked:
-        result.update(utility_accuracy=_rate(checked), n_utility=len(checked))
-    result["responses"] = records
-    return result
-
-
-def _text(prompt: Prompt) -> str:
+def prompt_text(prompt: Prompt) -> str:
+    """The prompt's text (a message list's contents joined by spaces)."""
     return prompt if isinstance(prompt, str) else " ".join(message["content"] for message in prompt)

@@ -8,73 +8,42 @@ compared with the ones in memory.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from lora_ogpsa.callback import SUBSPACE_FILE
 from lora_ogpsa.errors import InputError
-from lora_ogpsa.model_card import write_model_card
+from lora_ogpsa.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    CARD_FILE,
+    METRICS_FILE,
+    RUN_CONFIG,
+    SUBSPACE_FILE,
+    TOKENIZER_FILES,
+    atomic_directory,
+    check_output_dir,
+    read_json,
+    read_jsonl,
+    read_safetensors,
+    write_json,
+)
+from lora_ogpsa.run_files import write_model_card
 from lora_ogpsa.subspace import Subspace
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-RUN_CONFIG = "ogpsa_config.json"
-METRICS_FILE = "metrics.jsonl"
-CARD_FILE = "README.md"
 
 
-def partial_path(output: Path) -> Path:
-    """The temporary sibling an output is built in before it is renamed into place."""
-    return output.with_name(f"{output.name}.partial")
 
 
-def check_output_dir(output: Path, *, overwrite: bool, resume: bool = False, flag: str = "--output") -> None:
-    """Refuse an existing non-empty output directory unless told to overwrite it (or to resume into it)."""
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{flag} {output}: exists and is not a directory; choose another path")
-    if output.is_dir() and any(output.iterdir()) and not (overwrite or resume):
-        raise InputError(f"{flag} {output}: exists and is not empty; pass --overwrite to replace it"
-                         f"{' or --resume to continue it' if flag == '--output' else ''}, or choose another path")
 
 
-def finalize_directory(work: Path, output: Path) -> None:
-    """Move a completed `work` directory to `output`, replacing an old output only once the new one is ready."""
-    old = output.with_name(f"{output.name}.old")
-    if output.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        output.rename(old)
-    work.rename(output)
-    if old.exists():
-        shutil.rmtree(old)
 
 
-@contextlib.contextmanager
-def atomic_directory(output: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory in a temporary sibling; rename it to `output` on success, delete it on failure."""
-    work = partial_path(output)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
-        yield work
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if output.exists() and not overwrite and any(output.iterdir()):
-        shutil.rmtree(work, ignore_errors=True)
-        raise InputError(f"{output}: appeared while writing; nothing was overwritten")
-    finalize_directory(work, output)
 
 
 def save_adapter(model: torch.nn.Module, directory: Path, adapter_name: str = "default") -> None:
@@ -118,15 +87,6 @@ def warn_about_adapter(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
                        "embeddings) leak into the adapter", path, len(extra), size, next(iter(extra)))
 
 
-def read_safetensors(path: Path, *, flag: str) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, or InputError for a missing or corrupt one."""
-    if not path.is_file():
-        raise InputError(f"{flag} {path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"{flag} {path}: corrupt or truncated safetensors file ({error})") from error
 
 
 def save_subspace(subspace: Subspace | None, directory: Path) -> None:
@@ -142,11 +102,6 @@ def save_subspace(subspace: Subspace | None, directory: Path) -> None:
             raise RuntimeError(f"{path}: basis {name} differs after writing")
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Pretty JSON, written to a temporary sibling and renamed."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    partial.replace(path)
 
 
 def export_adapter(source: Path, output: Path, *, include_subspace: bool = True, overwrite: bool = False) -> Path:
@@ -169,30 +124,22 @@ def export_adapter(source: Path, output: Path, *, include_subspace: bool = True,
             subspace = Subspace.load(source / SUBSPACE_FILE, numel_by_name=numel)
         except ValueError as error:
             raise InputError(f"--adapter {source}: {error}") from error
-    run_config = _read_json(source / RUN_CONFIG) if (source / RUN_CONFIG).is_file() else {}
+    run_config = read_json(source / RUN_CONFIG) if (source / RUN_CONFIG).is_file() else {}
     with atomic_directory(output, overwrite=overwrite) as work:
         shutil.copy2(source / ADAPTER_CONFIG, work / ADAPTER_CONFIG)
         shutil.copy2(source / ADAPTER_FILE, work / ADAPTER_FILE)
+        for name in TOKENIZER_FILES:  # the tokenizer and chat template travel with the adapter
+            if (source / name).is_file():
+                shutil.copy2(source / name, work / name)
         verify_adapter_file(work / ADAPTER_FILE, tensors)
         if subspace is not None:
             save_subspace(subspace, work)
         if run_config and include_subspace:
             write_json(work / RUN_CONFIG, run_config)
-        metrics = read_metrics(source / METRICS_FILE) if (source / METRICS_FILE).is_file() else []
+        metrics = read_jsonl(source / METRICS_FILE)
         write_model_card(work / CARD_FILE, run_config=run_config, subspace=subspace, metrics=metrics,
                          source=str(source))
     return output
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl file (empty when missing)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}: invalid JSON ({error.msg} at line {error.lineno})") from error

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -32,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from lora_ogpsa.errors import InputError
+from lora_ogpsa.files import ADAPTER_CONFIG, CARD_FILE, TOKENIZER_FILES, atomic_directory, read_json
 from lora_ogpsa.merge_audit import audit_merge
 from lora_ogpsa.merge_plan import (
     SAFE_INDEX,
@@ -42,6 +39,7 @@ from lora_ogpsa.merge_plan import (
     is_finite,
     plan_merge,
 )
+from lora_ogpsa.run_files import write_merged_card
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +47,7 @@ MergeBase = Literal["original", "dequantized"]
 OutputDtype = Literal["float32", "bfloat16", "float16"]
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Copied verbatim from the base, when present: what `AutoTokenizer` and `generate` read.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
-              "chat_template.jinja", "chat_template.json")
+SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
 
 
 @dataclass(frozen=True)
@@ -202,12 +198,15 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
         raise InputError(f"--output {output_dir}: already exists; choose a new directory or remove it first")
     started = time.perf_counter()
     plan = plan_merge(base_dir, adapter_dir, dequantize=base == "dequantized")
-    with _atomic_directory(output_dir) as staging:
+    with atomic_directory(output_dir) as staging:
         shards, nbytes = _write_weights(plan, staging, torch_dtype, progress=progress)
         _write_config(plan, staging, dtype)
         merged_at = time.perf_counter()
         checked = (audit_merge(staging, plan.base_dir, Path(adapter_dir), base=base, dtype=dtype,
                                vocab_size=plan.model_config.get_text_config().vocab_size) if audit else None)
+        named = read_json(Path(adapter_dir) / ADAPTER_CONFIG).get("base_model_name_or_path")
+        write_merged_card(staging / CARD_FILE, base_model=named or str(plan.base_dir), adapter_dir=Path(adapter_dir),
+                          base=base, dtype=dtype, max_logit_diff=checked.max_logit_diff if checked else None)
     report = MergeReport(output_dir, base, dtype, merged_tensors=len(plan.lora_by_key),
                          replaced_tensors=len(plan.replacement_by_key), dequantized_tensors=len(plan.nf4_by_key),
                          total_tensors=len(plan.info_by_key), shards=shards, bytes_written=nbytes,
@@ -281,24 +280,3 @@ def _write_config(plan: MergePlan, staging: Path, dtype: str) -> None:
     if "generation_config.json" not in copied:
         GenerationConfig.from_model_config(plan.model_config).save_pretrained(staging)
     logger.info("copied from the base: %s", ", ".join(copied) or "nothing")
-
-
-@contextmanager
-def _atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield an empty hidden sibling of `path`; rename it to `path` when the block succeeds, delete it (and
-    any parent directories made for it) when it fails."""
-    made_parents = [parent for parent in path.parents if not parent.exists()]  # deepest first
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-    staging.mkdir()  # not tempfile.mkdtemp: its 0700 mode would survive the rename
-    try:
-        yield staging
-        if path.exists():  # created by someone else while we merged: never replace it
-            raise InputError(f"--output {path}: appeared while merging; choose a new directory")
-        staging.rename(path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not path.exists():
-            for parent in made_parents:
-                with suppress(OSError):  # not empty: something else was put there meanwhile
-                    parent.rmdir()

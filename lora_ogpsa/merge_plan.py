@@ -12,7 +12,6 @@ a single base weight.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections import defaultdict
@@ -29,14 +28,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from lora_ogpsa.errors import InputError, first_line
-from lora_ogpsa.model import ADAPTER_NAME, check_model_dir, nf4_config
+from lora_ogpsa.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json
+from lora_ogpsa.model import ADAPTER_NAME, nf4_config, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 # LoraConfig fields whose adapters cannot be folded into W + scaling·(B @ A): the value each must have.
 _UNMERGEABLE = {"use_dora": False, "lora_bias": False, "target_parameters": None, "trainable_token_indices": None,
@@ -122,7 +120,7 @@ def plan_merge(base_dir: str | Path, adapter_dir: str | Path, *, dequantize: boo
         InputError: a missing, truncated or unreadable file; an adapter for another architecture or other
             shapes; an adapter kind merge does not support (DoRA, LoRA bias, embedding LoRA, other PEFT types).
     """
-    base_dir = check_model_dir(base_dir)
+    base_dir = resolve_model_dir(base_dir)
     adapter_dir = Path(adapter_dir)
     config = read_base_config(base_dir)
     model_config = _parse_config(base_dir)
@@ -183,9 +181,9 @@ def read_adapter_config(adapter_dir: Path) -> LoraConfig:
 
 def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """The adapter tensors, keyed as saved; refuses a missing, truncated or non-finite file."""
-    path = adapter_dir / ADAPTER_WEIGHTS
+    path = adapter_dir / ADAPTER_FILE
     if not path.is_file():
-        raise InputError(f"--adapter {adapter_dir}: no {ADAPTER_WEIGHTS} in it; merge reads safetensors "
+        raise InputError(f"--adapter {adapter_dir}: no {ADAPTER_FILE} in it; merge reads safetensors "
                          "adapters only — re-save it with save_pretrained(safe_serialization=True)")
     try:
         tensor_by_name = load_file(path, device="cpu")
@@ -285,7 +283,7 @@ def _match_adapter(tensor_by_name: dict[str, torch.Tensor], layer_by_path: dict[
     """Pair every adapter tensor with the base tensor it changes: (lora_by_key, replacement_by_key)."""
     halves_by_path: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     replacement_by_key: dict[str, torch.Tensor] = {}
-    where = adapter_dir / ADAPTER_WEIGHTS
+    where = adapter_dir / ADAPTER_FILE
     for name, tensor in tensor_by_name.items():
         key = name.removeprefix(PEFT_PREFIX)
         unsupported = next((kind for marker, kind in _UNSUPPORTED_TENSORS.items() if marker in name), None)
@@ -378,10 +376,7 @@ def _needs_quantization(quantizer, model: torch.nn.Module, key: str) -> bool:
 
 
 def _read_json(path: Path, *, flag: str) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(f"{flag} {path}: not readable JSON ({first_line(error)})") from error
+    value = read_json(path, flag=flag)
     if not isinstance(value, dict):
         raise InputError(f"{flag} {path}: expected a JSON object, got {type(value).__name__}")
     return value

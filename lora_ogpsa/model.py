@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from lora_ogpsa.errors import InputError, first_line
+from lora_ogpsa.files import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,28 @@ LORA_TENSOR_MARKERS = (".lora_A.", ".lora_B.")
 def default_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_model_dir(name_or_path: str | Path, revision: str = "main") -> Path:
+    """A local model directory: the path itself, or a Hub ID's snapshot in the local Hugging Face cache.
+
+    Nothing is downloaded (this project runs offline): a Hub ID that is not cached is an InputError that says
+    how to fetch it.
+    """
+    from lora_ogpsa.config import is_hub_id
+
+    if not is_hub_id(name_or_path):
+        return check_model_dir(name_or_path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as error:
+        raise InputError(f"--model {name_or_path}: not in the local Hugging Face cache and nothing is downloaded "
+                         f"here; fetch it once with `hf download {name_or_path}` (or give a local "
+                         "directory)") from error
+    return check_model_dir(path)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -108,12 +131,14 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 
 def lora_config(*, r: int, alpha: float | None = None, dropout: float = 0.0,
-                target_modules: str | list[str] = "all-linear") -> LoraConfig:
+                target_modules: str | list[str] = "all-linear", use_rslora: bool = False,
+                use_dora: bool = False) -> LoraConfig:
     """A causal-LM LoRA config; alpha defaults to 2·r (scaling 2)."""
     if r < 1:
         raise InputError(f"--lora-r must be >= 1, got {r}")
     return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-                      target_modules=target_modules, task_type="CAUSAL_LM")
+                      target_modules=target_modules, use_rslora=use_rslora, use_dora=use_dora,
+                      task_type="CAUSAL_LM")
 
 
 def attach_lora(model: PreTrainedModel, config: LoraConfig, *, seed: int, gradient_checkpointing: bool) -> PeftModel:
@@ -135,7 +160,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: 
                  gradient_checkpointing: bool = False) -> PeftModel:
     """Load a saved PEFT adapter onto the base (trainable to continue training it, e.g. SFT→DPO)."""
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise InputError(f"--adapter {adapter_dir}: no adapter_config.json in it; give a directory written by "
                          "`lora-ogpsa sft|dpo|align|export` or PEFT's save_pretrained")
     if trainable and is_quantized(model):

@@ -1,19 +1,28 @@
-"""Prompt sets for `lora-ogpsa eval`: a .txt or .jsonl file, or a built-in suite, validated row by row."""
+"""Prompt sets for `lora-ogpsa eval`: a .txt or .jsonl file, or a named suite, validated row by row.
+
+The library knows no suite by name: the caller passes them (the CLI passes the demo's built-in suites).
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_ogpsa.demo_splits import builtin_suite
+from lora_ogpsa.data import check_messages
 from lora_ogpsa.errors import InputError
+from lora_ogpsa.files import iter_jsonl
 
 Prompt = str | list[dict[str, str]]
 
-BUILTIN_SUITES = ("benign", "donotanswer-heldout", "harmbench", "utility")
-_ROLES = ("system", "user", "assistant")
+
+@dataclass(frozen=True)
+class UtilityItem:
+    """A short-answer question and its accepted answers (see `evaluate.check_answer`)."""
+
+    question: str
+    answers: tuple[str, ...]
 
 
 @dataclass
@@ -25,8 +34,8 @@ class PromptSet:
     answers: list[tuple[str, ...] | None] = field(default_factory=list)
 
 
-def load_prompts(spec: str | Path) -> PromptSet:
-    """Read `--prompts`: an existing .txt / .jsonl file, else a built-in suite name.
+def load_prompts(spec: str | Path, suites: Mapping[str, Callable[[], PromptSet]] | None = None) -> PromptSet:
+    """Read `--prompts`: an existing .txt / .jsonl file, else the name of one of `suites`.
 
     A .txt file holds one prompt per line (blank lines skipped). A .jsonl file holds one object per line with
     a `prompt` field (a string, or a list of `{"role", "content"}` messages) and optionally `answers` (a list
@@ -39,11 +48,12 @@ def load_prompts(spec: str | Path) -> PromptSet:
     path = Path(spec)
     if path.exists():
         return _read_prompt_file(path)
-    if str(spec) in BUILTIN_SUITES:
-        prompts, answers = builtin_suite(str(spec))
-        return PromptSet(str(spec), list(prompts), answers)
-    raise InputError(f"--prompts {spec}: no such file, and not a built-in suite ({', '.join(BUILTIN_SUITES)}); "
-                     "give a .txt file (one prompt per line), a .jsonl file with a 'prompt' field, or a suite name")
+    suites = suites or {}
+    if str(spec) in suites:
+        return suites[str(spec)]()
+    named = f", and not a built-in suite ({', '.join(sorted(suites))})" if suites else ""
+    raise InputError(f"--prompts {spec}: no such file{named}; give a .txt file (one prompt per line), a .jsonl "
+                     f"file with a 'prompt' field{', or a suite name' if suites else ''}")
 
 
 def _read_prompt_file(path: Path) -> PromptSet:
@@ -52,13 +62,11 @@ def _read_prompt_file(path: Path) -> PromptSet:
     if path.suffix.lower() not in (".txt", ".jsonl"):
         raise InputError(f"--prompts {path}: unknown file type '{path.suffix}'; give a .txt file (one prompt per "
                          "line) or a .jsonl file with a 'prompt' field")
-    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix.lower() == ".txt":
-        prompts = [line.strip() for line in lines if line.strip()]
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         answers: list[tuple[str, ...] | None] = [None] * len(prompts)
     else:
-        rows = [_parse_prompt_row(line, f"--prompts {path}:{number}")
-                for number, line in enumerate(lines, start=1) if line.strip()]
+        rows = [_parse_prompt_row(record, f"--prompts {path}:{number}") for number, record in iter_jsonl(path, flag="--prompts")]
         prompts, answers = [row[0] for row in rows], [row[1] for row in rows]
     if not prompts:
         raise InputError(f"--prompts {path}: no prompts in it; write one prompt per line (.txt) or one JSON object "
@@ -66,12 +74,7 @@ def _read_prompt_file(path: Path) -> PromptSet:
     return PromptSet(str(path), prompts, answers)
 
 
-def _parse_prompt_row(line: str, where: str) -> tuple[Prompt, tuple[str, ...] | None]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); each line must be one "
-                         "JSON object") from error
+def _parse_prompt_row(record: Any, where: str) -> tuple[Prompt, tuple[str, ...] | None]:
     if not isinstance(record, dict):
         raise InputError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
     if "prompt" not in record:
@@ -88,12 +91,7 @@ def _check_prompt(prompt: Any, where: str) -> Prompt:
         if not prompt.strip():
             raise InputError(f"{where}: field 'prompt' is empty")
         return prompt
-    if not isinstance(prompt, list) or not prompt:
+    if not isinstance(prompt, list):
         raise InputError(f"{where}: field 'prompt' must be a string or a non-empty list of messages, got "
-                         f"{type(prompt).__name__ if not isinstance(prompt, list) else 'an empty list'}")
-    for index, message in enumerate(prompt):
-        if not isinstance(message, dict) or message.get("role") not in _ROLES \
-                or not isinstance(message.get("content"), str):
-            raise InputError(f"{where}: field 'prompt'[{index}] must be an object with 'role' (one of "
-                             f"{', '.join(_ROLES)}) and 'content' (a string)")
-    return [{"role": message["role"], "content": message["content"]} for message in prompt]
+                         f"{type(prompt).__name__}")
+    return check_messages(prompt, where, "prompt")

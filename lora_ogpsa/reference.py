@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lora_ogpsa.data import TokenizedExample
+from lora_ogpsa.data import TokenizedExample, fingerprint, read_rows, tokenize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,50 @@ class ReferenceBatch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     loss_weights: torch.Tensor  # (B, T-1): weight of predicting token t+1 from position t; 0 off the response
+
+
+@dataclass
+class ReferenceSet:
+    """The tokenized reference examples used for every refresh, and what names them."""
+
+    batches: list[ReferenceBatch]
+    rows: int
+    source: str
+    fingerprint: str
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What the subspace file records about its reference set."""
+        return {"reference_hash": self.fingerprint, "reference": self.source}
+
+
+def build_reference_set(source: Any, tokenizer: Any, config: Any = None, *, max_length: int | None = 512,
+                        seed: int = 0, flag: str = "--reference") -> ReferenceSet:
+    """The reference batches `OGPSACallback` needs, from a file, a list of rows or a `datasets.Dataset`.
+
+    Rows are TRL's SFT formats (`messages`, or `prompt`/`completion`), validated as `data.read_rows` does.
+    `config` (an `OGPSAConfig`; default settings when None) decides how many rows are used
+    (`reference_examples`, a seeded sample when there are more), the micro-batch size
+    (`reference_batch_size`) and the token weighting (`opening_tokens`, `later_token_weight`). Tokenization
+    is exactly TRL's SFTTrainer's (loss on the response only); rows whose prompt fills `max_length` are dropped.
+
+    Raises:
+        InputError: unreadable or invalid rows, or none left after truncation.
+    """
+    if config is None:
+        from lora_ogpsa.config import OGPSAConfig
+
+        config = OGPSAConfig()
+    rows = read_rows(source, "sft", flag=flag)
+    wanted = config.reference_examples
+    if len(rows) < wanted:
+        logger.warning("%s %s has %d rows, fewer than reference_examples=%d: using all of them", flag,
+                       rows.source, len(rows), wanted)
+    chosen = rows.rows if len(rows) <= wanted else random.Random(seed).sample(rows.rows, wanted)
+    examples = tokenize_rows(tokenizer, chosen, max_length=max_length, source=f"{flag} {rows.source}")
+    batches = make_batches(examples, batch_size=config.reference_batch_size, pad_token_id=tokenizer.pad_token_id,
+                           opening_tokens=config.opening_tokens, later_token_weight=config.later_token_weight)
+    return ReferenceSet(batches, len(examples), rows.source, fingerprint(examples))
 
 
 def make_batches(examples: Sequence[TokenizedExample], *, batch_size: int, pad_token_id: int,

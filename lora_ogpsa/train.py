@@ -6,12 +6,11 @@ A command validates every input before it writes anything, trains in `OUTPUT.par
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
-import random
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -20,23 +19,25 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from lora_ogpsa import distributed
-from lora_ogpsa.callback import SUBSPACE_FILE, OGPSACallback, StageFilesCallback
-from lora_ogpsa.config import TrainSettings
-from lora_ogpsa.data import Rows, read_rows, tokenize_rows
+from lora_ogpsa.callback import OGPSACallback
+from lora_ogpsa.config import TrainSettings, is_hub_id
+from lora_ogpsa.data import Rows, read_rows
 from lora_ogpsa.errors import InputError
-from lora_ogpsa.export import (
+from lora_ogpsa.export import save_adapter, save_subspace
+from lora_ogpsa.files import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
     CARD_FILE,
     METRICS_FILE,
     RUN_CONFIG,
+    SUBSPACE_FILE,
     check_output_dir,
     finalize_directory,
     partial_path,
-    read_metrics,
-    save_adapter,
-    save_subspace,
+    read_json,
+    read_jsonl,
     write_json,
+    write_jsonl,
 )
 from lora_ogpsa.model import (
     attach_lora,
@@ -46,23 +47,16 @@ from lora_ogpsa.model import (
     load_base_model,
     load_tokenizer,
     lora_config,
+    resolve_model_dir,
 )
-from lora_ogpsa.model_card import write_model_card
-from lora_ogpsa.reference import ReferenceBatch, make_batches
+from lora_ogpsa.reference import ReferenceSet, build_reference_set
+from lora_ogpsa.run_files import StageFilesCallback, write_model_card
+from lora_ogpsa.subspace import Subspace
 
 logger = logging.getLogger(__name__)
 
 Stage = Literal["sft", "dpo"]
 
-
-@dataclass
-class ReferenceSet:
-    """The tokenized reference examples used for every refresh, and what names them."""
-
-    batches: list[ReferenceBatch]
-    rows: int
-    source: str
-    fingerprint: str
 
 
 def run_sft(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
@@ -78,6 +72,7 @@ def run_dpo(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) 
 def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa align`: SFT, then DPO on the same adapter with base + frozen SFT adapter as the DPO
     reference model. Writes `sft/`, `dpo/` and the final adapter at the top of the output directory."""
+    settings = resolve_model(settings)
     tokenizer, reference = _validate_common(settings)
     sft_rows = read_rows(settings.sft_data, "sft", flag="--sft-data")
     dpo_rows = read_rows(settings.dpo_data, "preference", flag="--dpo-data")
@@ -89,7 +84,7 @@ def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()
         dpo_settings = settings.for_dpo_stage()
         _train_stage("dpo", dpo_settings, dpo_dir, dpo_rows, reference, tokenizer, sft_dir, callbacks)
     if distributed.is_main():
-        _promote_final_stage(work, sft_dir, dpo_dir)
+        _promote_final_stage(work, sft_dir, dpo_dir, tokenizer)
         finalize_directory(work, settings.output)
         logger.info("aligned adapter written to %s", settings.output)
     distributed.barrier()
@@ -98,6 +93,7 @@ def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()
 
 def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
                 callbacks: Sequence[TrainerCallback]) -> Path:
+    settings = resolve_model(settings)
     tokenizer, reference = _validate_common(settings)
     rows = read_rows(data, "sft" if stage == "sft" else "preference", flag="--data")
     adapter = settings.adapter if stage == "dpo" else None
@@ -113,6 +109,15 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
     return settings.output
 
 
+def resolve_model(settings: TrainSettings) -> TrainSettings:
+    """The settings with `model` a local directory (a Hub ID is looked up in the local cache) and
+    `base_model_id` what the adapter will name as its base: the Hub ID, or the directory's absolute path."""
+    directory = resolve_model_dir(settings.model, settings.model_revision)
+    base_id = settings.base_model_id or (str(settings.model) if is_hub_id(settings.model)
+                                         else str(directory.resolve()))
+    return dataclasses.replace(settings, model=directory, base_model_id=base_id)
+
+
 def _validate_common(settings: TrainSettings):
     """Every check that needs no training, before anything is written."""
     check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
@@ -126,19 +131,8 @@ def _load_reference(settings: TrainSettings, tokenizer) -> ReferenceSet:
     if settings.reference is None:
         raise InputError("--reference is required unless --project none: give general-capability examples "
                          "(JSONL of messages or prompt/completion rows)")
-    rows = read_rows(settings.reference, "sft", flag="--reference")
-    wanted = settings.ogpsa.reference_examples
-    if len(rows) < wanted:
-        logger.warning("--reference %s has %d rows, fewer than reference_examples=%d: using all of them",
-                       rows.source, len(rows), wanted)
-    chosen = rows.rows if len(rows) <= wanted else random.Random(settings.seed).sample(rows.rows, wanted)
-    examples = tokenize_rows(tokenizer, chosen, max_length=settings.max_length, source=f"--reference {rows.source}")
-    from lora_ogpsa.data import fingerprint
-
-    batches = make_batches(examples, batch_size=settings.ogpsa.reference_batch_size,
-                           pad_token_id=tokenizer.pad_token_id, opening_tokens=settings.ogpsa.opening_tokens,
-                           later_token_weight=settings.ogpsa.later_token_weight)
-    return ReferenceSet(batches, len(examples), rows.source, fingerprint(examples))
+    return build_reference_set(settings.reference, tokenizer, settings.ogpsa, max_length=settings.max_length,
+                               seed=settings.seed)
 
 
 def _prepare_work_dir(settings: TrainSettings) -> Path:
@@ -179,8 +173,7 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     run_config = settings.to_run_config(stage, rows, reference, adapter)
     ogpsa = None
     if settings.ogpsa.project != "none":
-        ogpsa = OGPSACallback(settings.ogpsa, reference.batches,
-                              metadata={"reference_hash": reference.fingerprint, "reference": reference.source})
+        ogpsa = OGPSACallback(settings.ogpsa, reference)
     files = StageFilesCallback(directory, run_config, stage=stage, subspace_fn=lambda: ogpsa and ogpsa.subspace)
     trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
                             [cb for cb in (ogpsa, files) if cb is not None] + list(callbacks))
@@ -190,9 +183,10 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     trainer.train(resume_from_checkpoint=checkpoint)
     if distributed.is_main():
         save_adapter(trainer.model, directory)
+        tokenizer.save_pretrained(str(directory))  # with the chat template, as TRL's save_model does
         save_subspace(ogpsa.subspace if ogpsa else None, directory)
         write_model_card(directory / CARD_FILE, run_config=run_config, subspace=ogpsa.subspace if ogpsa else None,
-                         metrics=read_metrics(directory / METRICS_FILE))
+                         metrics=read_jsonl(directory / METRICS_FILE))
         write_json(directory / RUN_CONFIG, run_config)
     distributed.barrier()  # the next stage (align's DPO) reads what rank 0 wrote
     del trainer, model
@@ -200,22 +194,33 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
 
 
 def _load_model(settings: TrainSettings, adapter: Path | None) -> torch.nn.Module:
+    """The base with a trainable adapter that names `base_model_id` as its base in every file saved."""
     base = load_base_model(settings.model, quantize=settings.quantize)
     if adapter is not None:
-        return load_adapter(base, adapter, trainable=True, gradient_checkpointing=settings.use_gradient_checkpointing)
-    config = lora_config(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout)
-    return attach_lora(base, config, seed=settings.seed, gradient_checkpointing=settings.use_gradient_checkpointing)
+        model = load_adapter(base, adapter, trainable=True, gradient_checkpointing=settings.use_gradient_checkpointing)
+    else:
+        config = lora_config(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                             target_modules=settings.lora_target_modules or "all-linear",
+                             use_rslora=settings.use_rslora, use_dora=settings.use_dora)
+        model = attach_lora(base, config, seed=settings.seed,
+                            gradient_checkpointing=settings.use_gradient_checkpointing)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = settings.base_model_id or str(settings.model)
+    return model
 
 
-def _promote_final_stage(work: Path, sft_dir: Path, dpo_dir: Path) -> None:
-    """The DPO stage's adapter becomes the top-level one; metrics of both stages are concatenated."""
-    for name in (ADAPTER_FILE, ADAPTER_CONFIG, SUBSPACE_FILE, CARD_FILE, RUN_CONFIG):
+def _promote_final_stage(work: Path, sft_dir: Path, dpo_dir: Path, tokenizer) -> None:
+    """The DPO stage's adapter becomes the top-level one, with a card describing both stages; metrics of both
+    stages are concatenated."""
+    for name in (ADAPTER_FILE, ADAPTER_CONFIG, SUBSPACE_FILE, RUN_CONFIG):
         if (dpo_dir / name).is_file():
             shutil.copy2(dpo_dir / name, work / name)
-    lines = read_metrics(sft_dir / METRICS_FILE) + read_metrics(dpo_dir / METRICS_FILE)
-    import json
-
-    (work / METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tokenizer.save_pretrained(str(work))
+    metrics = read_jsonl(sft_dir / METRICS_FILE) + read_jsonl(dpo_dir / METRICS_FILE)
+    write_jsonl(work / METRICS_FILE, metrics)
+    subspace = Subspace.load(work / SUBSPACE_FILE) if (work / SUBSPACE_FILE).is_file() else None
+    write_model_card(work / CARD_FILE, run_config=read_json(dpo_dir / RUN_CONFIG), subspace=subspace,
+                     metrics=metrics, earlier_stages=[read_json(sft_dir / RUN_CONFIG)])
 
 
 __all__ = ["ReferenceSet", "keep_lora_float32_", "run_align", "run_dpo", "run_sft"]

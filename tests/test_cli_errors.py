@@ -31,11 +31,15 @@ CASES = {
     "empty reference": (lambda t: {"--reference": _bad_file(t, "r.jsonl", "\n\n")}, [],
                         r"--reference .*no usable rows"),
     "bad energy": (lambda t: {}, ["--energy", "1.5"], r"--energy must be in \(0, 1\]"),
-    "bad steps": (lambda t: {}, ["--max-steps", "0"], r"--max-steps must be an integer >= 1"),
+    "bad steps": (lambda t: {}, ["--max-steps", "0"], r"--max-steps must be -1 .* or an integer >= 1"),
+    "bad alpha": (lambda t: {}, ["--lora-alpha", "nan"], r"--lora-alpha must be a positive number"),
+    "abbreviated flag": (lambda t: {}, ["--learn", "1e-3"], r"unrecognized arguments: --learn"),
+    "bad trainer value": (lambda t: {}, ["--lr_scheduler_type", "wobbly"], r"invalid choice: 'wobbly'"),
+    "dora with projection": (lambda t: {}, ["--use_dora"], r"--use_dora: OGPSA projects lora_A/lora_B only"),
     "unknown flag": (lambda t: {}, ["--max-stepz", "3"], r"unrecognized arguments: --max-stepz"),
     "bad mode": (lambda t: {}, ["--project", "both"], r"invalid choice: 'both'"),
     "bad config key": (lambda t: {"--config": _bad_file(t, "c.yaml", "max_step: 3\n")}, [],
-                       r"--config .*c.yaml: unknown key 'max_step'"),
+                       r"--config .*c.yaml: unknown key 'max_step'; did you mean 'max_steps'\?"),
     "resume and overwrite": (lambda t: {}, ["--resume", "--overwrite"], r"--resume and --overwrite contradict"),
 }
 

@@ -7,11 +7,13 @@ import json
 
 import pytest
 
-from lora_ogpsa import demo, demo_data, train
-from lora_ogpsa.assets import default_cache_dir
+from lora_ogpsa import train
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, run_demo
-from lora_ogpsa.demo_splits import DemoSizes
+from lora_ogpsa.demo import data as demo_data
+from lora_ogpsa.demo import run as demo
+from lora_ogpsa.demo.assets import default_cache_dir
+from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.errors import InputError
 
 METRICS = ("harmful_refusal_rate", "over_refusal_rate", "utility_accuracy", "benign_nll")
@@ -113,7 +115,7 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
     """SmolLM2-135M-Instruct from the wheel, real Do-Not-Answer/HarmBench prompts, a handful of steps in 4-bit.
     The model is converted into the user's cache as `make demo` does (once); the small data sets go to a
     temporary cache."""
-    from lora_ogpsa.assets import ensure_default_model
+    from lora_ogpsa.demo.assets import ensure_default_model
 
     model = ensure_default_model(default_cache_dir())
     sizes = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=8, harmful_heldout=4, reference=4,

@@ -5,17 +5,17 @@ import json
 
 import pytest
 
-from lora_ogpsa import demo_data
 from lora_ogpsa.data import read_rows
-from lora_ogpsa.demo_data import (
+from lora_ogpsa.demo import data as demo_data
+from lora_ogpsa.demo.data import (
     DemoData,
     build_demo_data,
     cached_generate,
     load_eval_suites,
     trim_to_sentence,
 )
-from lora_ogpsa.demo_prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
-from lora_ogpsa.demo_splits import DemoSizes, split_harmful, split_ordinary
+from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_ordinary
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.refusal import is_refusal
 from lora_ogpsa.tiny import save_tiny_model

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed
 # Dropout 0: each rank draws its own dropout masks, so runs with dropout cannot match a single process.
 # k = every direction the 12 samples span: no cut between near-equal singular values, where the basis would
 # swing with the last-bit differences of DDP's gradient averaging.
-FLAGS = ["--max-steps", "4", "--save-steps", "1", "--no-quantize", "--lora-r", "4", "--max-length", "64",
+FLAGS = ["--max-steps", "4", "--save-steps", "1", "--logging-steps", "1", "--no-quantize", "--lora-r", "4", "--max-length", "64",
          "--lora-dropout", "0", "--refresh-every", "2", "--learning-rate", "1e-3", "--reference-examples", "12",
          "--reference-batch-size", "4", "--max-directions", "16", "--energy", "1.0"]
 

@@ -8,19 +8,20 @@ import torch
 from peft import get_peft_model
 
 from lora_ogpsa import evaluate
-from lora_ogpsa.demo_prompts import SOUNDS_DANGEROUS, UTILITY_SET, UtilityItem
+from lora_ogpsa.demo.prompts import SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.demo.splits import BUILTIN_SUITES
 from lora_ogpsa.errors import InputError
+from lora_ogpsa.eval_run import prompt_id, run_eval
 from lora_ogpsa.evaluate import (
     EvalSuites,
     check_answer,
     evaluate_suites,
     generate,
-    load_prompts,
     numbers_in,
     response_nll,
-    run_eval,
 )
 from lora_ogpsa.model import load_base_model, load_tokenizer, lora_config
+from lora_ogpsa.prompt_sets import UtilityItem, load_prompts
 from lora_ogpsa.tiny import save_tiny_model
 
 
@@ -161,9 +162,9 @@ def test_load_prompts_reads_text_and_jsonl(tmp_path):
 
 
 def test_builtin_suites_need_no_model():
-    benign = load_prompts("benign")
+    benign = load_prompts("benign", BUILTIN_SUITES)
     assert benign.prompts[:len(SOUNDS_DANGEROUS)] == list(SOUNDS_DANGEROUS) and len(benign.prompts) == 64
-    utility = load_prompts("utility")
+    utility = load_prompts("utility", BUILTIN_SUITES)
     assert utility.answers == [item.answers for item in UTILITY_SET]
 
 
@@ -181,8 +182,8 @@ def _write(tmp_path, name, text):
     ("missing.jsonl", '{"text": "hi"}\n', r"missing\.jsonl:1: missing field 'prompt'"),
     ("number.jsonl", '{"prompt": 3}\n', r"number\.jsonl:1: field 'prompt' must be a string or a non-empty list"),
     ("blankprompt.jsonl", '{"prompt": "  "}\n', r"blankprompt\.jsonl:1: field 'prompt' is empty"),
-    ("emptylist.jsonl", '{"prompt": []}\n', r"emptylist\.jsonl:1: .*got an empty list"),
-    ("role.jsonl", '{"prompt": [{"role": "robot", "content": "x"}]}\n', r"role\.jsonl:1: field 'prompt'\[0\]"),
+    ("emptylist.jsonl", '{"prompt": []}\n', r"emptylist\.jsonl:1: .*an empty list"),
+    ("role.jsonl", '{"prompt": [{"role": "robot", "content": "x"}]}\n', r"role\.jsonl:1: field 'prompt'\[0\].role"),
     ("content.jsonl", '{"prompt": [{"role": "user", "content": 1}]}\n', r"content\.jsonl:1: field 'prompt'\[0\]"),
     ("answers.jsonl", '{"prompt": "2+2", "answers": "4"}\n', r"answers\.jsonl:1: field 'answers' must be"),
     ("prompts.csv", "a,b\n", r"unknown file type '\.csv'"),
@@ -194,6 +195,8 @@ def test_bad_prompt_files_are_input_errors(tmp_path, name, text, message):
 
 def test_unknown_suite_and_directory_are_input_errors(tmp_path):
     with pytest.raises(InputError, match=r"--prompts nosuch: no such file, and not a built-in suite"):
+        load_prompts("nosuch", BUILTIN_SUITES)
+    with pytest.raises(InputError, match=r"--prompts nosuch: no such file; give"):
         load_prompts("nosuch")
     with pytest.raises(InputError, match=r"is a directory"):
         load_prompts(tmp_path)
@@ -208,9 +211,32 @@ def test_run_eval_writes_json_that_round_trips(tiny_dir, tmp_path):
     assert json.loads(output.read_text()) == result
     assert result["n"] == 2 and result["model"] == str(tiny_dir) and result["adapter"] is None
     assert [r["prompt"] for r in result["responses"]] == ["hello", "2+2?"]
-    assert set(result["responses"][1]) == {"prompt", "response", "refused", "correct"}
+    assert set(result["responses"][1]) == {"id", "prompt", "response", "refused", "correct"}
     assert 0.0 <= result["refusal_rate"] <= 1.0 and result["n_utility"] == 1
-    assert sorted(p.name for p in output.parent.iterdir()) == ["eval.json"]  # no temporary file left
+    low, high = result["refusal_rate_ci"]
+    assert low <= result["refusal_rate"] <= high and len(result["utility_accuracy_ci"]) == 2
+    assert result["decoding"] == {"do_sample": False, "max_new_tokens": 3, "batch_size": 2, "system_prompt": None,
+                                  "limit": None}
+    assert len(result["chat_template_sha256"]) == 64 and result["seed"] == 0
+    samples = [json.loads(line) for line in (output.parent / "eval.samples.jsonl").read_text().splitlines()]
+    assert samples == result["responses"] and samples[0]["id"] == prompt_id("hello")
+    assert sorted(p.name for p in output.parent.iterdir()) == ["eval.json", "eval.samples.jsonl"]  # no temp file
+
+
+def test_run_eval_limit_system_prompt_and_no_overwrite(tiny_dir, tmp_path):
+    prompts = _write(tmp_path, "prompts.txt", "first\nsecond\nthird\n")
+    output = tmp_path / "eval.json"
+    result = run_eval(tiny_dir, prompts, output, max_new_tokens=2, limit=2, system_prompt="Be brief.",
+                      device="cpu")
+    assert result["n"] == 2 and result["responses"][0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    before = output.read_bytes()
+    with pytest.raises(InputError, match=r"eval.json: exists; pass --overwrite"):
+        run_eval(tiny_dir, prompts, output, max_new_tokens=2)
+    assert output.read_bytes() == before
+    for flag, kwargs in (("--batch-size", {"batch_size": 0}), ("--max-new-tokens", {"max_new_tokens": -1}),
+                         ("--limit", {"limit": 0})):
+        with pytest.raises(InputError, match=flag):
+            run_eval(tiny_dir, prompts, tmp_path / "other.json", **kwargs)
 
 
 def test_run_eval_with_an_adapter(tiny_dir, tmp_path):

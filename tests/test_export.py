@@ -12,6 +12,7 @@ from lora_ogpsa import Subspace
 from lora_ogpsa.cli import main
 from lora_ogpsa.config import OGPSAConfig, TrainSettings
 from lora_ogpsa.export import export_adapter, warn_about_adapter
+from lora_ogpsa.files import TOKENIZER_FILES
 from lora_ogpsa.train import run_sft
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3], [8, 8, 120, 64, 31, 2, 77]])
@@ -63,7 +64,7 @@ def test_subspace_sidecar_matches_the_adapter_keys(trained):
 def test_model_card_describes_the_run(trained):
     card = (trained[0] / "README.md").read_text()
     for expected in ("base model", "OGPSA, `update` mode", "reference data", "hash `", "k per tensor min/median/max",
-                     "PeftModel.from_pretrained", "| lora_r | `4` |"):
+                     "AutoPeftModelForCausalLM.from_pretrained", "| lora_r | `4` |"):
         assert expected in card, expected
 
 
@@ -71,17 +72,19 @@ def test_export_a_checkpoint_as_a_standalone_adapter(trained, tmp_path, capsys):
     output, _ = trained
     assert main(["export", "--adapter", str(output / "checkpoint-2"), "--output", str(tmp_path / "exported")]) == 0
     exported = tmp_path / "exported"
+    tokenizer = sorted(p.name for p in (output / "checkpoint-2").iterdir() if p.name in TOKENIZER_FILES)
+    assert "tokenizer.json" in tokenizer
     assert sorted(p.name for p in exported.iterdir()) == sorted(
         ["README.md", "adapter_config.json", "adapter_model.safetensors", "ogpsa_config.json",
-         "ogpsa_subspace.safetensors"])
+         "ogpsa_subspace.safetensors", *tokenizer])
     original = load_file(str(output / "checkpoint-2" / "adapter_model.safetensors"))
     copied = load_file(str(exported / "adapter_model.safetensors"))
     assert all(torch.equal(original[name], copied[name]) for name in original)
     assert "exported from" in (exported / "README.md").read_text()
     assert main(["export", "--adapter", str(output / "checkpoint-2"), "--output", str(tmp_path / "bare"),
                  "--no-subspace"]) == 0
-    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == sorted([
+        "README.md", "adapter_config.json", "adapter_model.safetensors", *tokenizer])
 
 
 def test_export_refuses_bad_input_and_writes_nothing(trained, tmp_path, capsys):
@@ -117,3 +120,43 @@ def test_export_python_api_checks_the_copy(trained, tmp_path):
     copied = Subspace.load(exported / "ogpsa_subspace.safetensors")
     original = Subspace.load(output / "ogpsa_subspace.safetensors")
     assert all(torch.equal(copied.basis_by_name[name], basis) for name, basis in original.basis_by_name.items())
+
+
+def test_artefacts_travel_from_another_working_directory(tiny_model_dir, trained, tmp_path, monkeypatch):
+    import json
+
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    output, expected = trained
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    for checkpoint in output.glob("checkpoint-*"):  # the checkpoints name the same base
+        assert json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(output), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (model(input_ids=INPUT_IDS).logits - expected).abs().max() <= 1e-5
+    tokenizer = AutoTokenizer.from_pretrained(str(output))
+    assert tokenizer.chat_template and tokenizer.chat_template == AutoTokenizer.from_pretrained(
+        str(tiny_model_dir)).chat_template
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == str(tiny_model_dir.resolve())
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert {"lora", "sft", "trl", "ogpsa"} <= set(card.data.tags)
+    assert "lora_alpha 8" in card.text and "None" not in card.text.split("## All settings")[0]
+
+
+def test_base_model_id_names_what_users_will_load(tiny_model_dir, data_files, tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    output = tmp_path / "out"
+    assert main(["sft", "--model", str(tiny_model_dir), "--data", str(data_files["sft"]), "--project", "none",
+                 "--output", str(output), "--max-steps", "1", "--no-quantize", "--lora-r", "2", "--max-length",
+                 "64", "--base-model-id", "my-org/my-base"]) == 0
+    assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-org/my-base"
+    assert ModelCard.load(output / "README.md").data.base_model == "my-org/my-base"

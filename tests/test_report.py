@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lora_ogpsa.report import (
+from lora_ogpsa.demo.report import (
     build_report,
     final_table,
     interpolate_at,

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from lora_ogpsa import Subspace
 from lora_ogpsa.cli import main
 
+# --logging-steps 1: these tests read every step's metrics
 COMMON = ["--max-length", "64", "--batch-size", "4", "--lora-r", "4", "--reference-examples", "8",
-          "--reference-batch-size", "4", "--max-directions", "4"]
+          "--reference-batch-size", "4", "--max-directions", "4", "--logging-steps", "1"]
 
 
 def _run(args):
@@ -142,7 +143,7 @@ def test_resume_after_an_interruption_ends_with_the_same_adapter(tiny_model_dir,
     def settings(output, **changes):
         return TrainSettings(model=tiny_model_dir, output=output, data=str(data_files["sft"]),
                              reference=str(data_files["reference"]), max_steps=6, save_steps=1, batch_size=4,
-                             max_length=64, lora_r=4, quantize=True, learning_rate=1e-3,
+                             max_length=64, lora_r=4, quantize=True, learning_rate=1e-3, logging_steps=1,
                              ogpsa=OGPSAConfig(refresh_every=2, reference_examples=8, max_directions=4,
                                                reference_batch_size=4), **changes)
 

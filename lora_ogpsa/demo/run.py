@@ -26,8 +26,19 @@ from typing import Any
 import torch
 
 from lora_ogpsa.config import OGPSAConfig, TrainSettings
-from lora_ogpsa.demo_splits import DemoSizes
+from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.errors import InputError
+from lora_ogpsa.files import (
+    ADAPTER_FILE,
+    CARD_FILE,
+    METRICS_FILE,
+    RUN_CONFIG,
+    SUBSPACE_FILE,
+    file_sha256,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +114,8 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
         InputError: a `--model` that is not a model directory, missing wheels, an `--output` that is not a
             demo directory (and not empty) without `--overwrite`.
     """
-    from lora_ogpsa.assets import ensure_default_model
-    from lora_ogpsa.demo_data import build_demo_data, load_eval_suites
+    from lora_ogpsa.demo.assets import ensure_default_model
+    from lora_ogpsa.demo.data import build_demo_data, load_eval_suites
     from lora_ogpsa.model import check_model_dir
 
     plan = plan or DemoPlan.for_device(max_steps)
@@ -135,12 +146,12 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
         finals["ogpsa"] = evaluator.evaluate(merged, "ogpsa merged", merged=True)
         timings["merge_and_evaluate"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
-    from lora_ogpsa.report import build_report, write_report
+    from lora_ogpsa.demo.report import build_report, write_report
 
     report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
                           trajectories=trajectories, timings=timings)
     write_report(report, output)
-    if "ogpsa" in finals and (output / "ogpsa" / "README.md").is_file():
+    if "ogpsa" in finals and (output / "ogpsa" / CARD_FILE).is_file():
         _add_evaluation_to_card(output / "ogpsa", finals["ogpsa"])
     return report
 
@@ -223,7 +234,7 @@ def _merge(model_path: Path, adapter: Path, merged: Path) -> Path:
     """Merge the OGPSA adapter into the original weights, unless this adapter's merge is already there."""
     from lora_ogpsa.merge import merge_adapter
 
-    adapter_hash = _file_hash(adapter / "adapter_model.safetensors")
+    adapter_hash = _file_hash(adapter / ADAPTER_FILE)
     marker = merged / "lora_ogpsa_merge.json"
     if marker.is_file() and json.loads(marker.read_text()).get("adapter_sha256") == adapter_hash:
         return merged
@@ -243,25 +254,20 @@ def _settings(plan: DemoPlan, data, methods: tuple[Method, ...]) -> dict[str, An
 
 def _add_evaluation_to_card(run_dir: Path, metrics: dict[str, Any]) -> None:
     """Rewrite the OGPSA adapter's model card with the evaluation numbers."""
-    from lora_ogpsa.export import read_metrics
-    from lora_ogpsa.model_card import write_model_card
+    from lora_ogpsa.run_files import write_model_card
     from lora_ogpsa.subspace import Subspace
 
-    run_config = json.loads((run_dir / "ogpsa_config.json").read_text())
-    subspace_file = run_dir / "ogpsa_subspace.safetensors"
+    run_config = read_json(run_dir / RUN_CONFIG)
+    subspace_file = run_dir / SUBSPACE_FILE
     subspace = Subspace.load(subspace_file) if subspace_file.is_file() else None
     evaluation = {key: metrics[key] for key in ("harmful_refusal_rate", "over_refusal_rate", "utility_accuracy",
                                                 "benign_nll") if metrics.get(key) is not None}
-    write_model_card(run_dir / "README.md", run_config=run_config, subspace=subspace,
-                     metrics=read_metrics(run_dir / "metrics.jsonl"), evaluation=evaluation)
+    write_model_card(run_dir / CARD_FILE, run_config=run_config, subspace=subspace,
+                     metrics=read_jsonl(run_dir / METRICS_FILE), evaluation=evaluation)
 
 
 def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 class _Evaluator:
@@ -287,15 +293,13 @@ class _Evaluator:
     def evaluate(self, adapter: Path | None, label: str, *, merged: bool = False) -> dict[str, Any]:
         """Metrics of base (+ adapter), or of a merged model directory; cached by the weights' hash."""
         weights = None if adapter is None else (adapter / ("model.safetensors" if merged else
-                                                           "adapter_model.safetensors"))
+                                                           ADAPTER_FILE))
         key = f"{'base' if weights is None else _file_hash(weights)}-{self.suites_key}"
         path = self.cache / f"{key}.json"
         if path.is_file():
             return {**json.loads(path.read_text()), "label": label}
         metrics = self._run(adapter, merged)
         self.cache.mkdir(parents=True, exist_ok=True)
-        from lora_ogpsa.export import write_json
-
         write_json(path, metrics)
         logger.info("demo: %s: harmful refused %.0f%%, over-refusal %.0f%%, utility %.0f%%, benign NLL %.3f",
                     label, 100 * metrics["harmful_refusal_rate"], 100 * metrics["over_refusal_rate"],

