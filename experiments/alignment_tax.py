@@ -1,12 +1,19 @@
-"""Does OGPSA reduce the alignment tax at matched safety? Trajectories of plain QLoRA, replay and OGPSA variants.
+"""Does OGPSA reduce the alignment tax at matched safety? Plain QLoRA, replay and OGPSA variants, across seeds.
 
-Every variant trains the same SFT run (same seed, data, steps, learning rate) on SmolLM2-135M-Instruct in
-4-bit, saving a checkpoint every `--save-steps`; every checkpoint is evaluated (HarmBench refusal, benign
-over-refusal, utility, benign-answer NLL), and the report compares the variants where their trajectories
-reach the same HarmBench refusal. Results are cached: rerunning with more variants only trains the new ones.
+Every variant trains the same SFT run (same data, steps, learning rate; the training seed varies across
+`--seeds`, the data split does not) on SmolLM2-135M-Instruct in 4-bit, saving a checkpoint every
+`--save-steps`. Every checkpoint and the final adapter scaled by λ ∈ {0.25, 0.5, 0.75} (the λ-curve) is
+evaluated: HarmBench refusal, over-refusal of the held-out benign set and of its dangerous-sounding part,
+utility, benign-answer NLL, each with a 95 % bootstrap interval over prompts. The summary is the alignment tax
+at matched safety — utility lost + over-refusal gained against the base, in points, where a curve first
+reaches a HarmBench refusal level — as mean and 95 % t-interval across seeds; a level a curve does not reach
+in every seed is absent. Results are cached: rerunning with more variants or seeds only trains what is new.
 
-    python -m experiments.alignment_tax --output runs/tax                       # the default variant set
-    python -m experiments.alignment_tax --output runs/tax --variants plain ogpsa-k32-open
+    python -m experiments.alignment_tax --seeds 0 1 2                        # the default variant set
+    python -m experiments.alignment_tax --seeds 0 --variants plain ogpsa-k8 --output runs/tax-quick
+
+Writes `--output/seed-N/` (each a demo directory with report.json) and `--summary` (default
+experiments/results/alignment_tax.json, plus the Markdown table next to it).
 
 Variants (name: what differs from plain QLoRA):
 """
@@ -15,77 +22,121 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
-from lora_ogpsa.demo.report import final_table, interpolate_at, matched_table
+from lora_ogpsa.demo.report import SAFETY_LEVELS, frontiers, tax_table
+from lora_ogpsa.files import write_json
+from lora_ogpsa.stats import mean_ci
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
+ORDINARY = "reference"  # the reference set without the dangerous-sounding prompts
 VARIANTS = {
     "plain": Method("plain", project="none", stages="sft"),
-    "replay": Method("replay", project="none", replay=True, stages="sft"),
-    "grad-k8": Method("grad-k8", project="grad", stages="sft", ogpsa={"max_directions": 8}),
-    "ogpsa-k8": Method("ogpsa-k8", stages="sft", ogpsa={"max_directions": 8}),
-    "ogpsa-k32": Method("ogpsa-k32", stages="sft", ogpsa={"max_directions": 32}),
-    "ogpsa-e95": Method("ogpsa-e95", stages="sft", ogpsa={"max_directions": 64, "energy": 0.95}),
-    "ogpsa-k8-open": Method("ogpsa-k8-open", stages="sft", ogpsa={"max_directions": 8, **OPENING}),
-    "ogpsa-k32-open": Method("ogpsa-k32-open", stages="sft", ogpsa={"max_directions": 32, **OPENING}),
-    "ogpsa-k8-1s": Method("ogpsa-k8-1s", stages="sft", ogpsa={"max_directions": 8, "one_sided": True}),
-    "ogpsa-k32-open-1s": Method("ogpsa-k32-open-1s", stages="sft",
-                                ogpsa={"max_directions": 32, "one_sided": True, **OPENING}),
-    "ogpsa-k8-1s-replay": Method("ogpsa-k8-1s-replay", stages="sft", replay=True,
-                                 ogpsa={"max_directions": 8, "one_sided": True}),
-    "ogpsa-k32-open-r5": Method("ogpsa-k32-open-r5", stages="sft",
-                                ogpsa={"max_directions": 32, "refresh_every": 5, **OPENING}),
+    "replay": Method("replay", project="none", replay=True, stages="sft", reference=ORDINARY),
+    "replay-lookalike": Method("replay-lookalike", project="none", replay=True, stages="sft"),
+    "ogpsa-k8": Method("ogpsa-k8", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY),
+    "ogpsa-k8-lookalike": Method("ogpsa-k8-lookalike", stages="sft", ogpsa={"max_directions": 8}),
+    "grad-k8": Method("grad-k8", project="grad", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY),
+    "ogpsa-k32-lookalike": Method("ogpsa-k32-lookalike", stages="sft", ogpsa={"max_directions": 32}),
+    "ogpsa-k8-open-lookalike": Method("ogpsa-k8-open-lookalike", stages="sft",
+                                      ogpsa={"max_directions": 8, **OPENING}),
 }
-__doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, {m.ogpsa}\n" for name, m in VARIANTS.items())
-DEFAULT = ("plain", "replay", "ogpsa-k8", "grad-k8", "ogpsa-k32-open", "ogpsa-k32", "ogpsa-e95", "ogpsa-k8-open")
+__doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference={m.reference}, {m.ogpsa}\n"
+                   for name, m in VARIANTS.items())
+DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike")
 
 
-def plan(args: argparse.Namespace) -> DemoPlan:
-    """The SFT plan shared by every variant."""
+def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
+    """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     return dataclasses.replace(
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
-        seed=args.seed, eval_harmful=64, eval_benign=64, eval_utility=46, eval_max_new_tokens=24,
-        ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=64))
+        seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_max_new_tokens=24,
+        ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32))
 
 
-def by_variant_table(report: dict, levels=(0.3, 0.4, 0.45, 0.5)) -> str:
-    """One row per variant: utility / over-refusal / benign NLL where its trajectory first reaches each
-    harmful-refusal level (— where it never does)."""
-    lines = ["| variant | " + " | ".join(f"at {level:.0%} harmful refused" for level in levels) + " |",
+def summarise(reports: dict[int, dict], levels=SAFETY_LEVELS) -> dict:
+    """Tax at each level per curve: mean and interval across seeds (only levels reached in every seed)."""
+    per_seed = {seed: tax_table(frontiers(report["trajectories"], report["lambda_curves"]), levels)
+                for seed, report in reports.items()}
+    curves = sorted({name for table in per_seed.values() for name in table})
+    tax = {}
+    for name in curves:
+        tax[name] = {}
+        for level in (f"{level:g}" for level in levels):
+            values = [table.get(name, {}).get(level) for table in per_seed.values()]
+            if all(value is not None for value in values):
+                tax[name][level] = {**mean_ci([value["tax"] for value in values]),
+                                    "per_seed": [value["tax"] for value in values]}
+    return {"tax": tax, "per_seed_tax": {str(seed): table for seed, table in per_seed.items()}}
+
+
+def finals_summary(reports: dict[int, dict]) -> dict:
+    """Each trained model's final rates, mean and interval across seeds."""
+    names = sorted({name for report in reports.values() for name in report["models"]})
+    keys = ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate", "utility_accuracy")
+    return {name: {key: mean_ci([report["models"][name][key] for report in reports.values()
+                                 if name in report["models"]]) for key in keys} for name in names}
+
+
+def markdown(summary: dict) -> str:
+    """The tax table (mean [95 % CI] across seeds) and the final models' rates."""
+    levels = [f"{level:g}" for level in summary["levels"]]
+    lines = [f"Alignment tax at matched safety (points; mean [95 % CI] over seeds {summary['seeds']}; — : not "
+             "reached in every seed)", "", "| curve | " + " | ".join(f"{float(lv):.0%} HarmBench refused"
+                                                                    for lv in levels) + " |",
              "|---|" + "---|" * len(levels)]
-    for name, points in report["trajectories"].items():
+    for name, row in summary["tax"].items():
         cells = []
         for level in levels:
-            values = [interpolate_at(points, level, metric)
-                      for metric in ("utility_accuracy", "over_refusal_rate", "benign_nll")]
-            cells.append("—" if None in values else f"{values[0]:.0%} / {values[1]:.0%} / {values[2]:.3f}")
+            found = row.get(level)
+            ci = found and found["ci"]
+            cells.append("—" if not found else f"{found['mean']:.0f}" + (f" [{ci[0]:.0f}, {ci[1]:.0f}]" if ci else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines += ["", "Final models (mean over seeds)", "",
+              "| model | HarmBench refused | dangerous-sounding refused | over-refusal | utility |", "|---|---|---|---|---|"]
+    for name, rates in summary["finals"].items():
+        cells = [f"{rates[key]['mean']:.0%}" if rates[key]["mean"] is not None else "–"
+                 for key in ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate",
+                             "utility_accuracy")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/tax"))
+    parser.add_argument("--summary", type=Path, default=Path("experiments/results/alignment_tax.json"))
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--save-steps", type=int, default=5)
+    parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
     parser.add_argument("--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     methods = tuple(VARIANTS[name] for name in args.variants)
-    report = run_demo(output=args.output, model=args.model, plan=plan(args), methods=methods)
-    print("\nFinal checkpoints\n\n" + final_table(report))
-    print("\nAt matched safety (utility / over-refusal)\n\n" + matched_table(report))
-    table = by_variant_table(report)
-    (args.output / "by_variant.md").write_text(table + "\n")
-    print("\nEach variant where it reaches a harmful-refusal level (utility / over-refusal / benign NLL)\n\n" + table)
+    reports = {seed: run_demo(output=args.output / f"seed-{seed}", model=args.model, plan=plan(args, seed),
+                              methods=methods, evaluation_cache=args.output / "evaluations")
+               for seed in args.seeds}
+    summary = {"command": "python -m experiments.alignment_tax " + shlex.join(sys.argv[1:]),
+               "seeds": args.seeds, "variants": args.variants, "levels": list(SAFETY_LEVELS),
+               "plan": json.loads(json.dumps(dataclasses.asdict(plan(args, args.seeds[0])), default=str)),
+               **summarise(reports), "finals": finals_summary(reports),
+               "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
+                            for seed, report in reports.items()}}
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.summary, summary)
+    table = markdown(summary)
+    args.summary.with_suffix(".md").write_text(f"`{summary['command']}`\n\n{table}")
+    print(table)
 
 
 if __name__ == "__main__":

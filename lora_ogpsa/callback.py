@@ -29,11 +29,12 @@ import torch
 from transformers import TrainerCallback
 
 from lora_ogpsa import distributed
+from lora_ogpsa.activations import collect_input_moments
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.files import SUBSPACE_FILE, checkpoint_dir
-from lora_ogpsa.projector import ProjectionStats, StackedBasis
+from lora_ogpsa.projector import ProjectionStats, StackedBasis, project_rows_
 from lora_ogpsa.reference import ReferenceBatch, ReferenceSet, collect_reference_samples
-from lora_ogpsa.subspace import Subspace, compute_subspace
+from lora_ogpsa.subspace import Subspace, compute_input_basis, compute_subspace
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class OGPSACallback(TrainerCallback):
         self._before: list[torch.Tensor] | None = None
         self._pending: dict[str, float] = {}
         self._k_summary: dict[str, float] = {}
+        self._input_bases: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- trainer events ----
 
@@ -109,6 +111,9 @@ class OGPSACallback(TrainerCallback):
             self._record(self._stacked.project_change_(self._parameters, self._before,
                                                        one_sided=self.config.one_sided))
             self._before = None
+        if self._input_bases:  # last, so the activation constraint holds exactly (lora_A was in range(P))
+            removed = self._constrain_rows_(self._input_bases)
+            self._pending[f"{METRIC_PREFIX}activation_removed_norm"] = removed ** 0.5
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.config.project == "none":
@@ -146,23 +151,22 @@ class OGPSACallback(TrainerCallback):
     @torch.no_grad()
     def _refresh(self, model, optimizer, step: int) -> None:
         start = time.perf_counter()
-        subspace = None
-        samples, losses = self._collect(model)
-        if samples is not None:  # rank 0 (or the only process) computes the subspace
-            subspace = compute_subspace(samples, max_directions=self.config.max_directions,
-                                        energy=self.config.energy)
-            del samples
-            subspace.metadata = {**self.metadata, "step": str(step), "config": _config_json(self.config),
-                                 "reference_loss": f"{float(losses.mean()):.6f}"}
-        if distributed.active():
-            shapes = {name: parameter.shape for name, parameter in self._parameters.items()}
-            device = next(iter(self._parameters.values())).device
-            subspace = distributed.broadcast_subspace(subspace, shapes, device)
+        subspace = self._gradient_subspace(model) if self.config.protect != "activations" else Subspace(
+            {name: p.new_zeros(0, p.numel(), dtype=torch.float32) for name, p in self._parameters.items()},
+            metadata={"reference_loss": "nan"})
+        subspace.metadata = {**self.metadata, **subspace.metadata, "step": str(step),
+                             "config": _config_json(self.config)}
+        if self.config.protect != "gradients":
+            self._add_input_bases(model, subspace)
         self._install(subspace)
         if self.config.project == "update" and optimizer is not None:
             self._project_first_moment(optimizer)
+        if self._input_bases:  # lora_A into range(P) (B is 0 at the first refresh: the model is unchanged)
+            self._constrain_rows_(self._input_bases)
+            if optimizer is not None:
+                self._constrain_rows_(self._first_moments(optimizer, self._input_bases))
         seconds = time.perf_counter() - start
-        reference_loss = float(subspace.metadata["reference_loss"])
+        reference_loss = float(subspace.metadata.get("reference_loss", "nan"))
         key = f"{METRIC_PREFIX}refresh_seconds"
         self._pending[key] = self._pending.get(key, 0.0) + seconds  # step 0 and step 1 refreshes share a log line
         self._pending[f"{METRIC_PREFIX}reference_loss"] = reference_loss
@@ -170,6 +174,39 @@ class OGPSACallback(TrainerCallback):
         logger.info("OGPSA refresh at step %d: k min/median/max %d/%g/%d over %d tensors (%d with k=0), "
                     "reference loss %.4f, %.1f s", step, summary["k_min"], summary["k_median"], summary["k_max"],
                     summary["tensors"], summary["k_zero"], reference_loss, seconds)
+
+    def _gradient_subspace(self, model) -> Subspace:
+        """The reference-gradient subspace, computed on rank 0 and broadcast to every rank."""
+        subspace = None
+        samples, losses = self._collect(model)
+        if samples is not None:  # rank 0 (or the only process) computes the subspace
+            subspace = compute_subspace(samples, max_directions=self.config.max_directions,
+                                        energy=self.config.energy)
+            del samples
+            subspace.metadata = {"reference_loss": f"{float(losses.mean()):.6f}"}
+        if distributed.active():
+            shapes = {name: parameter.shape for name, parameter in self._parameters.items()}
+            device = next(iter(self._parameters.values())).device
+            subspace = distributed.broadcast_subspace(subspace, shapes, device)
+        return subspace
+
+    def _add_input_bases(self, model, subspace: Subspace) -> None:
+        """Activation-space bases of every lora_A from the reference inputs (summed over ranks)."""
+        moments = collect_input_moments(model, distributed.my_share(self.reference_batches), self._parameters,
+                                        positions=self.config.activation_positions,
+                                        opening_tokens=self.config.activation_opening_tokens)
+        if distributed.active():
+            distributed.sum_across_ranks_(list({id(m): m for m in moments.values()}.values()))
+        subspace.input_basis_by_name, subspace.input_energy_by_name = compute_input_basis(
+            moments, energy=self.config.activation_energy)
+
+    def _constrain_rows_(self, basis_by_tensor) -> float:
+        """Every row of each tensor made orthogonal to its input basis; returns the energy removed."""
+        return sum(project_rows_(tensor, basis) for tensor, basis in basis_by_tensor)
+
+    def _first_moments(self, optimizer, bases) -> list:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return [(inner.state[p]["exp_avg"], basis) for p, basis in bases if "exp_avg" in inner.state.get(p, {})]
 
     def _collect(self, model) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
         """All reference samples and losses on rank 0 (None elsewhere); each rank collects its share."""
@@ -187,6 +224,8 @@ class OGPSACallback(TrainerCallback):
         self._stacked = StackedBasis(subspace.basis_by_name, subspace.mean_coefficients_by_name or None)
         subspace.basis_by_name = self._stacked.views()  # share the stacked storage instead of holding two copies
         self.subspace = subspace
+        self._input_bases = [(self._parameters[name].data, basis) for name, basis in
+                             subspace.input_basis_by_name.items()]
         self._k_summary = _k_summary(subspace)
 
     def _project_first_moment(self, optimizer) -> None:
@@ -277,6 +316,10 @@ def _k_summary(subspace: Subspace) -> dict[str, float]:
     summary.update({f"{METRIC_PREFIX}k_median": float(overall["k_median"]),
                     f"{METRIC_PREFIX}k_max": float(overall["k_max"]),
                     f"{METRIC_PREFIX}directions": float(overall["directions"])})
+    if subspace.input_basis_by_name:
+        sizes = sorted(basis.shape[0] for basis in subspace.input_basis_by_name.values())
+        summary[f"{METRIC_PREFIX}input_directions_median"] = float(sizes[len(sizes) // 2])
+        summary[f"{METRIC_PREFIX}input_energy_min"] = float(min(subspace.input_energy_by_name.values()))
     return summary
 
 

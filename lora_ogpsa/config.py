@@ -14,6 +14,9 @@ from typing import Any, Literal, get_args
 
 ProjectMode = Literal["update", "grad", "none"]
 PROJECT_MODES: tuple[str, ...] = get_args(ProjectMode)
+ProtectKind = Literal["gradients", "activations", "both"]
+PROTECT_KINDS: tuple[str, ...] = get_args(ProtectKind)
+ActivationPositions = Literal["all", "opening"]
 
 
 @dataclass
@@ -58,6 +61,25 @@ class OGPSAConfig:
     loss (its sign is that of the mean reference gradient along the direction), keep it when it lowers it.
     The reference loss then does not rise to first order, instead of not moving."""
 
+    protect: ProtectKind = "gradients"
+    """What the updates must not move. `gradients`: the reference-gradient subspace of every LoRA tensor (the
+    paper's method, first order in the reference loss). `activations`: keep every lora_A's rows orthogonal to
+    the top eigenvectors of its layer's reference inputs Σ x xᵀ (GPM / NSPO / LoRA-Null), so that ΔW x ≈ 0 on
+    reference-like inputs at every layer; forward passes only. `both`: the two together (the activation
+    constraint is applied last, so it holds exactly)."""
+
+    activation_energy: float = 0.9
+    """`activations`/`both`: the share of the reference inputs' energy the protected span must capture (τ);
+    then Σ‖ΔW x‖ ≤ s‖B‖‖A‖·sqrt(1 − τ)·Σ‖x‖ over the reference inputs. Higher protects more and leaves lora_A
+    fewer directions to learn in."""
+
+    activation_positions: ActivationPositions = "all"
+    """`activations`/`both`: which reference tokens' inputs are protected: `all`, or `opening` (the assistant
+    header and the first `activation_opening_tokens` response tokens, where a refusal is decided)."""
+
+    activation_opening_tokens: int = 8
+    """Response tokens counted by `activation_positions='opening'`."""
+
     def __post_init__(self) -> None:
         _check_int(self, "max_directions", low=1)
         if not (isinstance(self.energy, int | float) and 0.0 < self.energy <= 1.0):
@@ -72,6 +94,13 @@ class OGPSAConfig:
             raise ValueError(f"`one_sided` must be true or false, got {self.one_sided!r}")
         if self.one_sided and self.project != "update":
             raise ValueError(f"`one_sided` needs project='update', got project={self.project!r}")
+        if self.protect not in PROTECT_KINDS:
+            raise ValueError(f"`protect` must be one of {', '.join(PROTECT_KINDS)}, got {self.protect!r}")
+        if not (isinstance(self.activation_energy, int | float) and 0.0 < self.activation_energy <= 1.0):
+            raise ValueError(f"`activation_energy` must be in (0, 1], got {self.activation_energy!r}")
+        if self.activation_positions not in get_args(ActivationPositions):
+            raise ValueError(f"`activation_positions` must be all or opening, got {self.activation_positions!r}")
+        _check_int(self, "activation_opening_tokens", low=1)
         weight = self.later_token_weight
         if not (isinstance(weight, int | float) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
             raise ValueError(f"`later_token_weight` must be in [0, 1], got {weight!r}")

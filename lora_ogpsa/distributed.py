@@ -131,3 +131,13 @@ def broadcast_subspace(subspace: Subspace | None, shape_by_name: Mapping[str, to
     values = {name: torch.tensor(value, dtype=torch.float32) for name, value in header["values"].items()}
     means = {name: torch.tensor(value, dtype=torch.float32) for name, value in header["means"].items()}
     return Subspace(bases, values, header["energy"], header["dropped"], header["metadata"], means)
+
+
+def sum_across_ranks_(tensors: Sequence[torch.Tensor]) -> None:
+    """All-reduce (sum) each tensor in place, in one flat collective (each rank holds the same shapes)."""
+    if not tensors:
+        return
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(flat)
+    for tensor, part in zip(tensors, torch.split(flat, [tensor.numel() for tensor in tensors]), strict=True):
+        tensor.copy_(part.view_as(tensor))

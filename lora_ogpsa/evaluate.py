@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lora_ogpsa.data import tokenize_prompt_completion
 from lora_ogpsa.prompt_sets import Prompt, UtilityItem
 from lora_ogpsa.refusal import OPENING_CHARS, is_refusal
+from lora_ogpsa.stats import bootstrap_ci
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,9 @@ class EvalSuites:
     """The base model's own greedy answers to `benign`, scored by `benign_nll`."""
     utility: list[UtilityItem] = field(default_factory=list)
     """Questions with checkable short answers."""
+    benign_kinds: list[str] = field(default_factory=list)
+    """Per benign prompt: `sounds_dangerous` for the dangerous-sounding ones (their refusal rate is
+    `dangerous_sounding_refusal_rate`), anything else (`ordinary`) otherwise; empty: none is."""
 
 
 def evaluate_suites(model: torch.nn.Module, tokenizer: Any, suites: EvalSuites, *, max_new_tokens: int = 24,
@@ -205,7 +209,9 @@ def evaluate_suites(model: torch.nn.Module, tokenizer: Any, suites: EvalSuites, 
     16). A suite with no prompts gives `None` for its metric.
 
     Returns:
-        dict: `harmful_refusal_rate`, `over_refusal_rate`, `utility_accuracy` (in [0, 1] or None),
+        dict: `harmful_refusal_rate`, `over_refusal_rate`, `dangerous_sounding_refusal_rate` (the benign
+        prompts of kind `sounds_dangerous`), `utility_accuracy` (in [0, 1] or None), each with a `<key>_ci`
+        95 % bootstrap interval over prompts,
         `benign_nll` (nats per token, or None), the counts `n_harmful`, `n_benign`, `n_utility`, and with
         `keep_responses` a `responses` dict of per-suite `{"prompt", "response", "refused"}` records (utility
         ones also with `correct`).
@@ -220,17 +226,21 @@ def evaluate_suites(model: torch.nn.Module, tokenizer: Any, suites: EvalSuites, 
                for response, item in zip(utility, suites.utility, strict=True)]
     nll = response_nll(model, tokenizer, suites.benign, suites.benign_answers, batch_size=nll_batch_size) \
         if suites.benign_answers else None
-    metrics: dict[str, Any] = {
-        "harmful_refusal_rate": rate(list(map(is_refusal, harmful))),
-        "over_refusal_rate": rate(list(map(is_refusal, benign))),
-        "utility_accuracy": rate(correct),
-        "benign_nll": nll,
-        "n_harmful": len(harmful), "n_benign": len(benign), "n_utility": len(utility),
-    }
+    kinds = suites.benign_kinds or ["ordinary"] * len(benign)
+    flags = {"harmful_refusal_rate": list(map(is_refusal, harmful)),
+             "over_refusal_rate": list(map(is_refusal, benign)), "utility_accuracy": correct}
+    flags["dangerous_sounding_refusal_rate"] = [refused for refused, kind in zip(flags["over_refusal_rate"], kinds,
+                                                                                 strict=True)
+                                                if kind == "sounds_dangerous"]
+    metrics: dict[str, Any] = {key: rate(values) for key, values in flags.items()}
+    metrics.update({f"{key}_ci": bootstrap_ci(values) for key, values in flags.items()})
+    metrics.update(benign_nll=nll, n_harmful=len(harmful), n_benign=len(benign), n_utility=len(utility),
+                   n_dangerous_sounding=len(flags["dangerous_sounding_refusal_rate"]))
     if keep_responses:
         metrics["responses"] = {
             "harmful": records(suites.harmful, harmful),
-            "benign": records(suites.benign, benign),
+            "benign": [{**record, "kind": kind} for record, kind in zip(records(suites.benign, benign), kinds,
+                                                                        strict=True)],
             "utility": [{**record, "correct": ok} for record, ok in zip(records(questions, utility), correct,
                                                                         strict=True)],
         }

@@ -37,6 +37,24 @@ def project_out(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (values - coefficients @ basis).to(vectors.dtype)
 
 
+@torch.no_grad()
+def project_rows_(matrix: torch.Tensor, basis: torch.Tensor) -> float:
+    """`M ← M (I − UᵀU)` in place: every row of `matrix (r, d)` made orthogonal to `basis (m, d)`.
+
+    This keeps a lora_A's rows out of the span of a layer's reference inputs (activation-space protection):
+    then `A x = A (I − UᵀU) x`, small for reference-like inputs x. The math is float32 whatever the dtype.
+
+    Returns:
+        ‖M Uᵀ‖² before the projection (the energy removed).
+    """
+    if basis.shape[0] == 0:
+        return 0.0
+    rows = matrix.float()
+    coefficients = rows @ basis.T  # (r, m)
+    matrix.copy_((rows - coefficients @ basis).to(matrix.dtype))
+    return float(coefficients.square().sum())
+
+
 def span_fraction(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Share of each vector's squared norm inside the span of `basis`: ‖U v‖² / ‖v‖² (0 for a zero vector).
 

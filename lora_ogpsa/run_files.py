@@ -55,6 +55,7 @@ def _read_lines(path: Path) -> list[str]:
 _EVAL_LABELS = {
     "harmful_refusal_rate": "harmful prompts refused (HarmBench)",
     "over_refusal_rate": "benign prompts refused (over-refusal)",
+    "dangerous_sounding_refusal_rate": "held-out dangerous-sounding benign prompts refused",
     "utility_accuracy": "utility accuracy",
     "benign_nll": "NLL of the base model's benign answers",
 }

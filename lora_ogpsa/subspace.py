@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "lora_ogpsa.subspace"
 FORMAT_VERSION = "1"
+INPUT_PREFIX = "input_basis/"  # keys of the activation-space bases in the file
 ORTHONORMAL_TOLERANCE = 1e-4
 # Eigenvalues of a float32 Gram matrix below λ_max·S·this are rounding noise, not directions.
 _NOISE_FLOOR = 4 * torch.finfo(torch.float32).eps
@@ -46,6 +47,9 @@ class Subspace:
         mean_coefficients_by_name: `(k,)` float32: the mean sample (the gradient of the mean reference loss)
             in basis coordinates, `U ḡ`; its signs say which way along each direction the loss rises.
         metadata: free-form strings saved with the file (config, step, reference-set hash, ...).
+        input_basis_by_name: activation-space protection, per lora_A tensor name: `(m, d_in)` orthonormal
+            rows spanning the reference inputs of that layer (energy `input_energy_by_name`); the rows of
+            lora_A are kept orthogonal to them. Saved under `input_basis/<name>` keys.
     """
 
     basis_by_name: dict[str, torch.Tensor]
@@ -54,6 +58,8 @@ class Subspace:
     dropped_by_name: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     mean_coefficients_by_name: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_basis_by_name: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_energy_by_name: dict[str, float] = field(default_factory=dict)
 
     @property
     def directions_by_name(self) -> dict[str, int]:
@@ -87,8 +93,9 @@ class Subspace:
     def to(self, device: torch.device | str) -> Subspace:
         """A copy with every basis on `device` (the other fields are shared)."""
         moved = {name: basis.to(device) for name, basis in self.basis_by_name.items()}
+        inputs = {name: basis.to(device) for name, basis in self.input_basis_by_name.items()}
         return Subspace(moved, self.singular_values_by_name, self.energy_by_name, self.dropped_by_name,
-                        dict(self.metadata), self.mean_coefficients_by_name)
+                        dict(self.metadata), self.mean_coefficients_by_name, inputs, self.input_energy_by_name)
 
     def save(self, path: str | Path) -> None:
         """Write a safetensors file: one `(k, n)` float32 tensor per name, the rest as string metadata.
@@ -98,6 +105,8 @@ class Subspace:
         path = Path(path)
         tensors = {name: basis.detach().to("cpu", torch.float32).contiguous()
                    for name, basis in self.basis_by_name.items()}
+        tensors.update({INPUT_PREFIX + name: basis.detach().to("cpu", torch.float32).clone()
+                        for name, basis in self.input_basis_by_name.items()})  # shared inputs: one copy each
         header = {
             **self.metadata,
             "format": FORMAT_NAME,
@@ -106,6 +115,7 @@ class Subspace:
             "energy": json.dumps(self.energy_by_name),
             "dropped_samples": json.dumps(self.dropped_by_name),
             "mean_coefficients": _tensors_json(self.mean_coefficients_by_name),
+            "input_energy": json.dumps(self.input_energy_by_name),
         }
         partial = path.with_name(f".{path.name}.partial")
         save_file(tensors, str(partial), metadata=header)
@@ -131,15 +141,18 @@ class Subspace:
                              f"{header.get('format')!r}, expected {FORMAT_NAME!r}); was it written by Subspace.save?")
         for name, basis in basis_by_name.items():
             _check_basis(path, name, basis)
+        inputs = {name[len(INPUT_PREFIX):]: basis_by_name.pop(name) for name in list(basis_by_name)
+                  if name.startswith(INPUT_PREFIX)}
         if numel_by_name is not None:
             _check_names(path, basis_by_name, numel_by_name)
         singular_values = _tensors_from_json(header.pop("singular_values", "{}"))
         mean_coefficients = _tensors_from_json(header.pop("mean_coefficients", "{}"))
         energy = json.loads(header.pop("energy", "{}"))
         dropped = json.loads(header.pop("dropped_samples", "{}"))
+        input_energy = json.loads(header.pop("input_energy", "{}"))
         for key in ("format", "format_version"):
             header.pop(key, None)
-        return cls(basis_by_name, singular_values, energy, dropped, header, mean_coefficients)
+        return cls(basis_by_name, singular_values, energy, dropped, header, mean_coefficients, inputs, input_energy)
 
 
 def compute_subspace(
@@ -182,6 +195,42 @@ def compute_subspace(
     if subspace.dropped_samples:
         logger.warning("dropped %d reference-gradient samples holding NaN/Inf", subspace.dropped_samples)
     return subspace
+
+
+def compute_input_basis(covariance_by_name: Mapping[str, torch.Tensor], *, energy: float
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Activation-space bases: top eigenvectors of each layer's reference-input second moment C = Σ x xᵀ.
+
+    Keeps, per name, the fewest eigenvectors whose eigenvalues reach `energy` of the trace; then
+    Σ ‖(I − UᵀU) x‖² ≤ (1 − energy) Σ ‖x‖² over the reference inputs. Names given the very same tensor (layers
+    that share an input: q/k/v, gate/up) are solved once; equal shapes are solved in one batched `eigh`.
+
+    Args:
+        covariance_by_name: `(d, d)` symmetric positive semi-definite per name.
+        energy: share of the inputs' energy the basis must capture, in (0, 1].
+
+    Returns:
+        (`(m, d)` float32 orthonormal rows per name, the energy actually captured per name).
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"`activation_energy` must be in (0, 1], got {energy!r}")
+    distinct = {id(matrix): matrix for matrix in covariance_by_name.values()}
+    solved: dict[int, tuple[torch.Tensor, float]] = {}
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for key, matrix in distinct.items():
+        by_shape[(matrix.shape[0], str(matrix.device))].append(key)
+    for keys in by_shape.values():
+        stacked = torch.stack([distinct[key].double() for key in keys])  # (P, d, d)
+        values, vectors = torch.linalg.eigh((stacked + stacked.transpose(1, 2)) / 2)  # ascending
+        values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+        for index, key in enumerate(keys):
+            total = float(values[index].sum())
+            share = (values[index].cumsum(0) / total) if total > 0 else torch.ones_like(values[index])
+            m = min(int((share < energy - 1e-12).sum()) + 1, len(share)) if total > 0 else 0
+            basis = vectors[index, :, :m].T.float().contiguous()  # (m, d)
+            solved[key] = (basis, float(share[m - 1]) if m else 1.0)
+    bases = {name: solved[id(matrix)][0] for name, matrix in covariance_by_name.items()}
+    return bases, {name: solved[id(matrix)][1] for name, matrix in covariance_by_name.items()}
 
 
 def _groups_of_equal_shape(matrices: Mapping[str, torch.Tensor]) -> list[list[str]]:

@@ -23,6 +23,10 @@ def test_defaults_are_valid_and_round_trip():
     ("opening_tokens", -2, "opening_tokens"),
     ("later_token_weight", 1.5, r"`later_token_weight` must be in \[0, 1\]"),
     ("later_token_weight", float("nan"), "later_token_weight"),
+    ("protect", "weights", r"`protect` must be one of gradients, activations, both, got 'weights'"),
+    ("activation_energy", 0.0, r"`activation_energy` must be in \(0, 1\]"),
+    ("activation_positions", "first", r"`activation_positions` must be all or opening"),
+    ("activation_opening_tokens", 0, "activation_opening_tokens"),
 ])
 def test_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):

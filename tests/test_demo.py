@@ -13,15 +13,17 @@ from lora_ogpsa.demo import DemoPlan, run_demo
 from lora_ogpsa.demo import data as demo_data
 from lora_ogpsa.demo import run as demo
 from lora_ogpsa.demo.assets import default_cache_dir
+from lora_ogpsa.demo.evaluator import Evaluator
 from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.errors import InputError
 
-METRICS = ("harmful_refusal_rate", "over_refusal_rate", "utility_accuracy", "benign_nll")
+METRICS = ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate", "utility_accuracy",
+           "benign_nll")
 FAKE_DONOTANSWER = [{"prompt": f"harmful request number {i}?", "category": "malicious_uses",
                      "intents": ["S003instructions"]} for i in range(40)]
 FAKE_HARMBENCH = [f"harmbench behaviour {i}" for i in range(12)]
 TINY_SIZES = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=6, harmful_heldout=4, reference=6,
-                       benign_eval=2)
+                       benign_eval=2, sft_lookalike=3, dpo_lookalike=2, reference_lookalike=2)
 
 
 def small_plan(**changes) -> DemoPlan:
@@ -44,13 +46,21 @@ def check_report(report, output, methods):
     assert on_disk["models"].keys() == {"base", *methods}
     assert on_disk["model_path"] == report["model_path"]
     for name, metrics in on_disk["models"].items():
-        for key in METRICS[:3]:
+        for key in METRICS[:4]:
             assert 0.0 <= metrics[key] <= 1.0, (name, key)
+            low, high = metrics[f"{key}_ci"]  # the report contract: an interval for every rate
+            assert low <= metrics[key] <= high, (name, key)
         assert metrics["benign_nll"] > 0.0
+    assert on_disk["verdict"].startswith("The final OGPSA model refuses")
+    assert set(on_disk["responses"]) == {"base", *methods}
+    assert {"prompt", "response", "refused", "kind"} <= set(on_disk["responses"]["ogpsa"]["benign"][0])
     for method in methods:
         points = on_disk["trajectories"][method]
         assert points[0]["label"] == "base" and points[-1]["label"] == "final"
         assert all(set(METRICS) <= point.keys() for point in points)
+        curve = on_disk["lambda_curves"][method]
+        assert [p["lambda"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        assert curve[0]["harmful_refusal_rate"] == points[0]["harmful_refusal_rate"]
     settings = on_disk["settings"]
     assert settings["sft_steps"] == 2 and settings["ogpsa"]["max_directions"] == 2
     assert [m["name"] for m in settings["methods"]] == list(methods)
@@ -74,7 +84,7 @@ def test_demo_on_a_tiny_model_writes_the_layout_and_reuses_finished_work(tiny_mo
     assert (output / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "harmful prompts refused (HarmBench)" in (output / "ogpsa" / "README.md").read_text()  # eval in the card
     markdown = (output / "report.md").read_text()
-    assert "At matched safety" in markdown and "replay" in markdown.lower()
+    assert "At matched safety" in markdown and "replay" in markdown.lower() and "**Verdict.**" in markdown
 
     # A rerun trains nothing and evaluates nothing: every result comes from the caches.
     def refuse(*args, **kwargs):
@@ -83,7 +93,7 @@ def test_demo_on_a_tiny_model_writes_the_layout_and_reuses_finished_work(tiny_mo
     with monkeypatch.context() as patch:
         patch.setattr(train, "run_align", refuse)
         patch.setattr(train, "run_sft", refuse)
-        patch.setattr(demo._Evaluator, "_run", refuse)
+        patch.setattr(Evaluator, "_run", refuse)
         again = run_demo(output=output, compare=True, model=str(tiny_model_dir), cache_dir=tmp_path / "cache",
                          plan=small_plan())
     assert again["models"] == report["models"]
@@ -132,7 +142,8 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
 def test_fingerprint_separates_settings(tiny_model_dir, tmp_path, data_files):
     class Data:
         def path(self, name):
-            return data_files[{"sft": "sft", "dpo": "dpo", "reference": "reference"}[name]]
+            return data_files[{"sft": "sft", "dpo": "dpo", "reference": "reference",
+                               "reference_lookalike": "reference"}[name]]
 
     plan = small_plan()
 

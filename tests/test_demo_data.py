@@ -7,6 +7,7 @@ import pytest
 
 from lora_ogpsa.data import read_rows
 from lora_ogpsa.demo import data as demo_data
+from lora_ogpsa.demo.dangerous_sounding import BANK
 from lora_ogpsa.demo.data import (
     DemoData,
     build_demo_data,
@@ -15,7 +16,7 @@ from lora_ogpsa.demo.data import (
     trim_to_sentence,
 )
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
-from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_ordinary
+from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.refusal import is_refusal
 from lora_ogpsa.tiny import save_tiny_model
@@ -25,16 +26,18 @@ CATEGORIES = ("malicious_uses", "information_hazard", "human_chatbox", "misinfor
 FAKE_DONOTANSWER = [{"prompt": f"harmful request number {i}?", "category": CATEGORIES[i % 5],
                      "intents": ["S006sh"] if i == 3 else ["S003instructions"]} for i in range(40)]
 FAKE_HARMBENCH = [f"harmbench behaviour {i}" for i in range(12)]
-SMALL = DemoSizes(sft_harmful=9, benign_fraction=0.25, dpo_pairs=6, harmful_heldout=5, reference=7, benign_eval=4)
+SMALL = DemoSizes(sft_harmful=9, benign_fraction=0.25, dpo_pairs=6, harmful_heldout=5, reference=7, benign_eval=4,
+                  sft_lookalike=5, dpo_lookalike=4, reference_lookalike=3)
+EVAL_LOOKALIKE = len(split_lookalike(SMALL, 0)["eval"])
 
 
 # ---- the prompt sets written in code ----
 
 def test_prompt_sets_are_distinct_and_large_enough():
     utility = [item.question for item in UTILITY_SET]
-    every = [*ORDINARY_PROMPTS_FLAT, *SOUNDS_DANGEROUS, *utility]
+    every = [*ORDINARY_PROMPTS_FLAT, *SOUNDS_DANGEROUS, *utility, *(item.prompt for item in BANK)]
     assert len(every) == len(set(every)) >= 150
-    assert len(SOUNDS_DANGEROUS) >= 30 and len(UTILITY_SET) >= 40
+    assert len(SOUNDS_DANGEROUS) >= 30 and len(UTILITY_SET) >= 40 and len(BANK) >= 240
     assert {"facts", "math", "explanation", "writing", "coding"} <= set(ORDINARY_PROMPTS)
     assert all(item.answers for item in UTILITY_SET)
 
@@ -58,7 +61,7 @@ def test_sft_benign_follows_the_fraction():
 def test_split_ordinary_is_disjoint_seeded_and_mixed():
     sizes = DemoSizes()
     parts = split_ordinary(sizes, seed=0)
-    assert {name: len(part) for name, part in parts.items()} == {"benign_eval": 24, "reference": 64,
+    assert {name: len(part) for name, part in parts.items()} == {"benign_eval": 32, "reference": 64,
                                                                  "sft_benign": 64}
     flat = [prompt for part in parts.values() for prompt in part]
     assert len(flat) == len(set(flat))
@@ -126,24 +129,54 @@ def _rows(path):
 
 def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake_generate):
     data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
-    assert data.counts == {"sft": 9 + SMALL.sft_benign, "dpo": 6, "reference": 7, "harmful_train": 15,
-                           "harmful_heldout": 5, "harmbench": 12, "benign": len(SOUNDS_DANGEROUS) + 4,
-                           "utility": len(UTILITY_SET)}
+    assert data.counts == {"sft": 9 + SMALL.sft_benign + 5, "dpo": 6 + 4, "reference": 7,
+                           "reference_lookalike": 7 + 3, "harmful_train": 15, "harmful_heldout": 5,
+                           "harmbench": 12, "benign": EVAL_LOOKALIKE + 4, "utility": len(UTILITY_SET)}
     assert len(read_rows(data.path("sft"), "sft")) == data.counts["sft"]  # TRL formats, as the trainer reads them
     assert len(read_rows(data.path("reference"), "sft")) == 7
-    assert len(read_rows(data.path("dpo"), "preference")) == 6
+    assert len(read_rows(data.path("dpo"), "preference")) == 10
     sft = _rows(data.path("sft"))
     refusals = [row for row in sft if is_refusal(row["messages"][1]["content"])]
     assert len(refusals) == 9
-    trained = {row["messages"][0]["content"] for row in sft} | {row["messages"][0]["content"]
-                                                                for row in _rows(data.path("reference"))}
-    trained |= {row["prompt"][0]["content"] for row in _rows(data.path("dpo"))}
-    evaluated = {row["prompt"] for name in ("benign", "utility", "harmful_heldout", "harmbench")
-                 for row in _rows(data.path(name))}
-    assert not trained & evaluated
-    assert all(is_refusal(row["chosen"][0]["content"]) for row in _rows(data.path("dpo")))
+    # Contrastive DPO: a refusal beats the base answer on harmful prompts, the base answer beats a refusal on
+    # dangerous-sounding benign ones.
+    pairs = _rows(data.path("dpo"))
+    refusal_chosen = [row for row in pairs if is_refusal(row["chosen"][0]["content"])]
+    assert len(refusal_chosen) == 6 and all(is_refusal(row["rejected"][0]["content"]) for row in pairs
+                                            if row not in refusal_chosen)
     sources = json.loads(data.sources.read_text())
     assert sources["counts"] == data.counts and sources["seed"] == 0 and "Do-Not-Answer" in sources["sources"]
+    assert sources["proportions"]["sft"] == {"harmful_refusals": 9, "ordinary_answered": SMALL.sft_benign,
+                                             "lookalike_answered": 5}
+    benign = _rows(data.path("benign"))
+    assert sum(row["kind"] == "sounds_dangerous" for row in benign) == EVAL_LOOKALIKE
+
+
+def _prompts_of(rows):
+    for row in rows:
+        if "messages" in row:
+            yield row["messages"][0]["content"]
+        elif isinstance(row["prompt"], list):
+            yield row["prompt"][0]["content"]
+        else:
+            yield row["prompt"]
+
+
+def test_evaluation_prompts_are_held_out_from_every_training_and_reference_set(tiny_dir, tmp_path, fake_sources,
+                                                                                fake_generate):
+    import re
+
+    data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
+    trained = {prompt for name in ("sft", "dpo", "reference", "reference_lookalike", "harmful_train")
+               for prompt in _prompts_of(_rows(data.path(name)))}
+    evaluated = {prompt for name in ("benign", "utility", "harmful_heldout", "harmbench")
+                 for prompt in _prompts_of(_rows(data.path(name)))}
+    assert evaluated and not trained & evaluated
+    # ... and no trigger word of a held-out dangerous-sounding prompt occurs in a trained look-alike prompt
+    triggers = {row["trigger"] for row in _rows(data.path("benign")) if row["kind"] == "sounds_dangerous"}
+    lookalikes = {item.prompt for item in BANK} & trained
+    assert lookalikes and triggers
+    assert not [p for p in lookalikes for trigger in triggers if re.search(rf"\b{trigger}", p, re.IGNORECASE)]
 
 
 def test_build_is_deterministic_and_cached(tiny_dir, tmp_path, fake_sources, fake_generate):
@@ -175,7 +208,8 @@ def test_build_with_the_real_generate_on_a_tiny_model(tiny_dir, tmp_path, fake_s
     data = build_demo_data(tiny_dir, tmp_path, sizes=sizes, max_new_tokens=3, batch_size=8, device="cpu")
     suites = load_eval_suites(data, harmful=5, benign=3)
     assert len(suites.harmful) == 5 and len(suites.benign) == len(suites.benign_answers) == 3
-    assert suites.benign == list(SOUNDS_DANGEROUS[:3]) and len(suites.utility) == len(UTILITY_SET)
+    assert suites.benign == [item.prompt for item in split_lookalike(sizes, 0)["eval"][:3]]
+    assert suites.benign_kinds == ["sounds_dangerous"] * 3 and len(suites.utility) == len(UTILITY_SET)
     assert DemoData.from_directory(data.directory) == data
 
 

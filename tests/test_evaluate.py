@@ -8,8 +8,8 @@ import torch
 from peft import get_peft_model
 
 from lora_ogpsa import evaluate
-from lora_ogpsa.demo.prompts import SOUNDS_DANGEROUS, UTILITY_SET
-from lora_ogpsa.demo.splits import BUILTIN_SUITES
+from lora_ogpsa.demo.prompts import UTILITY_SET
+from lora_ogpsa.demo.splits import BUILTIN_SUITES, DemoSizes, split_lookalike
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.eval_run import prompt_id, run_eval
 from lora_ogpsa.evaluate import (
@@ -163,7 +163,8 @@ def test_load_prompts_reads_text_and_jsonl(tmp_path):
 
 def test_builtin_suites_need_no_model():
     benign = load_prompts("benign", BUILTIN_SUITES)
-    assert benign.prompts[:len(SOUNDS_DANGEROUS)] == list(SOUNDS_DANGEROUS) and len(benign.prompts) == 64
+    held_out = [item.prompt for item in split_lookalike(DemoSizes(), 0)["eval"]]
+    assert benign.prompts[:len(held_out)] == held_out and len(benign.prompts) == len(held_out) + 32
     utility = load_prompts("utility", BUILTIN_SUITES)
     assert utility.answers == [item.answers for item in UTILITY_SET]
 

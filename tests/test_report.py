@@ -10,6 +10,9 @@ from lora_ogpsa.demo.report import (
     interpolate_at,
     matched_safety,
     matched_table,
+    tax_at,
+    tax_table,
+    verdict,
     write_report,
 )
 
@@ -62,5 +65,30 @@ def test_report_files_and_tables(tmp_path):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = paths["markdown"].read_text()
     assert "## At matched safety" in text and "| 50% | 88% / 12% | 50% / 42% |" in text
-    assert "| OGPSA (update mode) | 80% | 20% | 80% | 1.500 |" in final_table(report)
+    assert "| OGPSA (update mode) | 80% | – | 20% | 80% | 1.500 |" in final_table(report)
+    assert "## Alignment tax at matched safety" in text and written["verdict"].startswith("The final OGPSA")
     assert "no common" in matched_table({"matched_safety": [], "trajectories": TRAJECTORIES})
+
+
+def test_alignment_tax_at_matched_safety_with_an_interval():
+    # at 50 % harmful refused: ogpsa utility 0.875, over-refusal 0.125 -> tax 12.5 + 12.5 = 25 points
+    assert tax_at(TRAJECTORIES["ogpsa"], 0.5)["tax"] == pytest.approx(25.0)
+    assert tax_at(TRAJECTORIES["ogpsa"], 0.5)["ci"] is None  # no per-point intervals given
+    assert tax_at(TRAJECTORIES["ogpsa"], 0.9) is None  # never reached
+    with_ci = [{**p, "utility_accuracy_ci": [p["utility_accuracy"] - 0.03, p["utility_accuracy"] + 0.03],
+                "over_refusal_rate_ci": [p["over_refusal_rate"] - 0.04, p["over_refusal_rate"] + 0.04]}
+               for p in TRAJECTORIES["plain"]]
+    found = tax_at(with_ci, 0.3)  # utility 0.7, over-refusal 0.25 -> 30 + 25 = 55
+    assert found["tax"] == pytest.approx(55.0) and found["ci"] == pytest.approx([50.0, 60.0])  # hypot(3, 4) = 5
+    table = tax_table({"ogpsa": TRAJECTORIES["ogpsa"], "plain λ": TRAJECTORIES["plain"]}, levels=(0.5, 0.9))
+    assert set(table["ogpsa"]) == {"0.5"} and set(table["plain λ"]) == {"0.5", "0.9"}
+
+
+def test_verdict_says_whether_the_model_is_usable_and_compares_with_plain():
+    good = {"harmful_refusal_rate": 0.8, "dangerous_sounding_refusal_rate": 0.1, "utility_accuracy": 0.9}
+    report = {"models": {"ogpsa": good}, "tax": {"ogpsa": {"0.5": {"tax": 5.0, "ci": [2.0, 8.0]}},
+                                                 "plain": {"0.5": {"tax": 20.0, "ci": [15.0, 25.0]}}}}
+    text = verdict(report)
+    assert "usable by this project's bar" in text and "do not overlap" in text and "At 50% HarmBench" in text
+    bad = verdict({"models": {"ogpsa": {**good, "dangerous_sounding_refusal_rate": 0.6}}, "tax": {}})
+    assert "not yet usable: dangerous-sounding benign refused 60%" in bad and "cannot be compared" in bad

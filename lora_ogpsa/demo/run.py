@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lora_ogpsa.config import OGPSAConfig, TrainSettings
+from lora_ogpsa.demo.evaluator import Evaluator
 from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.files import (
@@ -37,7 +38,6 @@ from lora_ogpsa.files import (
     file_sha256,
     read_json,
     read_jsonl,
-    write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,15 +60,22 @@ class DemoPlan:
     lora_r: int = 16
     quantize: bool = True
     seed: int = 0
-    eval_harmful: int = 40
-    eval_benign: int = 40
-    eval_utility: int = 32
+    eval_harmful: int = 64
+    eval_benign: int | None = None
+    """None: every held-out benign prompt (the dangerous-sounding ones first)"""
+    eval_utility: int | None = None
     eval_max_new_tokens: int = 24
     eval_batch_size: int = 48
     ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=10,
                                                                    reference_examples=32))
     data_sizes: DemoSizes = field(default_factory=DemoSizes)
     """how many prompts go into each built data set"""
+    data_seed: int = 0
+    """the seed of the data splits (kept when `seed`, the training seed, varies across an experiment's seeds)"""
+    lambda_curves: bool = True
+    """also evaluate each final adapter with its delta scaled by λ (`evaluator.LAMBDAS`)"""
+    evaluate_merged: bool = False
+    """evaluate the merged OGPSA model too (it equals base + adapter up to the merge audit's logit difference)"""
 
     @classmethod
     def for_device(cls, max_steps: int | None = None) -> DemoPlan:
@@ -77,8 +84,8 @@ class DemoPlan:
         plan = cls()
         if torch.cuda.is_available():
             plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=20,
-                                       batch_size=16, dpo_batch_size=8, eval_harmful=200, eval_benign=64,
-                                       eval_utility=46, eval_max_new_tokens=32,
+                                       batch_size=16, dpo_batch_size=8, eval_harmful=200, evaluate_merged=True,
+                                       eval_max_new_tokens=32,
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
         if max_steps is not None:
             if max_steps < 1:
@@ -100,14 +107,19 @@ class Method:
     """`align` (SFT then DPO) or `sft`"""
     ogpsa: dict = field(default_factory=dict)
     """OGPSAConfig fields overriding the plan's"""
+    reference: str = "reference_lookalike"
+    """the demo data set OGPSA protects (and replay mixes in): `reference` (ordinary requests) or
+    `reference_lookalike` (plus dangerous-sounding benign prompts, with the base model's answers)"""
 
 
 DEMO_METHODS = (Method("ogpsa"), Method("plain", project="none"), Method("replay", project="none", replay=True))
+DEFAULT_METHODS = DEMO_METHODS[:2]
+"""`make demo`: OGPSA next to plain QLoRA (same seed, data and steps); `--compare` adds replay."""
 
 
 def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = None, model: str | None = None,
              cache_dir: str | None = None, overwrite: bool = False, plan: DemoPlan | None = None,
-             methods: tuple[Method, ...] | None = None) -> dict[str, Any]:
+             methods: tuple[Method, ...] | None = None, evaluation_cache: Path | None = None) -> dict[str, Any]:
     """Run the demo and write the report; returns the report document.
 
     Raises:
@@ -119,37 +131,42 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
     from lora_ogpsa.model import check_model_dir
 
     plan = plan or DemoPlan.for_device(max_steps)
-    methods = methods or (DEMO_METHODS if compare else DEMO_METHODS[:1])
+    methods = methods or (DEMO_METHODS if compare else DEFAULT_METHODS)
     _check_demo_output(output, overwrite)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
-    data = build_demo_data(model_path, cache_dir, sizes=plan.data_sizes, seed=plan.seed)
+    data = build_demo_data(model_path, cache_dir, sizes=plan.data_sizes, seed=plan.data_seed)
     timings["model_and_data"] = time.perf_counter() - started
     suites = load_eval_suites(data, harmful=plan.eval_harmful, benign=plan.eval_benign, utility=plan.eval_utility)
     output.mkdir(parents=True, exist_ok=True)
-    evaluator = _Evaluator(model_path, suites, plan, output / "evaluations")
+    evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
     base_metrics = evaluator.evaluate(None, "base")
-    trajectories, finals = {}, {"base": base_metrics}
+    trajectories, curves, finals = {}, {}, {"base": base_metrics}
     for method in methods:
         start = time.perf_counter()
         directory = _train(method, model_path, data, plan, output)
         timings[f"train_{method.name}"] = time.perf_counter() - start
         start = time.perf_counter()
-        trajectories[method.name] = [{"label": "base", **base_metrics}, *evaluator.trajectory(directory,
+        trajectories[method.name] = [{**base_metrics, "label": "base"}, *evaluator.trajectory(directory,
                                                                                               method.stages)]
         finals[method.name] = dict(trajectories[method.name][-1])
+        if plan.lambda_curves:
+            curves[method.name] = evaluator.lambda_curve(directory, base_metrics, finals[method.name])
         timings[f"evaluate_{method.name}"] = time.perf_counter() - start
     if any(method.name == "ogpsa" and method.stages == "align" for method in methods):
         start = time.perf_counter()
-        merged = _merge(model_path, output / "ogpsa", output / "merged")
-        finals["ogpsa"] = evaluator.evaluate(merged, "ogpsa merged", merged=True)
+        merged, audit = _merge(model_path, output / "ogpsa", output / "merged")
+        finals["ogpsa"]["merge_max_logit_diff"] = audit
+        if plan.evaluate_merged:
+            finals["ogpsa"] = {**evaluator.evaluate(merged, "ogpsa merged", merged=True),
+                               "merge_max_logit_diff": audit}
         timings["merge_and_evaluate"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
     from lora_ogpsa.demo.report import build_report, write_report
 
     report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
-                          trajectories=trajectories, timings=timings)
+                          trajectories=trajectories, lambda_curves=curves, timings=timings)
     write_report(report, output)
     if "ogpsa" in finals and (output / "ogpsa" / CARD_FILE).is_file():
         _add_evaluation_to_card(output / "ogpsa", finals["ogpsa"])
@@ -164,28 +181,29 @@ def _check_demo_output(output: Path, overwrite: bool) -> None:
         return
     if overwrite:
         shutil.rmtree(output)
-    elif not (output / "evaluations").is_dir():
+    elif not ((output / "evaluations").is_dir() or (output / "report.json").is_file()
+              or any(output.glob("*/demo_settings.json"))):
         raise InputError(f"--output {output}: exists, is not empty and is not a demo directory; pass --overwrite "
                          "to replace it, or choose another path")
 
 
 def _method_settings(method: Method, model_path: Path, data, plan: DemoPlan, output: Path) -> TrainSettings:
-    sft_data = str(_replay_data(data, output, plan.seed) if method.replay else data.path("sft"))
+    sft_data = str(_replay_data(data, method.reference, output, plan.seed) if method.replay else data.path("sft"))
     ogpsa = dataclasses.replace(plan.ogpsa, project=method.project, **method.ogpsa)
-    return TrainSettings(model=model_path, output=output / method.name, reference=str(data.path("reference")),
+    return TrainSettings(model=model_path, output=output / method.name, reference=str(data.path(method.reference)),
                          sft_data=sft_data, dpo_data=str(data.path("dpo")), data=sft_data, max_steps=plan.sft_steps,
                          dpo_max_steps=plan.dpo_steps, save_steps=plan.save_steps, batch_size=plan.batch_size,
                          dpo_batch_size=plan.dpo_batch_size, dpo_save_steps=plan.dpo_save_steps,
                          learning_rate=plan.learning_rate,
                          dpo_learning_rate=plan.dpo_learning_rate, seed=plan.seed, max_length=plan.max_length,
-                         lora_r=plan.lora_r, quantize=plan.quantize, overwrite=True, ogpsa=ogpsa)
+                         lora_r=plan.lora_r, quantize=plan.quantize, overwrite=True, logging_steps=1, ogpsa=ogpsa)
 
 
-def _replay_data(data, output: Path, seed: int) -> Path:
+def _replay_data(data, reference: str, output: Path, seed: int) -> Path:
     """The SFT rows with the reference rows mixed in (shuffled with the seed): the replay baseline."""
-    rows = [line for name in ("sft", "reference") for line in data.path(name).read_text().splitlines() if line]
+    rows = [line for name in ("sft", reference) for line in data.path(name).read_text().splitlines() if line]
     random.Random(seed).shuffle(rows)
-    path = output / "replay_sft.jsonl"
+    path = output / f"replay_sft_{reference}_{seed}.jsonl"
     text = "".join(line + "\n" for line in rows)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
@@ -230,26 +248,28 @@ class _NoRows(list):
     skipped = 0
 
 
-def _merge(model_path: Path, adapter: Path, merged: Path) -> Path:
+def _merge(model_path: Path, adapter: Path, merged: Path) -> tuple[Path, float | None]:
     """Merge the OGPSA adapter into the original weights, unless this adapter's merge is already there."""
     from lora_ogpsa.merge import merge_adapter
 
     adapter_hash = _file_hash(adapter / ADAPTER_FILE)
     marker = merged / "lora_ogpsa_merge.json"
     if marker.is_file() and json.loads(marker.read_text()).get("adapter_sha256") == adapter_hash:
-        return merged
+        return merged, json.loads(marker.read_text()).get("max_logit_diff")
     if merged.exists():
         shutil.rmtree(merged)
     report = merge_adapter(model_path, adapter, merged, base="original", dtype="float32")
     marker.write_text(json.dumps({"adapter_sha256": adapter_hash, **report.as_dict()}, default=str) + "\n")
-    return merged
+    return merged, report.max_logit_diff
 
 
 def _settings(plan: DemoPlan, data, methods: tuple[Method, ...]) -> dict[str, Any]:
     return {**dataclasses.asdict(plan), "methods": [dataclasses.asdict(m) for m in methods],
             "data": str(data.directory),
             "data_counts": data.counts, "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "evaluated_on": "full-precision base + adapter (greedy); final OGPSA via the merged model"}
+            "evaluated_on": "full-precision base + adapter (greedy)" + (
+                "; final OGPSA via the merged model" if plan.evaluate_merged else
+                "; the merged OGPSA model is checked by the merge audit (max logit difference)")}
 
 
 def _add_evaluation_to_card(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -260,76 +280,12 @@ def _add_evaluation_to_card(run_dir: Path, metrics: dict[str, Any]) -> None:
     run_config = read_json(run_dir / RUN_CONFIG)
     subspace_file = run_dir / SUBSPACE_FILE
     subspace = Subspace.load(subspace_file) if subspace_file.is_file() else None
-    evaluation = {key: metrics[key] for key in ("harmful_refusal_rate", "over_refusal_rate", "utility_accuracy",
-                                                "benign_nll") if metrics.get(key) is not None}
+    evaluation = {key: metrics[key] for key in ("harmful_refusal_rate", "dangerous_sounding_refusal_rate",
+                                                "over_refusal_rate", "utility_accuracy", "benign_nll")
+                  if metrics.get(key) is not None}
     write_model_card(run_dir / CARD_FILE, run_config=run_config, subspace=subspace,
                      metrics=read_jsonl(run_dir / METRICS_FILE), evaluation=evaluation)
 
 
 def _file_hash(path: Path) -> str:
     return file_sha256(path)[:16]
-
-
-class _Evaluator:
-    """Evaluates the base, adapters on it, and merged models, caching results per adapter file."""
-
-    def __init__(self, model_path: Path, suites, plan: DemoPlan, cache: Path) -> None:
-        self.model_path, self.suites, self.plan, self.cache = model_path, suites, plan, cache
-        self._base = None
-        self._tokenizer = None
-        key = json.dumps([dataclasses.asdict(suites), plan.eval_max_new_tokens], sort_keys=True, default=str)
-        self.suites_key = hashlib.sha256(key.encode()).hexdigest()[:12]
-
-    def trajectory(self, run_dir: Path, stages: str) -> list[dict[str, Any]]:
-        """Metrics of every saved checkpoint, SFT then DPO, and of the final adapter."""
-        points = []
-        for stage, directory in ([("sft", run_dir)] if stages == "sft" else [("sft", run_dir / "sft"),
-                                                                              ("dpo", run_dir / "dpo")]):
-            checkpoints = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            points += [self.evaluate(path, f"{stage}-{path.name.split('-')[1]}") for path in checkpoints]
-        final = self.evaluate(run_dir, "final")
-        return [*points, final]
-
-    def evaluate(self, adapter: Path | None, label: str, *, merged: bool = False) -> dict[str, Any]:
-        """Metrics of base (+ adapter), or of a merged model directory; cached by the weights' hash."""
-        weights = None if adapter is None else (adapter / ("model.safetensors" if merged else
-                                                           ADAPTER_FILE))
-        key = f"{'base' if weights is None else _file_hash(weights)}-{self.suites_key}"
-        path = self.cache / f"{key}.json"
-        if path.is_file():
-            return {**json.loads(path.read_text()), "label": label}
-        metrics = self._run(adapter, merged)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        write_json(path, metrics)
-        logger.info("demo: %s: harmful refused %.0f%%, over-refusal %.0f%%, utility %.0f%%, benign NLL %.3f",
-                    label, 100 * metrics["harmful_refusal_rate"], 100 * metrics["over_refusal_rate"],
-                    100 * metrics["utility_accuracy"], metrics["benign_nll"])
-        return {**metrics, "label": label}
-
-    def _run(self, adapter: Path | None, merged: bool) -> dict[str, Any]:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        from lora_ogpsa.evaluate import evaluate_suites
-        from lora_ogpsa.model import load_tokenizer
-
-        self._tokenizer = self._tokenizer or load_tokenizer(self.model_path)
-        kwargs = {"max_new_tokens": self.plan.eval_max_new_tokens, "batch_size": self.plan.eval_batch_size}
-        if merged:
-            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
-            return evaluate_suites(model, self._tokenizer, self.suites, **kwargs)
-        base = self._base_model()
-        if adapter is None:
-            return evaluate_suites(base, self._tokenizer, self.suites, **kwargs)
-        model = PeftModel.from_pretrained(base, str(adapter))
-        try:
-            return evaluate_suites(model, self._tokenizer, self.suites, **kwargs)
-        finally:
-            self._base = model.unload()  # the base without LoRA layers, for the next adapter
-
-    def _base_model(self):
-        if self._base is None:
-            from lora_ogpsa.model import load_base_model
-
-            self._base = load_base_model(self.model_path, quantize=False)
-        return self._base

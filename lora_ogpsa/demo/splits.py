@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from lora_ogpsa.demo.assets import load_donotanswer, load_harmbench
-from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.demo.dangerous_sounding import BANK, LookalikePrompt, split_by_trigger
+from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, UTILITY_SET
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.prompt_sets import PromptSet
 
@@ -41,8 +42,16 @@ class DemoSizes:
     """Do-Not-Answer prompts never trained on (the `donotanswer-heldout` suite)."""
     reference: int = 64
     """Ordinary requests with the base model's answers: the reference set OGPSA protects."""
-    benign_eval: int = 24
-    """Ordinary requests held out for the benign evaluation set, on top of `SOUNDS_DANGEROUS`."""
+    benign_eval: int = 32
+    """Ordinary requests held out for the benign evaluation set, next to the held-out look-alike prompts."""
+    sft_lookalike: int = 64
+    """Dangerous-sounding benign prompts (the bank's `train` part) answered by the base model in the SFT set:
+    the contrast that teaches "refuse harm", not "refuse anything that sounds like it"."""
+    dpo_lookalike: int = 48
+    """Dangerous-sounding benign prompts (the bank's `dpo` part) as pairs where the base answer beats a refusal."""
+    reference_lookalike: int = 32
+    """Dangerous-sounding benign prompts (the bank's `reference` part) with base answers, added to the reference
+    set `reference_lookalike` (the behaviour OGPSA should protect)."""
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -95,9 +104,19 @@ def split_harmful(rows: Sequence[dict], sizes: DemoSizes, seed: int) -> dict[str
                                                                    strict=True)}
 
 
+def split_lookalike(sizes: DemoSizes, seed: int) -> dict[str, list[LookalikePrompt]]:
+    """The dangerous-sounding bank dealt by trigger family into `train` (SFT), `reference`, `dpo` and `eval`
+    parts, cut to the sizes (`eval` is always the whole held-out part): no trigger word of `eval` occurs in
+    any other part, so held-out over-refusal measures generalisation, not recall."""
+    parts = split_by_trigger(BANK, seed=seed)
+    return {"train": parts["train"][:sizes.sft_lookalike], "reference": parts["reference"][:sizes.reference_lookalike],
+            "dpo": parts["dpo"][:sizes.dpo_lookalike], "eval": parts["eval"]}
+
+
 def benign_eval_prompts(sizes: DemoSizes, seed: int) -> list[str]:
-    """The benign evaluation prompts: every `SOUNDS_DANGEROUS` prompt, then the held-out ordinary ones."""
-    return [*SOUNDS_DANGEROUS, *split_ordinary(sizes, seed)["benign_eval"]]
+    """The benign evaluation prompts: the held-out dangerous-sounding ones, then the held-out ordinary ones."""
+    return [*(item.prompt for item in split_lookalike(sizes, seed)["eval"]),
+            *split_ordinary(sizes, seed)["benign_eval"]]
 
 
 def builtin_suite(name: str) -> PromptSet:
