@@ -46,17 +46,27 @@ VARIANTS = {
     "ogpsa-k32-lookalike": Method("ogpsa-k32-lookalike", stages="sft", ogpsa={"max_directions": 32}),
     "ogpsa-k8-open-lookalike": Method("ogpsa-k8-open-lookalike", stages="sft",
                                       ogpsa={"max_directions": 8, **OPENING}),
+    "act90-lookalike": Method("act90-lookalike", stages="sft",
+                              ogpsa={"protect": "activations", "activation_energy": 0.9}),
+    "act90-opening-lookalike": Method("act90-opening-lookalike", stages="sft",
+                                      ogpsa={"protect": "activations", "activation_energy": 0.9,
+                                             "activation_positions": "opening"}),
+    "act99-lookalike": Method("act99-lookalike", stages="sft",
+                              ogpsa={"protect": "activations", "activation_energy": 0.99}),
+    "both-k8-act90-lookalike": Method("both-k8-act90-lookalike", stages="sft",
+                                      ogpsa={"protect": "both", "max_directions": 8, "activation_energy": 0.9}),
 }
 __doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference={m.reference}, {m.ogpsa}\n"
                    for name, m in VARIANTS.items())
-DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike")
+DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike", "act90-lookalike")
 
 
 def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     return dataclasses.replace(
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
-        seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_max_new_tokens=24,
+        seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
+        eval_max_new_tokens=24, quantize=not args.full_precision,
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32))
 
 
@@ -118,6 +128,9 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
+    parser.add_argument("--eval-utility", type=int, default=64, help="utility questions evaluated (of 136)")
+    parser.add_argument("--full-precision", action="store_true",
+                        help="full-precision base (faster research sweeps on a CPU; confirm on 4-bit)")
     parser.add_argument("--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -157,10 +157,19 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
         hint = f"did you mean '{close[0]}'?" if close else f"see `{parser.prog} --help`"
         raise InputError(f"--config {path}: unknown key '{unknown[0]}'; {hint}")
     translated: dict[str, Any] = {}
+    switches = {action.dest for action in parser._actions if _is_switch(action)}
     for key, value in values.items():
         dest, negative = keys[key]
+        if dest in switches and not (isinstance(value, bool) or value is None):
+            raise InputError(f"--config {path}: key '{key}' must be true or false (unquoted), got {value!r}")
         translated[dest] = (not value if isinstance(value, bool) else value) if negative else value
     return translated
+
+
+def _is_switch(action: argparse.Action) -> bool:
+    """A true/false flag: store_true/store_false, or a dataclass bool field (HfArgumentParser's string_to_bool)."""
+    return isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction) or \
+        getattr(action.type, "__name__", "") == "string_to_bool"
 
 
 def _config_keys(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:

@@ -10,6 +10,7 @@ the rename).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -49,6 +50,37 @@ def check_output_dir(output: Path, *, overwrite: bool, resume: bool = False, fla
     if output.is_dir() and any(output.iterdir()) and not (overwrite or resume):
         raise InputError(f"{flag} {output}: exists and is not empty; pass --overwrite to replace it"
                          f"{' or --resume to continue it' if flag == '--output' else ''}, or choose another path")
+
+
+@contextlib.contextmanager
+def output_lock(output: Path, *, flag: str = "--output") -> Iterator[None]:
+    """Hold an exclusive lock on `output` (a `.NAME.lock` sibling, `flock`ed) for the whole block.
+
+    A second run into the same output is refused at once instead of racing the first. The lock is released
+    by the kernel when the process dies, so a stale lock file never blocks anything.
+
+    Raises:
+        InputError: another process holds the lock (its pid is named).
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.with_name(f".{output.name}.lock")
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise InputError(f"{flag} {output}: in use by another run (pid {holder}); wait for it to finish or choose "
+                         "another output") from error
+    try:
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def finalize_directory(work: Path, output: Path) -> None:

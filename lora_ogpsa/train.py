@@ -6,8 +6,10 @@ A command validates every input before it writes anything, trains in `OUTPUT.par
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -33,6 +35,7 @@ from lora_ogpsa.files import (
     SUBSPACE_FILE,
     check_output_dir,
     finalize_directory,
+    output_lock,
     partial_path,
     read_json,
     read_jsonl,
@@ -61,17 +64,29 @@ Stage = Literal["sft", "dpo"]
 
 def run_sft(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa sft`: train a fresh adapter on SFT data; returns the output directory."""
-    return _run_single("sft", settings, settings.data, callbacks)
+    with _locked(settings):
+        return _run_single("sft", settings, settings.data, callbacks)
 
 
 def run_dpo(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa dpo`: train a fresh adapter, or continue `settings.adapter`, on preference data."""
-    return _run_single("dpo", settings, settings.data, callbacks)
+    with _locked(settings):
+        return _run_single("dpo", settings, settings.data, callbacks)
 
 
 def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa align`: SFT, then DPO on the same adapter with base + frozen SFT adapter as the DPO
     reference model. Writes `sft/`, `dpo/` and the final adapter at the top of the output directory."""
+    with _locked(settings):
+        return _run_align(settings, callbacks)
+
+
+def _locked(settings: TrainSettings):
+    """The output's lock, held by rank 0 for the whole run (other ranks write nothing)."""
+    return output_lock(settings.output) if distributed.is_main() else contextlib.nullcontext()
+
+
+def _run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback]) -> Path:
     settings = resolve_model(settings)
     tokenizer, reference = _validate_common(settings)
     sft_rows = read_rows(settings.sft_data, "sft", flag="--sft-data")
@@ -121,6 +136,10 @@ def resolve_model(settings: TrainSettings) -> TrainSettings:
 def _validate_common(settings: TrainSettings):
     """Every check that needs no training, before anything is written."""
     check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
+    finished = settings.output.is_dir() and any(settings.output.iterdir())
+    if settings.resume and not partial_path(settings.output).exists() and not finished:
+        raise InputError(f"--resume: nothing to resume in {settings.output} (no {partial_path(settings.output).name} "
+                         "and no finished run); check --output, or drop --resume to start a fresh run")
     check_model_dir(settings.model)
     tokenizer = load_tokenizer(settings.model)
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
@@ -145,9 +164,9 @@ def _prepare_work_dir(settings: TrainSettings) -> Path:
     output, work = settings.output, partial_path(settings.output)
     if distributed.is_main():
         if settings.resume and not work.exists() and output.is_dir() and any(output.iterdir()):
-            output.rename(work)  # continue a completed run (e.g. with more steps)
-        elif settings.resume and not work.exists():
-            logger.warning("--resume: nothing to resume in %s; starting a fresh run", work)
+            # Continue a finished run (e.g. with more steps) in a copy: the finished one stays untouched until
+            # the continued one is complete, whatever happens meanwhile.
+            shutil.copytree(output, work, symlinks=True)
         elif not settings.resume and work.exists():
             logger.warning("removing %s, left by an earlier run that did not finish (use --resume to continue "
                            "one)", work)
@@ -179,6 +198,7 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
                             [cb for cb in (ogpsa, files) if cb is not None] + list(callbacks))
     checkpoint = get_last_checkpoint(str(directory)) if settings.resume else None
     if checkpoint:
+        _check_resume_settings(run_config, Path(checkpoint))
         logger.info("resuming %s from %s", stage, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     if distributed.is_main():
@@ -191,6 +211,38 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     distributed.barrier()  # the next stage (align's DPO) reads what rank 0 wrote
     del trainer, model
     gc.collect()
+
+
+# What `--resume` may change: it affects how a run is logged, saved or how long it goes, not its result.
+_RESUMABLE = {"resume", "overwrite", "output", "step", "max_steps", "dpo_max_steps", "save_steps", "dpo_save_steps",
+              "logging_steps", "ddp_timeout", "gradient_checkpointing", "base_model_id"}
+_RESUMABLE_TRAINER = {"report_to", "logging_dir", "run_name", "disable_tqdm", "save_total_limit", "project"}
+
+
+def _check_resume_settings(run_config: dict, checkpoint: Path) -> None:
+    """Refuse to resume with settings that change the result (they would be silently ignored or mixed in).
+
+    Raises:
+        InputError: listing every setting that differs from the checkpoint's recorded run config.
+    """
+    recorded_path = checkpoint / RUN_CONFIG
+    if not recorded_path.is_file():
+        return  # a checkpoint written by another tool: nothing recorded to compare with
+    recorded = read_json(recorded_path)
+    current = {**run_config, "training_arguments": {key: value for key, value in
+                                                    run_config.get("training_arguments", {}).items()
+                                                    if key not in _RESUMABLE_TRAINER}}
+    before = {**recorded, "training_arguments": {key: value for key, value in
+                                                  recorded.get("training_arguments", {}).items()
+                                                  if key not in _RESUMABLE_TRAINER}}
+    changed = sorted(key for key in set(current) | set(before) if key not in _RESUMABLE
+                     and json.dumps(current.get(key), sort_keys=True, default=str)
+                     != json.dumps(before.get(key), sort_keys=True, default=str))
+    if changed:
+        details = "; ".join(f"{key}: {before.get(key)!r} -> {current.get(key)!r}" for key in changed[:4])
+        raise InputError(f"--resume: {checkpoint.name} was trained with other settings ({details}"
+                         f"{'; ...' if len(changed) > 4 else ''}); resume with the same settings (only logging, "
+                         "checkpointing and the number of steps may change), or start a new --output")
 
 
 def _load_model(settings: TrainSettings, adapter: Path | None) -> torch.nn.Module:

@@ -1,0 +1,88 @@
+"""Nothing a user has is lost: failed resumes, quoted booleans, concurrent runs, changed settings on resume."""
+
+import hashlib
+import os
+
+import pytest
+
+from lora_ogpsa.cli import main
+from lora_ogpsa.files import output_lock
+
+
+def _run(args):
+    return main([str(arg) for arg in args])
+
+
+def _tree(directory):
+    """{relative path: sha256} of every file under directory."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def _sft(tiny_model_dir, data_files, output, *extra):
+    return ["sft", "--model", tiny_model_dir, "--data", data_files["sft"], "--reference", data_files["reference"],
+            "--output", output, "--no-quantize", "--lora-r", "2", "--max-length", "64", "--batch-size", "4",
+            "--reference-examples", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, data_files, tmp_path_factory):
+    output = tmp_path_factory.mktemp("finished") / "run"
+    assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "2", "--save-steps", "1")) == 0
+    return output
+
+
+def test_a_failed_resume_of_a_finished_run_leaves_it_untouched(tiny_model_dir, data_files, finished, tmp_path,
+                                                               capsys):
+    output = tmp_path / "run"
+    os.system(f"cp -r {finished} {output}")
+    checkpoint = output / "checkpoint-2" / "adapter_model.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated: resuming from it must fail
+    before = _tree(output)
+    assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "3", "--resume")) != 0
+    assert _tree(output) == before  # the finished run was never moved or changed
+    capsys.readouterr()
+    assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "3")) == 2  # and is not replaced either
+    assert "exists and is not empty" in capsys.readouterr().err and _tree(output) == before
+
+
+def test_resume_with_changed_settings_is_refused(tiny_model_dir, data_files, finished, tmp_path, capsys):
+    output = tmp_path / "run"
+    os.system(f"cp -r {finished} {output}")
+    before = _tree(output)
+    assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "3", "--resume",
+                     "--learning-rate", "5e-4")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ogpsa:")]
+    assert len(errors) == 1 and "learning_rate: 0.0001 -> 0.0005" in errors[0]
+    assert _tree(output) == before
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tiny_model_dir, data_files, tmp_path, capsys):
+    assert _run(_sft(tiny_model_dir, data_files, tmp_path / "typo", "--max-steps", "1", "--resume")) == 2
+    assert "--resume: nothing to resume" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("text", ['overwrite: "false"\n', "no_quantize: 'false'\n", 'resume: "no"\n'])
+def test_a_quoted_boolean_in_config_is_an_error(tiny_model_dir, data_files, tmp_path, capsys, text):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert _run([*_sft(tiny_model_dir, data_files, tmp_path / "o", "--max-steps", "1"), "--config", config]) == 2
+    assert "must be true or false (unquoted)" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_second_run_into_the_same_output_is_refused(tiny_model_dir, data_files, tmp_path, capsys):
+    output = tmp_path / "busy"
+    with output_lock(output):
+        assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "1")) == 2
+    assert f"in use by another run (pid {os.getpid()})" in capsys.readouterr().err
+    assert not output.exists() and not (tmp_path / "busy.partial").exists()
+    assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "1")) == 0  # released afterwards
+
+
+def test_eval_refuses_an_existing_output_file(tiny_model_dir, tmp_path, capsys):
+    precious = tmp_path / "train.jsonl"
+    precious.write_text("my data\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    assert _run(["eval", "--model", tiny_model_dir, "--prompts", prompts, "--output", precious]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and precious.read_text() == "my data\n"
