@@ -101,6 +101,11 @@ class _RunArguments:
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output."})
     overwrite: bool = field(default=False, metadata={
         "help": "Replace an existing --output once the new run has finished."})
+    replay: str | None = field(default=None, metadata={
+        "help": "Contrastive replay rows (e.g. dangerous-sounding benign prompts with the base model's answers) whose "
+                "gradient is added after the projection, so it is never cancelled by it."})
+    replay_fraction: float = field(default=0.25, metadata={
+        "help": "Share F of replay in each step: F/(1-F) x batch replay rows per step, weighted F/(1-F)."})
     base_model_id: str | None = field(default=None, metadata={
         "help": "What adapter_config.json names as the base (`base_model_name_or_path`), e.g. the Hub ID you will "
                 "publish against (default: the Hub ID given, else the model directory's absolute path)."})

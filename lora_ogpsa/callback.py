@@ -59,10 +59,17 @@ class OGPSACallback(TrainerCallback):
             (default: `lora_ogpsa.model.lora_parameters`).
         metadata: strings saved with every subspace file (e.g. the reference-set hash).
         progress: show a progress bar during reference collection.
+        replay: contrastive replay rows (e.g. dangerous-sounding benign prompts with the base model's answers),
+            as a `ReferenceSet` whose micro-batches are the per-step replay batches. Their gradient is added
+            *after* the projection, so the constraint cannot cancel the signal that says "answer this": the
+            safety gradient is projected (as in `grad` mode) and `replay_weight · ∇ replay loss` is added to it
+            before the optimizer step. One extra forward/backward per optimizer step; one process only.
+        replay_weight: the replay loss's weight relative to the safety loss (F / (1 − F) for a replay share F).
     """
 
     def __init__(self, config: OGPSAConfig, reference_batches: ReferenceSet | Sequence[ReferenceBatch], *,
-                 parameters_fn=None, metadata: dict[str, str] | None = None, progress: bool = True) -> None:
+                 parameters_fn=None, metadata: dict[str, str] | None = None, progress: bool = True,
+                 replay: ReferenceSet | None = None, replay_weight: float = 1.0) -> None:
         from lora_ogpsa.model import lora_parameters
 
         self.config = config
@@ -73,6 +80,8 @@ class OGPSACallback(TrainerCallback):
         self.parameters_fn = parameters_fn or lora_parameters
         self.metadata = dict(metadata or {})
         self.progress = progress
+        self.replay_batches = list(replay.batches) if replay is not None else []
+        self.replay_weight = replay_weight
         self.subspace: Subspace | None = None
         self._stacked: StackedBasis | None = None
         self._parameters: dict[str, torch.nn.Parameter] = {}
@@ -88,6 +97,9 @@ class OGPSACallback(TrainerCallback):
             return
         _run_first(self, inspect.currentframe())
         _refuse_sharded_training(args)
+        if self.replay_batches and distributed.active():
+            raise ValueError("OGPSACallback: replay runs in one process only (its extra backward would need its own "
+                             "gradient synchronisation); drop the replay set or run without torchrun")
         self._parameters = self.parameters_fn(model)
         if not self._parameters:
             raise ValueError("OGPSACallback found no trainable lora_A/lora_B weights in the model")
@@ -99,15 +111,27 @@ class OGPSACallback(TrainerCallback):
         if not loaded or (self._is_refresh_step(step) and self.subspace.metadata.get("step") != str(step)):
             self._refresh(model, optimizer, step)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.config.project == "grad":
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.config.project == "grad" or self.replay_batches:
             grads = {name: p.grad for name, p in self._parameters.items() if p.grad is not None}
             self._record(self._stacked.project_(grads))
+            if self.replay_batches:
+                self._add_replay_gradient(model, state.global_step)
         elif self.config.project == "update":
             self._before = self._stacked.snapshot(self._parameters)
 
+    def _add_replay_gradient(self, model, step: int) -> None:
+        """`grad += replay_weight · ∇ (mean replay loss)` over this step's replay micro-batch (unprojected)."""
+        from lora_ogpsa.reference import example_losses
+
+        batch = self.replay_batches[step % len(self.replay_batches)]
+        with torch.enable_grad():
+            loss = example_losses(model, batch).mean() * self.replay_weight
+            loss.backward()
+        self._pending[f"{METRIC_PREFIX}replay_loss"] = float(loss.detach()) / max(self.replay_weight, 1e-12)
+
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.config.project == "update":
+        if self.config.project == "update" and not self.replay_batches:
             self._record(self._stacked.project_change_(self._parameters, self._before,
                                                        one_sided=self.config.one_sided))
             self._before = None

@@ -185,6 +185,10 @@ class TrainSettings:
     """DoRA; only with `project='none'` (its magnitude vectors are not projected)."""
     model_revision: str = "main"
     """Hub revision, when `model` is a Hub ID."""
+    replay: str | None = None
+    """Contrastive replay rows (SFT formats), trained on with their gradient added after the projection."""
+    replay_fraction: float = 0.25
+    """The replay share F of each optimizer step: F / (1 − F) × batch_size replay rows, weighted F / (1 − F)."""
     base_model_id: str | None = None
     """What the adapter's `base_model_name_or_path` names (what users will load it on): default the Hub ID
     when `model` is one, else the absolute path of the model directory."""
@@ -233,6 +237,11 @@ class TrainSettings:
             raise InputError(f"--lora-alpha must be a positive number, got {alpha!r}")
         if not (isinstance(self.logging_steps, int | float) and self.logging_steps > 0):
             raise InputError(f"--logging-steps must be a positive number, got {self.logging_steps!r}")
+        if not (isinstance(self.replay_fraction, int | float) and 0 < self.replay_fraction < 1):
+            raise InputError(f"--replay-fraction must be in (0, 1), got {self.replay_fraction!r}")
+        if self.replay is not None and self.ogpsa.project == "none":
+            raise InputError("--replay needs a projection (it is added after it); for plain replay mix the rows "
+                             "into --data")
         if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.resume and self.overwrite:

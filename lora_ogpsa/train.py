@@ -146,6 +146,19 @@ def _validate_common(settings: TrainSettings):
     return tokenizer, reference
 
 
+def _replay(settings: TrainSettings, tokenizer) -> dict:
+    """The replay set and weight for OGPSACallback (every replay row, cycled in micro-batches)."""
+    if settings.replay is None:
+        return {}
+    share = settings.replay_fraction / (1 - settings.replay_fraction)
+    config = dataclasses.replace(settings.ogpsa, reference_examples=10**9,
+                                 reference_batch_size=max(1, round(share * settings.batch_size)),
+                                 opening_tokens=0, later_token_weight=1.0)
+    replay = build_reference_set(settings.replay, tokenizer, config, max_length=settings.max_length,
+                                 seed=settings.seed, flag="--replay")
+    return {"replay": replay, "replay_weight": share}
+
+
 def _load_reference(settings: TrainSettings, tokenizer) -> ReferenceSet:
     if settings.reference is None:
         raise InputError("--reference is required unless --project none: give general-capability examples "
@@ -192,7 +205,7 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     run_config = settings.to_run_config(stage, rows, reference, adapter)
     ogpsa = None
     if settings.ogpsa.project != "none":
-        ogpsa = OGPSACallback(settings.ogpsa, reference)
+        ogpsa = OGPSACallback(settings.ogpsa, reference, **_replay(settings, tokenizer))
     files = StageFilesCallback(directory, run_config, stage=stage, subspace_fn=lambda: ogpsa and ogpsa.subspace)
     trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
                             [cb for cb in (ogpsa, files) if cb is not None] + list(callbacks))
