@@ -6,14 +6,8 @@ from collections import Counter
 
 import pytest
 
-from lora_ogpsa.demo.dangerous_sounding import (
-    BANK,
-    DEFAULT_SHARES,
-    KINDS,
-    PARTS,
-    LookalikePrompt,
-    split_by_trigger,
-)
+from lora_ogpsa.demo.dangerous_sounding import BANK, KINDS, LookalikePrompt
+from lora_ogpsa.demo.trigger_split import DEFAULT_SHARES, PARTS, split_by_trigger
 
 FAMILIES = sorted({item.trigger for item in BANK})
 

@@ -15,8 +15,9 @@ from lora_ogpsa.demo.data import (
     load_eval_suites,
     trim_to_sentence,
 )
-from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS, UTILITY_SET
+from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
+from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.refusal import is_refusal
 from lora_ogpsa.tiny import save_tiny_model

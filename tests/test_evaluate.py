@@ -8,8 +8,8 @@ import torch
 from peft import get_peft_model
 
 from lora_ogpsa import evaluate
-from lora_ogpsa.demo.prompts import UTILITY_SET
 from lora_ogpsa.demo.splits import BUILTIN_SUITES, DemoSizes, split_lookalike
+from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.eval_run import prompt_id, run_eval
 from lora_ogpsa.evaluate import (

@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_ogpsa.demo.assets import default_cache_dir, load_donotanswer, load_harmbench
-from lora_ogpsa.demo.prompts import UTILITY_SET
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
+from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.evaluate import EvalSuites, generate
 from lora_ogpsa.files import atomic_directory, file_sha256, read_jsonl, write_json, write_jsonl

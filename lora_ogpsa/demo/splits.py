@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from lora_ogpsa.demo.assets import load_donotanswer, load_harmbench
-from lora_ogpsa.demo.dangerous_sounding import BANK, LookalikePrompt, split_by_trigger
-from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, UTILITY_SET
+from lora_ogpsa.demo.dangerous_sounding import BANK, LookalikePrompt
+from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT
+from lora_ogpsa.demo.trigger_split import split_by_trigger
+from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.prompt_sets import PromptSet
 
