@@ -33,8 +33,8 @@ from lora_ogpsa.activations import collect_input_moments
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.files import SUBSPACE_FILE, checkpoint_dir
 from lora_ogpsa.projector import ProjectionStats, StackedBasis, project_rows_
-from lora_ogpsa.reference import ReferenceBatch, ReferenceSet, collect_reference_samples
-from lora_ogpsa.subspace import Subspace, compute_input_basis, compute_subspace
+from lora_ogpsa.reference import ReferenceBatch, ReferenceSet, collect_reference_sketch
+from lora_ogpsa.subspace import GradientSketch, Subspace, compute_input_basis
 
 logger = logging.getLogger(__name__)
 
@@ -202,12 +202,11 @@ class OGPSACallback(TrainerCallback):
     def _gradient_subspace(self, model) -> Subspace:
         """The reference-gradient subspace, computed on rank 0 and broadcast to every rank."""
         subspace = None
-        samples, losses = self._collect(model)
-        if samples is not None:  # rank 0 (or the only process) computes the subspace
-            subspace = compute_subspace(samples, max_directions=self.config.max_directions,
-                                        energy=self.config.energy)
-            del samples
-            subspace.metadata = {"reference_loss": f"{float(losses.mean()):.6f}"}
+        sketch, losses = self._collect(model)
+        if sketch is not None:  # rank 0 (or the only process) computes the subspace
+            subspace = sketch.subspace(max_directions=self.config.max_directions, energy=self.config.energy)
+            del sketch
+            subspace.metadata["reference_loss"] = f"{float(losses.mean()):.6f}"
         if distributed.active():
             shapes = {name: parameter.shape for name, parameter in self._parameters.items()}
             device = next(iter(self._parameters.values())).device
@@ -232,16 +231,17 @@ class OGPSACallback(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)
         return [(inner.state[p]["exp_avg"], basis) for p, basis in bases if "exp_avg" in inner.state.get(p, {})]
 
-    def _collect(self, model) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
-        """All reference samples and losses on rank 0 (None elsewhere); each rank collects its share."""
+    def _collect(self, model) -> tuple[GradientSketch | None, torch.Tensor | None]:
+        """The reference samples, sketched as they are produced (`sketch_rows` rows per tensor), and the losses:
+        on rank 0, every rank's share folded into one sketch (None elsewhere)."""
         with torch.enable_grad():
-            samples, losses = collect_reference_samples(model, distributed.my_share(self.reference_batches),
-                                                        self._parameters,
-                                                        progress=self.progress and distributed.is_main())
+            sketch, losses = collect_reference_sketch(model, distributed.my_share(self.reference_batches),
+                                                      self._parameters, rows=self.config.sketch_rows,
+                                                      progress=self.progress and distributed.is_main())
         if not distributed.active():
-            return samples, losses
+            return sketch, losses
         counts = [batch.input_ids.shape[0] for batch in self.reference_batches]
-        gathered = distributed.gather_samples(samples, counts, losses)
+        gathered = distributed.gather_sketches(sketch, counts, losses, rows=self.config.sketch_rows)
         return gathered if gathered is not None else (None, None)
 
     def _install(self, subspace: Subspace) -> None:

@@ -158,8 +158,12 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
         raise InputError(f"--config {path}: unknown key '{unknown[0]}'; {hint}")
     translated: dict[str, Any] = {}
     switches = {action.dest for action in parser._actions if _is_switch(action)}
+    texts = {action.dest for action in parser._actions if action.type in (str, Path) and action.nargs is None}
     for key, value in values.items():
         dest, negative = keys[key]
+        if dest in texts and value is not None and not isinstance(value, str):
+            raise InputError(f"--config {path}: key '{key}' must be a string (a path or a name), got "
+                             f"{type(value).__name__} {value!r}")
         if dest in switches and not (isinstance(value, bool) or value is None):
             raise InputError(f"--config {path}: key '{key}' must be true or false (unquoted), got {value!r}")
         translated[dest] = (not value if isinstance(value, bool) else value) if negative else value
@@ -278,6 +282,13 @@ def _configure_logging(level: str) -> None:
     warnings.filterwarnings("ignore", message=".*(gradient_checkpointing|is_gradient_checkpointing).*deprecated.*")
 
 
+def _one_line(error: BaseException) -> str:
+    """The first non-empty line of an error, without torch's advice to load untrusted pickles."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line] or lines
+    return lines[0] if lines else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lora-ogpsa`; returns the exit status."""
     try:
@@ -293,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as error:  # the last line of defence: one line, the traceback in the debug log
         logger.debug("failure", exc_info=True)
-        print(f"{PROG}: failed: {type(error).__name__}: {error} (--log-level DEBUG shows the traceback)",
-              file=sys.stderr)
+        print(f"{PROG}: failed: {type(error).__name__}: {_one_line(error)} (--log-level DEBUG shows the "
+              "traceback)", file=sys.stderr)
         return 1
     return 0
 

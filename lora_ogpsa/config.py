@@ -49,6 +49,15 @@ class OGPSAConfig:
     reference_batch_size: int = 8
     """Reference rows per forward/backward while collecting per-example gradients."""
 
+    sketch_rows: int = 32
+    """ℓ, rows of the streaming sketch (Frequent Directions) that reduces each LoRA tensor's reference-gradient
+    samples as micro-batches produce them: a refresh holds ℓ × (LoRA parameters) × 4 bytes of samples whatever
+    `reference_examples` (S) is (SmolLM2-135M, r = 16: 4.88 M parameters, 19.5 MB per row, 624 MB at ℓ = 32; a
+    7B model with r = 16 on all linear layers: ≈ 40 M parameters, 160 MB per row). With S ≤ ℓ (the default
+    S = 32) the basis is exactly the one from all samples; beyond, the energy the top-k directions capture is
+    within the tolerance measured in `tests/test_sketch.py`. At least 2 × `reference_batch_size` (a micro-batch
+    goes into the free rows; each shrink keeps ℓ − batch rows, which should exceed 2k)."""
+
     opening_tokens: int = 0
     """Weight the reference loss toward the first response tokens: the first `opening_tokens` tokens of each
     response get weight 1, the rest `later_token_weight`. 0 weights every response token equally."""
@@ -89,6 +98,11 @@ class OGPSAConfig:
         if self.project not in PROJECT_MODES:
             raise ValueError(f"`project` must be one of {', '.join(PROJECT_MODES)}, got {self.project!r}")
         _check_int(self, "reference_batch_size", low=1)
+        _check_int(self, "sketch_rows", low=2)
+        if self.sketch_rows < 2 * self.reference_batch_size:
+            raise ValueError(f"`sketch_rows` must be at least 2 × `reference_batch_size` = "
+                             f"{2 * self.reference_batch_size} (each micro-batch's samples go into its free rows), "
+                             f"got {self.sketch_rows}; raise `sketch_rows` or lower `reference_batch_size`")
         _check_int(self, "opening_tokens", low=0)
         if not isinstance(self.one_sided, bool):
             raise ValueError(f"`one_sided` must be true or false, got {self.one_sided!r}")

@@ -1,22 +1,23 @@
 """Data-parallel support: who writes files, and how reference samples and bases travel between ranks.
 
 Launch with `torchrun --nproc_per_node N -m lora_ogpsa ...` or `accelerate launch -m lora_ogpsa ...`. Each rank
-collects reference gradients on its share of the reference micro-batches; rank 0 gathers them in the original
-example order, computes the subspace once, and broadcasts the bases, so every rank projects with bit-identical
-bases. The projection runs after DDP has averaged the gradients, on identical parameters, so the ranks stay in
-lockstep. Only rank 0 writes files. Every collective runs under the process group's timeout.
+sketches the reference gradients of its share of the reference micro-batches; rank 0 folds the sketches into one
+(in the original example order while they hold the samples themselves), computes the subspace once, and
+broadcasts the bases, so every rank projects with bit-identical bases. The projection runs after DDP has
+averaged the gradients, on identical parameters, so the ranks stay in lockstep. Only rank 0 writes files. Every collective runs under the process group's timeout.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
-from lora_ogpsa.subspace import Subspace
+from lora_ogpsa.subspace import GradientSketch, Subspace
 
 
 def world_size() -> int:
@@ -64,6 +65,66 @@ def my_share(items: Sequence) -> list:
     return list(items)[dist.get_rank()::dist.get_world_size()]
 
 
+def gather_sketches(sketch: GradientSketch, counts: Sequence[int], losses: torch.Tensor, *,
+                    rows: int) -> tuple[GradientSketch, torch.Tensor] | None:
+    """Every rank's reference-gradient sketch folded into one on rank 0, with the losses in reference order.
+
+    A sketch of stacked Frequent Directions sketches is one of all their samples, so rank 0 feeds every rank's
+    rows into one sketch of min(`rows`, S) rows (the moments — sums, counts, squared norms, error — are summed
+    over ranks). While no rank has shrunk its sketch, its rows are its samples: they are fed back in reference
+    order and in the original micro-batches, so the result is bit for bit the sketch one process builds. While
+    folding, rank 0 holds every rank's rows about twice (≤ 2 W ℓ rows per tensor, transient).
+
+    Args:
+        sketch: this rank's sketch of its share (`my_share`) of the micro-batches.
+        counts: examples per reference micro-batch, for the whole set.
+        losses: this rank's per-example losses `(S_r,)`.
+        rows: ℓ, the folded sketch's rows (`OGPSAConfig.sketch_rows`).
+
+    Returns:
+        On rank 0: (the folded sketch, losses `(S,)` in reference order); on other ranks None.
+    """
+    shrunk = torch.tensor([float(sketch.shrinks)], device=sketch.moments()[0].device)
+    dist.all_reduce(shrunk, op=dist.ReduceOp.MAX)
+    sum_across_ranks_(sketch.moments())  # every rank now holds the totals; rank 0 keeps them
+    names = list(sketch.shape_by_name)
+    rows_by_name = sketch.rows_by_name()
+    local = torch.cat([rows_by_name[name].reshape(sketch.filled, -1) for name in names], dim=1)  # (m_r, Σn)
+    per_rank = _gather_rows(local)
+    per_rank_losses = _gather_rows(losses.float()[:, None].to(local.device))
+    del local, rows_by_name
+    if per_rank is None:
+        return None
+    folded = sketch.resized(max(min(rows, sum(counts)), 2))
+    for total, mine in zip(sketch.moments(), folded.moments(), strict=True):
+        mine.copy_(total)
+    folded.shrinks = int(shrunk)
+    if folded.shrinks == 0:  # the rows are the samples: reference order, original micro-batches
+        stacked, sizes = _reference_order(per_rank, counts), list(counts)
+    else:
+        stacked, step = torch.cat(per_rank), max(folded.rows // 2, 1)
+        sizes = [min(step, len(stacked) - start) for start in range(0, len(stacked), step)]
+    del per_rank
+    widths = [math.prod(sketch.shape_by_name[name]) for name in names]
+    folded.refill_(dict(zip(names, torch.split(block, widths, dim=1), strict=True))
+                   for block in torch.split(stacked, sizes))
+    return folded, _reference_order(per_rank_losses, counts)[:, 0].cpu()
+
+
+def _gather_rows(local: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's `(m_r, c)` rows on rank 0 (m_r may differ between ranks); None on the other ranks."""
+    size = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = torch.cat([local, local.new_zeros(longest - local.shape[0], local.shape[1])])
+    gathered = [torch.empty_like(padded) for _ in sizes] if dist.get_rank() == 0 else None
+    dist.gather(padded, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return [rows[: int(count)] for rows, count in zip(gathered, sizes, strict=True)]
+
+
 def gather_samples(samples_by_name: Mapping[str, torch.Tensor], counts: Sequence[int],
                    losses: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
     """Gather every rank's per-example samples on rank 0, in the order of the reference set.
@@ -79,16 +140,10 @@ def gather_samples(samples_by_name: Mapping[str, torch.Tensor], counts: Sequence
     names = list(samples_by_name)
     local = torch.cat([losses.float()[:, None]] + [samples_by_name[name].reshape(len(losses), -1) for name in names],
                       dim=1)  # (S_r, 1 + Σ numel): one collective instead of one per tensor
-    size = torch.tensor([local.shape[0]], device=local.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(sizes))
-    padded = torch.cat([local, local.new_zeros(longest - local.shape[0], local.shape[1])])
-    gathered = [torch.empty_like(padded) for _ in sizes] if dist.get_rank() == 0 else None
-    dist.gather(padded, gathered, dst=0)
-    if dist.get_rank() != 0:
+    per_rank = _gather_rows(local)
+    if per_rank is None:
         return None
-    rows = _reference_order([g[: int(s)] for g, s in zip(gathered, sizes, strict=True)], counts)  # (S, 1 + Σn)
+    rows = _reference_order(per_rank, counts)  # (S, 1 + Σn)
     split = torch.split(rows[:, 1:], [samples_by_name[name][0].numel() for name in names], dim=1)
     return ({name: part.reshape(-1, *samples_by_name[name].shape[1:]) for name, part in zip(names, split,
                                                                                              strict=True)},

@@ -27,6 +27,8 @@ SUBSPACE_FILE = "ogpsa_subspace.safetensors"
 RUN_CONFIG = "ogpsa_config.json"
 METRICS_FILE = "metrics.jsonl"
 CARD_FILE = "README.md"
+COMPLETE_MARKER = "lora_ogpsa_complete.json"
+"""Written last into a checkpoint: its presence means every file of the checkpoint is there."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja",
                    "chat_template.json")
@@ -36,6 +38,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     """`output_dir/checkpoint-N`, the name the transformers Trainer gives a checkpoint."""
     return Path(output_dir) / f"checkpoint-{step}"
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` holding `COMPLETE_MARKER` (a save cut short by a crash or a full disk has
+    none, and is passed over), or None."""
+    found = [path for path in Path(output_dir).glob("checkpoint-*")
+             if path.name.split("-")[-1].isdigit() and (path / COMPLETE_MARKER).is_file()]
+    return max(found, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
 def partial_path(output: Path) -> Path:

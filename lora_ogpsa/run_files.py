@@ -13,7 +13,15 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lora_ogpsa.files import CARD_FILE, METRICS_FILE, RUN_CONFIG, checkpoint_dir, read_jsonl, write_json
+from lora_ogpsa.files import (
+    CARD_FILE,
+    COMPLETE_MARKER,
+    METRICS_FILE,
+    RUN_CONFIG,
+    checkpoint_dir,
+    read_jsonl,
+    write_json,
+)
 from lora_ogpsa.subspace import Subspace
 
 
@@ -46,6 +54,9 @@ class StageFilesCallback(TrainerCallback):
         write_json(checkpoint / RUN_CONFIG, {**self.run_config, "step": state.global_step})
         write_model_card(checkpoint / CARD_FILE, run_config=self.run_config, subspace=self.subspace_fn(),
                          metrics=read_jsonl(self.path))
+        # Last: the trainer's files and OGPSA's subspace (its callback runs first) are all written by now.
+        write_json(checkpoint / COMPLETE_MARKER, {"step": state.global_step,
+                                                  "files": sorted(p.name for p in checkpoint.iterdir())})
 
 
 def _read_lines(path: Path) -> list[str]:

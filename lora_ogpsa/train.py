@@ -35,6 +35,7 @@ from lora_ogpsa.files import (
     SUBSPACE_FILE,
     check_output_dir,
     finalize_directory,
+    last_complete_checkpoint,
     output_lock,
     partial_path,
     read_json,
@@ -209,10 +210,14 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     files = StageFilesCallback(directory, run_config, stage=stage, subspace_fn=lambda: ogpsa and ogpsa.subspace)
     trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
                             [cb for cb in (ogpsa, files) if cb is not None] + list(callbacks))
-    checkpoint = get_last_checkpoint(str(directory)) if settings.resume else None
+    checkpoint = last_complete_checkpoint(directory) if settings.resume else None
+    newest = get_last_checkpoint(str(directory)) if settings.resume else None
+    if newest and (checkpoint is None or Path(newest) != checkpoint):
+        logger.warning("--resume: %s is incomplete (a save cut short); passing over it", newest)
     if checkpoint:
-        _check_resume_settings(run_config, Path(checkpoint))
-        logger.info("resuming %s from %s", stage, checkpoint)
+        _check_resume_settings(run_config, checkpoint)
+        logger.info("resuming %s from %s, the newest complete checkpoint", stage, checkpoint)
+        checkpoint = str(checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     if distributed.is_main():
         save_adapter(trainer.model, directory)

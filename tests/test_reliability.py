@@ -1,6 +1,7 @@
 """Nothing a user has is lost: failed resumes, quoted booleans, concurrent runs, changed settings on resume."""
 
 import hashlib
+import logging
 import os
 
 import pytest
@@ -86,3 +87,34 @@ def test_eval_refuses_an_existing_output_file(tiny_model_dir, tmp_path, capsys):
     prompts.write_text("hello\n")
     assert _run(["eval", "--model", tiny_model_dir, "--prompts", prompts, "--output", precious]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err and precious.read_text() == "my data\n"
+
+
+def test_resume_passes_over_an_incomplete_checkpoint(tiny_model_dir, data_files, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    output = tmp_path / "run"
+    args = _sft(tiny_model_dir, data_files, output, "--save-steps", "1")
+    assert _run([*args, "--max-steps", "3"]) == 0
+    work = tmp_path / "run.partial"
+    os.rename(output, work)  # as if killed while saving checkpoint 3: its marker and trainer state missing
+    (work / "checkpoint-3" / "lora_ogpsa_complete.json").unlink()
+    (work / "checkpoint-3" / "trainer_state.json").unlink()
+    assert _run([*args, "--max-steps", "3", "--resume"]) == 0
+    assert "checkpoint-3 is incomplete" in caplog.text
+    assert "checkpoint-2, the newest complete checkpoint" in caplog.text
+    assert (output / "adapter_model.safetensors").is_file() and (output / "checkpoint-3" /
+                                                                "lora_ogpsa_complete.json").is_file()
+
+
+def test_a_non_string_path_in_config_is_an_error(tiny_model_dir, data_files, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: 5\n")
+    assert _run(["sft", "--model", tiny_model_dir, "--output", tmp_path / "o", "--config", config]) == 2
+    assert "key 'data' must be a string" in capsys.readouterr().err
+
+
+def test_unexpected_errors_are_one_line_without_pickle_advice():
+    from lora_ogpsa.cli import _one_line
+
+    error = RuntimeError("\n  Weights only load failed.\n  Re-running with weights_only=False will work\nmore")
+    assert _one_line(error) == "Weights only load failed."
+    assert _one_line(ValueError("")) == "ValueError"
