@@ -28,6 +28,11 @@ import shlex
 import sys
 from pathlib import Path
 
+# Everything a run needs is imported now: the code a long experiment runs is the code it started with, even
+# if the files change meanwhile (a lazy import half-way would mix two versions).
+import lora_ogpsa.demo.evaluator
+import lora_ogpsa.merge
+import lora_ogpsa.train  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
 from lora_ogpsa.demo.report import SAFETY_LEVELS, frontiers, tax_table
