@@ -70,6 +70,7 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     return dataclasses.replace(
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, max_length=args.max_length,
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
         eval_max_new_tokens=24, quantize=not args.full_precision,
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32))
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
     parser.add_argument("--eval-utility", type=int, default=64, help="utility questions evaluated (of 136)")
     parser.add_argument("--full-precision", action="store_true",
@@ -141,11 +144,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     methods = tuple(VARIANTS[name] for name in args.variants)
-    reports = {seed: run_demo(output=args.output / f"seed-{seed}", model=args.model, plan=plan(args, seed),
-                              methods=methods, evaluation_cache=args.output / "evaluations")
-               for seed in args.seeds}
+    reports: dict[int, dict] = {}
+    for seed in args.seeds:  # the summary is rewritten after every seed: an interrupted run keeps what it did
+        reports[seed] = run_demo(output=args.output / f"seed-{seed}", model=args.model, plan=plan(args, seed),
+                                 methods=methods, evaluation_cache=args.output / "evaluations")
+        table = write_summary(args, reports)
+    print(table)
+
+
+def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
+    """Write the summary JSON and Markdown of the seeds done so far; returns the Markdown table."""
     summary = {"command": "python -m experiments.alignment_tax " + shlex.join(sys.argv[1:]),
-               "seeds": args.seeds, "variants": args.variants, "levels": list(SAFETY_LEVELS),
+               "seeds": list(reports), "seeds_asked": args.seeds, "variants": args.variants,
+               "levels": list(SAFETY_LEVELS),
                "plan": json.loads(json.dumps(dataclasses.asdict(plan(args, args.seeds[0])), default=str)),
                **summarise(reports), "finals": finals_summary(reports),
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
@@ -154,7 +165,7 @@ def main() -> None:
     write_json(args.summary, summary)
     table = markdown(summary)
     args.summary.with_suffix(".md").write_text(f"`{summary['command']}`\n\n{table}")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
