@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo demo-compare bench lint clean-venv
+.PHONY: test demo demo-compare bench lint clean-venv gpu-check
 
 # Re-install only when the pins or the package metadata change.
 $(STAMP): pyproject.toml constraints.txt
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments examples
+	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments examples scripts
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
@@ -29,8 +29,15 @@ demo-compare: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# On a CUDA machine (Python 3.12, torch preinstalled, no internet): installs from wheels/, runs the GPU tests,
+# benchmarks and demo within 8 minutes (README "GPU check"). Without CUDA it prints what it would run.
+# The machine's own python3 (its CUDA torch), not .venv (CPU torch).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py --output runs/gpu-check
+
 lint: $(STAMP)
-	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments examples
+	$(BIN)/ruff check lora_ogpsa tests benchmarks experiments examples scripts
 
 clean-venv:
 	rm -rf $(VENV)

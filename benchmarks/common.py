@@ -78,6 +78,30 @@ def reset_peak_rss() -> bool:
         return False
 
 
+class PeakMemory:
+    """Memory in use and its peak since `reset_peak()`, in MiB: the CUDA allocator's for a CUDA device (where
+    the model, activations and samples live), the process's resident set size otherwise."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+
+    def current(self) -> float:
+        return torch.cuda.memory_allocated() / 2**20 if self.cuda else rss_mb()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+
+    def peak(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return rss_mb("VmHWM")
+
+
 def _format(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 
 from benchmarks.common import parser, table, write_json
-from benchmarks.workload import QUICK, Workload, build_model, resolve_model, training_batch
+from benchmarks.workload import QUICK, Workload, build_model, resolve_model, synchronize, training_batch
 from lora_ogpsa.callback import OGPSACallback
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.subspace import compute_subspace
@@ -65,7 +65,7 @@ def _installed_callback(mode: str, parameters, k: int, samples: int) -> OGPSACal
     callback = OGPSACallback(OGPSAConfig(project=mode, max_directions=k, energy=1.0), [])
     callback._parameters = parameters
     generator = torch.Generator().manual_seed(2)
-    fake = {name: torch.randn(samples, *p.shape, generator=generator) for name, p in parameters.items()}
+    fake = {name: torch.randn(samples, *p.shape, generator=generator).to(p.device) for name, p in parameters.items()}
     callback._install(compute_subspace(fake, max_directions=k, energy=1.0))
     return callback
 
@@ -75,14 +75,17 @@ def _step(model, optimizer, batch, micro_batches: int, callback: OGPSACallback |
     start = time.perf_counter()
     for _ in range(micro_batches):
         (model(**batch).loss / micro_batches).backward()
+    synchronize(next(model.parameters()).device)
     projection = time.perf_counter()
     if callback is not None:
         callback.on_pre_optimizer_step(_Args(), None, None)
     optimizer.step()
     if callback is not None:
         callback.on_optimizer_step(_Args(), None, None)
+    synchronize(next(model.parameters()).device)
     projection_end = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
+    synchronize(next(model.parameters()).device)
     total = time.perf_counter() - start
     optimizer_only = projection_end - projection
     return total, optimizer_only
@@ -90,7 +93,7 @@ def _step(model, optimizer, batch, micro_batches: int, callback: OGPSACallback |
 
 def measure(path, workload: Workload, *, quantize: bool, repeats: int, micro_batches: int) -> dict:
     model, parameters = build_model(path, quantize=quantize, rank=workload.rank)
-    batch = training_batch(model.config.vocab_size, workload)
+    batch = training_batch(model.config.vocab_size, workload, device=next(model.parameters()).device)
     optimizer = torch.optim.AdamW(parameters.values(), lr=1e-5)
     callbacks = {mode: _installed_callback(mode, parameters, workload.k, 64 if workload.k > 4 else 8)
                  for mode in ("update", "grad")}
@@ -126,11 +129,14 @@ def measure(path, workload: Workload, *, quantize: bool, repeats: int, micro_bat
 
 def _bandwidth() -> float:
     """Bytes per second of a plain read of 256 MiB (the projection's floor is reading the bases twice)."""
-    data = torch.ones(2**26)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = torch.ones(2**26, device=device)
     data.sum()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(3):
         data.sum()
+    synchronize(device)
     return 3 * data.numel() * 4 / (time.perf_counter() - start)
 
 

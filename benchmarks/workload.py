@@ -26,6 +26,8 @@ class Workload:
     reference_length: int = 96
     rank: int = 16
     k: int = 8
+    sketch_rows: int = 32
+    """ℓ of the reference-gradient sketch (OGPSAConfig's default)"""
 
 
 QUICK = Workload(batch_size=2, length=16, reference_examples=8, reference_length=16, rank=4, k=2)
@@ -59,13 +61,21 @@ def build_model(path: Path, *, quantize: bool, rank: int, seed: int = 0):
     return model, parameters
 
 
-def training_batch(vocab_size: int, workload: Workload, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A micro-batch of random tokens; loss on the second half (the response)."""
+def training_batch(vocab_size: int, workload: Workload, seed: int = 0,
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A micro-batch of random tokens on `device`; loss on the second half (the response)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (workload.batch_size, workload.length), generator=generator)
     labels = input_ids.clone()
     labels[:, : workload.length // 2] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer must not stop before it ends)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reference_batches(vocab_size: int, workload: Workload, *, batch_size: int = 8, seed: int = 1) -> list[ReferenceBatch]:

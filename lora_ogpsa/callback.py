@@ -34,7 +34,8 @@ from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.files import SUBSPACE_FILE, checkpoint_dir
 from lora_ogpsa.projector import ProjectionStats, StackedBasis, project_rows_
 from lora_ogpsa.reference import ReferenceBatch, ReferenceSet, collect_reference_sketch
-from lora_ogpsa.subspace import GradientSketch, Subspace, compute_input_basis
+from lora_ogpsa.sketch import GradientSketch
+from lora_ogpsa.subspace import Subspace, compute_input_basis
 
 logger = logging.getLogger(__name__)
 

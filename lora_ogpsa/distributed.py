@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from lora_ogpsa.subspace import GradientSketch, Subspace
+from lora_ogpsa.sketch import GradientSketch
+from lora_ogpsa.subspace import Subspace
 
 
 def world_size() -> int:

@@ -12,7 +12,7 @@ gradient is exactly ∇ of its own loss. Hooks are attached to the forward call 
 so this works with gradient checkpointing (reentrant or not) and on a 4-bit base.
 
 `collect_reference_samples` holds all S samples of every tensor; `collect_reference_sketch` (what a refresh
-uses) adds each micro-batch's samples into a bounded Frequent Directions sketch (`subspace.GradientSketch`).
+uses) adds each micro-batch's samples into a bounded Frequent Directions sketch (`sketch.GradientSketch`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora_ogpsa.data import TokenizedExample, fingerprint, read_rows, tokenize_rows
-from lora_ogpsa.subspace import GradientSketch
+from lora_ogpsa.sketch import GradientSketch
 
 logger = logging.getLogger(__name__)
 

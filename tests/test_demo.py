@@ -129,10 +129,11 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
 
     model = ensure_default_model(default_cache_dir())
     sizes = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=8, harmful_heldout=4, reference=4,
-                      benign_eval=2)
+                      benign_eval=2, sft_lookalike=4, dpo_lookalike=4, reference_lookalike=2)
     plan = small_plan(data_sizes=sizes, batch_size=4, max_length=96, eval_max_new_tokens=8)
     output = tmp_path / "demo"
-    report = run_demo(output=output, model=str(model), cache_dir=tmp_path / "cache", plan=plan)
+    report = run_demo(output=output, model=str(model), cache_dir=tmp_path / "cache", plan=plan,
+                      methods=(demo.Method("ogpsa"),))
     on_disk = check_report(report, output, ("ogpsa",))
     assert on_disk["model_path"] == str(model)
     assert on_disk["models"]["base"]["utility_accuracy"] >= 0.5  # the real model answers arithmetic

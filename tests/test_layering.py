@@ -16,7 +16,7 @@ import pytest
 import lora_ogpsa
 
 PACKAGE_DIR = Path(lora_ogpsa.__file__).parent
-MATH = ("lora_ogpsa.subspace", "lora_ogpsa.projector")
+MATH = ("lora_ogpsa.subspace", "lora_ogpsa.projector", "lora_ogpsa.sketch")
 INTEGRATION = ("lora_ogpsa.reference", "lora_ogpsa.callback")
 ASSEMBLY = ("lora_ogpsa.train", "lora_ogpsa.export", "lora_ogpsa.merge", "lora_ogpsa.evaluate", "lora_ogpsa.eval_run",
             "lora_ogpsa.cli")
