@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
     parser.add_argument("--eval-utility", type=int, default=64, help="utility questions evaluated (of 136)")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="train nothing: summarise the seeds' finished reports (`--output`/seed-N/report.json)")
     parser.add_argument("--full-precision", action="store_true",
                         help="full-precision base (faster research sweeps on a CPU; confirm on 4-bit)")
     parser.add_argument("--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct")
@@ -145,6 +147,11 @@ def main() -> None:
                         datefmt="%H:%M:%S")
     methods = tuple(VARIANTS[name] for name in args.variants)
     reports: dict[int, dict] = {}
+    if args.summarise_only:  # e.g. seeds trained by several processes side by side
+        reports = {seed: json.loads((args.output / f"seed-{seed}" / "report.json").read_text())
+                   for seed in args.seeds}
+        print(write_summary(args, reports))
+        return
     for seed in args.seeds:  # the summary is rewritten after every seed: an interrupted run keeps what it did
         reports[seed] = run_demo(output=args.output / f"seed-{seed}", model=args.model, plan=plan(args, seed),
                                  methods=methods, evaluation_cache=args.output / "evaluations")
