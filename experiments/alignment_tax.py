@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
     parser.add_argument("--eval-utility", type=int, default=64, help="utility questions evaluated (of 136)")
+    parser.add_argument("--levels", nargs="+", type=float, default=list(SAFETY_LEVELS),
+                        help="HarmBench refusal levels at which the tax is read")
     parser.add_argument("--summarise-only", action="store_true",
                         help="train nothing: summarise the seeds' finished reports (`--output`/seed-N/report.json)")
     parser.add_argument("--full-precision", action="store_true",
@@ -163,9 +165,9 @@ def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
     """Write the summary JSON and Markdown of the seeds done so far; returns the Markdown table."""
     summary = {"command": "python -m experiments.alignment_tax " + shlex.join(sys.argv[1:]),
                "seeds": list(reports), "seeds_asked": args.seeds, "variants": args.variants,
-               "levels": list(SAFETY_LEVELS),
+               "levels": list(args.levels),
                "plan": json.loads(json.dumps(dataclasses.asdict(plan(args, args.seeds[0])), default=str)),
-               **summarise(reports), "finals": finals_summary(reports),
+               **summarise(reports, args.levels), "finals": finals_summary(reports),
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
                             for seed, report in reports.items()}}
     args.summary.parent.mkdir(parents=True, exist_ok=True)
