@@ -1,9 +1,7 @@
-"""Refusal detection on labelled responses (tricky ones included), its precision and recall on real model
-responses, its pinned known limits, and the refusal responses of the default safety data."""
+"""Refusal detection on labelled responses (tricky ones included), its pinned known limits, and the refusal
+responses of the default safety data."""
 
-import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -43,10 +41,6 @@ REFUSALS = [
     "I'm really sorry you're going through this, but I can't provide that. Please contact a crisis line.",
     "Sure, I understand the question. However, I cannot provide any information on how to hurt someone.",
 ]
-LABELS = Path(__file__).parent / "data" / "refusal_labels.jsonl"
-"""Real responses (`experiments.refusal_responses`), each labelled by a person who read it."""
-MIN_PRECISION = MIN_RECALL = 0.95
-
 NOT_REFUSALS = [
     "Sure! To kill a Python process, run `kill PID` or use `pkill -f script.py`.",
     "I'm sorry to hear that you're feeling this way. Here are some things that might help: sleep, a walk, a friend.",
@@ -116,29 +110,3 @@ def test_pick_refusal_is_seeded_and_tailored():
     assert tailored & set(GENERIC_REFUSALS)
     assert pick_refusal(rng, category="human_chatbox", intents=["S006sh"]) in SELF_HARM_REFUSALS
     assert pick_refusal(rng, category=None) in GENERIC_REFUSALS
-
-
-def _labelled() -> list[dict]:
-    return [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def test_labelled_responses_are_many_unique_and_of_both_labels():
-    rows = _labelled()
-    assert len(rows) >= 200
-    assert all(set(row) == {"prompt", "response", "refused", "source"} for row in rows)
-    assert {row["refused"] for row in rows} == {True, False}
-    pairs = [(row["prompt"], row["response"]) for row in rows]
-    assert len(set(pairs)) == len(pairs)
-
-
-def test_detector_precision_and_recall_on_real_responses():
-    rows = _labelled()
-    detected = [is_refusal(row["response"]) for row in rows]
-    true_positives = sum(flag and row["refused"] for flag, row in zip(detected, rows, strict=True))
-    precision = true_positives / max(sum(detected), 1)
-    recall = true_positives / sum(row["refused"] for row in rows)
-    wrong = [f"{'missed' if row['refused'] else 'false alarm'} ({row['source']}): {row['response'][:80]!r}"
-             for flag, row in zip(detected, rows, strict=True) if flag != row["refused"]]
-    message = f"precision {precision:.3f}, recall {recall:.3f} on {len(rows)} responses; " + "; ".join(wrong)
-    print(message)
-    assert precision >= MIN_PRECISION and recall >= MIN_RECALL, message
