@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_ogpsa.errors import InputError
+from lora_ogpsa.errors import InputError, first_line
 from lora_ogpsa.files import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
 DataKind = Literal["sft", "preference"]
 ROLES = ("system", "user", "assistant", "tool")
+MAX_ROW_BYTES = 1 << 20
+"""The longest JSONL row accepted (1 MiB, ~250k tokens: far beyond any --max-length one GPU trains). A longer
+row is almost always a mistake (a whole document in one field) and costs minutes and gigabytes to tokenize."""
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Rows:
     rows: list[dict[str, Any]]
     source: str
     skipped: int = 0
+    lines: list[int] | None = None
+    """each row's line in its file (its 1-based index for other sources), for messages"""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,6 +66,7 @@ def read_rows(source: str | Path | Any, kind: DataKind, *, flag: str = "--data")
     name, records = _open_records(source, flag)
     normalise = _normalise_sft if kind == "sft" else _normalise_preference
     rows: list[dict[str, Any]] = []
+    lines: list[int] = []
     skipped = 0
     first_format: tuple[int, bool] | None = None  # (line, conversational) of the first row
     for line, record in records:
@@ -78,11 +84,12 @@ def read_rows(source: str | Path | Any, kind: DataKind, *, flag: str = "--data")
                              f"but the row at line {first_format[0]} is {'not ' if conversational else ''}; "
                              "use one format per file")
         rows.append(row)
+        lines.append(line)
     if skipped:
         logger.warning("%s %s: skipped %d preference rows whose chosen equals rejected", flag, name, skipped)
     if not rows:
         raise InputError(f"{flag} {name}: no usable rows; it must hold at least one {kind} row")
-    return Rows(rows, name, skipped)
+    return Rows(rows, name, skipped, lines)
 
 
 def _open_records(source: str | Path | Any, flag: str) -> tuple[str, Iterable[tuple[int, Any]]]:
@@ -101,7 +108,7 @@ def _open_records(source: str | Path | Any, flag: str) -> tuple[str, Iterable[tu
         return str(path), enumerate(_load_tabular(path, suffix, flag), start=1)
     if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
         return str(path), enumerate(_load_json_array(path, flag), start=1)
-    return str(path), iter_jsonl(path, flag=flag)
+    return str(path), iter_jsonl(path, flag=flag, max_line_bytes=MAX_ROW_BYTES)
 
 
 
@@ -191,6 +198,9 @@ def check_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
             raise InputError(f"{at}.role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise InputError(f"{at}.content must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise InputError(f"{at}.content is empty: an assistant turn needs text to learn from (write the "
+                             "response, or drop the row)")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -258,6 +268,42 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_leng
     if not kept:
         raise InputError(f"{source}: every row's prompt fills --max-length {max_length}; raise --max-length")
     return kept
+
+
+def check_rows_fit(rows: Rows, tokenizer: Any, *, max_length: int | None, kind: DataKind,
+                   flag: str = "--data") -> Rows:
+    """Render every row through the model's chat template once, before anything is written, and keep the rows
+    that leave at least one response token within `max_length` (TRL truncates the end: a row whose prompt fills
+    `max_length` teaches nothing, so it is dropped with a warning naming the first such line).
+
+    Raises:
+        InputError: the chat template rejects a row (e.g. roles out of the order it requires), naming the file
+            and line; or no row keeps a response token.
+    """
+    fields = ("completion",) if kind == "sft" else ("chosen", "rejected")
+    kept, kept_lines, too_long = [], [], []
+    lines = rows.lines or list(range(1, len(rows) + 1))
+    for row, line in zip(rows.rows, lines, strict=True):
+        try:
+            fits = all(any(tokenize_prompt_completion(tokenizer, {"prompt": row["prompt"], "completion": row[field]},
+                                                      max_length=max_length).completion_mask)
+                       for field in fields)
+        except Exception as error:  # jinja2's TemplateError, or a template's raise_exception
+            raise InputError(f"{flag} {rows.source}:{line}: the model's chat template rejects this row "
+                             f"({first_line(error)}); order the roles as the template requires (usually an optional "
+                             "system message, then user and assistant alternating)") from error
+        if fits:
+            kept.append(row)
+            kept_lines.append(line)
+        else:
+            too_long.append(line)
+    if not kept:
+        raise InputError(f"{flag} {rows.source}: every row's prompt fills --max-length {max_length}, leaving no "
+                         "response token to train on; raise --max-length or shorten the prompts")
+    if too_long:
+        logger.warning("%s %s: dropped %d rows whose prompt fills --max-length %s (first at line %d)", flag,
+                       rows.source, len(too_long), max_length, too_long[0])
+    return Rows(kept, rows.source, rows.skipped, kept_lines)
 
 
 def fingerprint(examples: Iterable[TokenizedExample]) -> str:

@@ -19,8 +19,8 @@ import torch
 
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.evaluate import check_answer, generate, prompt_text, rate, records
-from lora_ogpsa.files import write_json, write_jsonl
-from lora_ogpsa.model import load_adapter, load_base_model, load_tokenizer
+from lora_ogpsa.files import output_lock, output_path, probe_writable, write_json, write_jsonl
+from lora_ogpsa.model import check_adapter_dir, load_adapter, load_base_model, load_tokenizer
 from lora_ogpsa.prompt_sets import Prompt, PromptSet, load_prompts
 from lora_ogpsa.stats import bootstrap_ci
 
@@ -63,10 +63,20 @@ def run_eval(model_path: str | Path, prompts: PromptSet | str | Path, output: st
     Raises:
         InputError: bad prompts, settings, output path, model or adapter.
     """
-    output = Path(output)
+    output = output_path(output)
     _check_settings(output, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, overwrite=overwrite)
+    with output_lock(output):
+        return _run_eval(model_path, prompts, output, adapter_dir=adapter_dir, quantize=quantize,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                         system_prompt=system_prompt, seed=seed, device=device)
+
+
+def _run_eval(model_path, prompts, output: Path, *, adapter_dir, quantize: bool, max_new_tokens: int,
+              batch_size: int, limit: int | None, system_prompt: str | None, seed: int, device) -> dict[str, Any]:
     prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     prompt_set = _prepared(prompt_set, limit, system_prompt)
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir)
     tokenizer = load_tokenizer(model_path)
     model = load_base_model(model_path, quantize=quantize, device=device)
     if adapter_dir is not None:
@@ -96,6 +106,7 @@ def _check_settings(output: Path, *, max_new_tokens: int, batch_size: int, limit
     existing = [path for path in (output, samples_path(output)) if path.exists()]
     if existing and not overwrite:
         raise InputError(f"--output {existing[0]}: exists; pass --overwrite to replace it, or choose another name")
+    probe_writable(output)
 
 
 def _prepared(prompt_set: PromptSet, limit: int | None, system_prompt: str | None) -> PromptSet:

@@ -26,6 +26,7 @@ from lora_ogpsa.files import (
     TOKENIZER_FILES,
     atomic_directory,
     check_output_dir,
+    output_path,
     read_json,
     read_jsonl,
     read_safetensors,
@@ -116,6 +117,7 @@ def export_adapter(source: Path, output: Path, *, include_subspace: bool = True,
     if not (source / ADAPTER_CONFIG).is_file():
         raise InputError(f"--adapter {source}: no {ADAPTER_CONFIG}; give a training output or checkpoint directory")
     tensors = read_safetensors(source / ADAPTER_FILE, flag="--adapter")
+    output = output_path(output)
     check_output_dir(output, overwrite=overwrite, flag="--output")
     subspace = None
     if include_subspace and (source / SUBSPACE_FILE).is_file():

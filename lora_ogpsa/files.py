@@ -13,13 +13,17 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from lora_ogpsa.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -54,12 +58,39 @@ def partial_path(output: Path) -> Path:
 
 
 def check_output_dir(output: Path, *, overwrite: bool, resume: bool = False, flag: str = "--output") -> None:
-    """Refuse an existing non-empty output directory unless told to overwrite it (or to resume into it)."""
+    """Refuse an existing non-empty output directory unless told to overwrite it (or to resume into it), and
+    an output whose parent cannot be written."""
     if output.exists() and not output.is_dir():
         raise InputError(f"{flag} {output}: exists and is not a directory; choose another path")
     if output.is_dir() and any(output.iterdir()) and not (overwrite or resume):
         raise InputError(f"{flag} {output}: exists and is not empty; pass --overwrite to replace it"
                          f"{' or --resume to continue it' if flag == '--output' else ''}, or choose another path")
+    probe_writable(output, flag=flag)
+
+
+def probe_writable(output: Path, *, flag: str = "--output") -> None:
+    """Create and remove a probe file where `output` will be made (its nearest existing parent), so that an
+    unwritable location is an error before any work starts, not after it.
+
+    Raises:
+        InputError: the location cannot be written (read-only, no permission, no such parent as a file, ...).
+    """
+    parent = next((path for path in Path(output).absolute().parents if path.exists()), Path("/"))
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".lora_ogpsa-probe-"):
+            pass
+    except OSError as error:
+        raise InputError(f"{flag} {output}: cannot write in {parent} ({error.strerror or error}); choose a "
+                         "writable location") from error
+
+
+def output_path(path: str | Path) -> Path:
+    """`path` with a symlink followed: an output given as a link is written (and replaced with --overwrite) where
+    the link points, and the link itself stays."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 @contextlib.contextmanager
@@ -67,16 +98,20 @@ def output_lock(output: Path, *, flag: str = "--output") -> Iterator[None]:
     """Hold an exclusive lock on `output` (a `.NAME.lock` sibling, `flock`ed) for the whole block.
 
     A second run into the same output is refused at once instead of racing the first. The lock is released
-    by the kernel when the process dies, so a stale lock file never blocks anything.
+    by the kernel when the process dies, so a stale lock file never blocks anything; the holder removes the
+    file when done (a process that locked a file already removed sees it and counts as refused).
 
     Raises:
         InputError: another process holds the lock (its pid is named).
     """
+    probe_writable(output, flag=flag)
     output.parent.mkdir(parents=True, exist_ok=True)
     path = output.with_name(f".{output.name}.lock")
     handle = path.open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+            raise BlockingIOError  # the file was removed by a holder finishing meanwhile: as good as busy
     except BlockingIOError as error:
         handle.seek(0)
         holder = handle.read().strip() or "?"
@@ -87,15 +122,33 @@ def output_lock(output: Path, *, flag: str = "--output") -> Iterator[None]:
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
+        _restore_interrupted_replacement(output)
         yield
     finally:
+        path.unlink(missing_ok=True)
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 
 
+def _restore_interrupted_replacement(output: Path) -> None:
+    """A process killed between `finalize_directory`'s two renames leaves the previous output as `NAME.old` and
+    no `NAME`: put it back, so that nothing finished is ever lost (the new run stays in `NAME.partial`)."""
+    old = _old_path(output)
+    if old.is_dir() and not output.exists() and not output.is_symlink():
+        old.rename(output)
+        logger.warning("restored %s from %s: an earlier run was killed while replacing it", output, old.name)
+
+
+def _old_path(output: Path) -> Path:
+    return output.with_name(f"{output.name}.old")
+
+
 def finalize_directory(work: Path, output: Path) -> None:
-    """Move a completed `work` directory to `output`, replacing an old output only once the new one is ready."""
-    old = output.with_name(f"{output.name}.old")
+    """Move a completed `work` directory to `output`, replacing an old output only once the new one is ready.
+
+    Linux has no atomic swap of two directories here, so there are two renames; a kill between them leaves
+    `NAME.old`, which the next run holding the output's lock renames back (`output_lock`)."""
+    old = _old_path(output)
     if output.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -116,18 +169,21 @@ def atomic_directory(output: Path, *, overwrite: bool = False) -> Iterator[Path]
         InputError: `output` appeared while the block ran and `overwrite` is False (it is never replaced then).
     """
     made_parents = [parent for parent in output.parents if not parent.exists()]  # deepest first
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = partial_path(output)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir()
     try:
-        yield work
-        if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-            raise InputError(f"{output}: appeared while writing; nothing was overwritten, choose another path")
-        finalize_directory(work, output)
+        with output_lock(output):  # so that the leftover removed below is never another live run's
+            work = partial_path(output)
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir()
+            try:
+                yield work
+                if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+                    raise InputError(f"{output}: appeared while writing; nothing was overwritten, choose another "
+                                     "path")
+                finalize_directory(work, output)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
         if not output.exists():
             for parent in made_parents:
                 with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
@@ -169,15 +225,20 @@ def read_json(path: Path, *, flag: str | None = None) -> Any:
         raise InputError(f"{where}: JSON nested too deeply") from error
 
 
-def iter_jsonl(path: Path, *, flag: str | None = None) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: Path, *, flag: str | None = None,
+               max_line_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, value) for every non-blank line of a JSONL file.
 
     Raises:
-        InputError: a line that is not valid JSON or not UTF-8, naming the file and line.
+        InputError: a line that is not valid JSON or not UTF-8, or longer than `max_line_bytes`, naming the file
+            and line.
     """
     where = f"{flag} {path}" if flag else str(path)
     with Path(path).open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if max_line_bytes is not None and len(raw) > max_line_bytes:
+                raise InputError(f"{where}:{number}: the row is {len(raw) / 2**20:.1f} MiB, over the "
+                                 f"{max_line_bytes / 2**20:g} MiB limit per row; shorten or split it")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:

@@ -28,17 +28,24 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from lora_ogpsa.errors import InputError
-from lora_ogpsa.files import ADAPTER_CONFIG, CARD_FILE, TOKENIZER_FILES, atomic_directory, read_json
+from lora_ogpsa.files import (
+    ADAPTER_CONFIG,
+    CARD_FILE,
+    TOKENIZER_FILES,
+    atomic_directory,
+    output_path,
+    probe_writable,
+    read_json,
+)
 from lora_ogpsa.merge_audit import audit_merge
 from lora_ogpsa.merge_plan import (
-    SAFE_INDEX,
-    SAFE_WEIGHTS,
     LoraPair,
     MergePlan,
     NF4Spec,
     is_finite,
     plan_merge,
 )
+from lora_ogpsa.model import SAFE_INDEX, SAFE_WEIGHTS
 from lora_ogpsa.run_files import write_merged_card
 
 logger = logging.getLogger(__name__)
@@ -193,9 +200,10 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
     torch_dtype = output_dtype(dtype)
     if base not in get_args(MergeBase):
         raise InputError(f"--base must be one of {', '.join(get_args(MergeBase))}, got {base!r}")
-    output_dir = Path(output_dir)
+    output_dir = output_path(output_dir)
     if output_dir.exists():
         raise InputError(f"--output {output_dir}: already exists; choose a new directory or remove it first")
+    probe_writable(output_dir)
     started = time.perf_counter()
     plan = plan_merge(base_dir, adapter_dir, dequantize=base == "dequantized")
     with atomic_directory(output_dir) as staging:

@@ -22,19 +22,24 @@ import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from lora_ogpsa.errors import InputError, first_line
 from lora_ogpsa.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json
-from lora_ogpsa.model import ADAPTER_NAME, nf4_config, resolve_model_dir
+from lora_ogpsa.model import (
+    ADAPTER_NAME,
+    SAFE_INDEX,
+    nf4_config,
+    resolve_model_dir,
+    safetensors_header,
+    weight_files,
+)
 
 logger = logging.getLogger(__name__)
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 PEFT_PREFIX = "base_model.model."
 # LoraConfig fields whose adapters cannot be folded into W + scaling·(B @ A): the value each must have.
 _UNMERGEABLE = {"use_dora": False, "lora_bias": False, "target_parameters": None, "trainable_token_indices": None,
@@ -147,7 +152,7 @@ def read_base_config(base_dir: Path) -> dict:
 def read_checkpoint(base_dir: Path) -> dict[str, TensorInfo]:
     """Every tensor of the base's safetensors checkpoint, in shard order (headers only, no tensor data)."""
     info_by_key: dict[str, TensorInfo] = {}
-    for shard, expected_keys in _shard_files(base_dir):
+    for shard, expected_keys in weight_files(base_dir):
         found = _read_header(shard)
         missing = sorted(set(expected_keys) - set(found))
         if missing:
@@ -205,40 +210,10 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _shard_files(base_dir: Path) -> list[tuple[Path, list[str]]]:
-    """The checkpoint files and the keys the index promises in each ([] for a single file)."""
-    index = base_dir / SAFE_INDEX
-    if index.is_file():
-        weight_map = _read_json(index, flag="--model").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError(f"--model {index}: no `weight_map` in it; re-save the base with save_pretrained")
-        keys_by_file: dict[str, list[str]] = defaultdict(list)
-        for key, file_name in weight_map.items():
-            keys_by_file[file_name].append(key)
-        return [(_existing_shard(base_dir, name), keys) for name, keys in sorted(keys_by_file.items())]
-    if (base_dir / SAFE_WEIGHTS).is_file():
-        return [(base_dir / SAFE_WEIGHTS, [])]
-    raise InputError(f"--model {base_dir}: no {SAFE_WEIGHTS} or {SAFE_INDEX} in it; merge reads safetensors "
-                     "weights only — re-save the base with save_pretrained(safe_serialization=True)")
-
-
-def _existing_shard(base_dir: Path, name: str) -> Path:
-    path = base_dir / name
-    if not path.is_file():
-        raise InputError(f"--model {base_dir}: shard {name} listed in {SAFE_INDEX} is missing; copy the "
-                         "complete checkpoint")
-    return path
-
-
 def _read_header(shard: Path) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of one file's tensors; safetensors checks the header covers the file (truncation)."""
-    try:
-        with safe_open(shard, framework="pt", device="cpu") as handle:
-            slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-            return {key: TensorInfo(shard, tuple(s.get_shape()), s.get_dtype()) for key, s in slices.items()}
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"--model {shard}: not a readable safetensors file ({first_line(error)}); it is "
-                         "truncated or corrupt — copy it again") from error
+    """Shapes and dtypes of one file's tensors."""
+    return {key: TensorInfo(shard, shape, dtype)
+            for key, (shape, dtype) in safetensors_header(shard, flag="--model").items()}
 
 
 def _parse_config(base_dir: Path) -> PretrainedConfig:
@@ -296,14 +271,17 @@ def _match_adapter(tensor_by_name: dict[str, torch.Tensor], layer_by_path: dict[
             halves_by_path[path][half] = tensor
         else:
             replacement_by_key[key] = _placed(key, tensor, info_by_key, where)
-    lora_by_key = {}
-    for path, halves in halves_by_path.items():
-        if path not in layer_by_path:
-            _check_known_module(path, module_paths, where)
-            logger.warning("adapter tensors for %s ignored: %s does not target it, and neither does PEFT",
-                           path, ADAPTER_CONFIG)
-            continue
-        lora_by_key[f"{path}.weight"] = _lora_pair(path, halves, layer_by_path[path], info_by_key, where)
+    uncovered = sorted(path for path in halves_by_path if path not in layer_by_path)
+    for path in uncovered:
+        _check_known_module(path, module_paths, where)
+    if uncovered:
+        # PEFT would load the adapter and silently leave these deltas out; a merge that drops trained weights is
+        # never what was meant.
+        raise InputError(f"--adapter {where}: holds LoRA tensors for {len(uncovered)} module(s) that "
+                         f"{ADAPTER_CONFIG}'s target_modules does not cover (e.g. {uncovered[0]}); they would be "
+                         f"dropped — add them to target_modules in {ADAPTER_CONFIG}, or re-save the adapter")
+    lora_by_key = {path + ".weight": _lora_pair(path, halves, layer_by_path[path], info_by_key, where)
+                   for path, halves in halves_by_path.items()}
     return lora_by_key, replacement_by_key
 
 

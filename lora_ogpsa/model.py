@@ -9,6 +9,7 @@ The stack quirks handled here (DESIGN.md §4):
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,12 +23,14 @@ from transformers import (
 )
 
 from lora_ogpsa.errors import InputError, first_line
-from lora_ogpsa.files import ADAPTER_CONFIG
+from lora_ogpsa.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 LORA_TENSOR_MARKERS = (".lora_A.", ".lora_B.")
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
 
 
 def default_device() -> torch.device:
@@ -58,12 +61,85 @@ def resolve_model_dir(name_or_path: str | Path, revision: str = "main") -> Path:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """A local Hugging Face model directory (with `config.json`), or InputError."""
+    """A local Hugging Face model directory: `config.json` and safetensors weights whose headers read (every
+    shard its index lists), or InputError naming the file. Reads headers only, so it is cheap to repeat."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"--model {path}: no such directory; give a local Hugging Face model directory")
     if not (path / "config.json").is_file():
         raise InputError(f"--model {path}: no config.json in it; give a directory written by save_pretrained")
+    for shard, _ in weight_files(path):
+        safetensors_header(shard, flag="--model")
+    return path
+
+
+def weight_files(model_dir: Path) -> list[tuple[Path, list[str]]]:
+    """The model's safetensors files and the keys its index promises in each ([] for a single file).
+
+    Raises:
+        InputError: no safetensors weights (this project never loads pickles), a bad index, a missing shard.
+    """
+    index = model_dir / SAFE_INDEX
+    if index.is_file():
+        weight_map = read_json(index, flag="--model")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"--model {index}: no `weight_map` in it; re-save the model with save_pretrained")
+        keys_by_file: dict[str, list[str]] = defaultdict(list)
+        for key, file_name in weight_map.items():
+            keys_by_file[file_name].append(key)
+        missing = next((name for name in sorted(keys_by_file) if not (model_dir / name).is_file()), None)
+        if missing:
+            raise InputError(f"--model {model_dir}: shard {missing} listed in {SAFE_INDEX} is missing; copy the "
+                             "complete checkpoint")
+        return [(model_dir / name, keys) for name, keys in sorted(keys_by_file.items())]
+    if (model_dir / SAFE_WEIGHTS).is_file():
+        return [(model_dir / SAFE_WEIGHTS, [])]
+    raise InputError(f"--model {model_dir}: no {SAFE_WEIGHTS} or {SAFE_INDEX} in it; this project reads "
+                     "safetensors weights only (never pickles) — re-save with save_pretrained(safe_serialization=True)")
+
+
+def safetensors_header(path: Path, *, flag: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every tensor in a safetensors file, from its header only (safetensors checks that the
+    header covers the file, so truncation is caught); InputError for a missing, truncated or corrupt file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+            return {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{flag} {path}: not a readable safetensors file ({first_line(error)}); it is truncated "
+                         "or corrupt — copy it again") from error
+
+
+def check_adapter_dir(path: str | Path, *, flag: str = "--adapter") -> Path:
+    """A PEFT LoRA adapter directory whose files agree: `adapter_config.json` readable, the weights' header
+    readable, every lora_A / lora_B pair of one rank (the config's `r` unless a `rank_pattern` varies it).
+
+    Raises:
+        InputError: naming the file and what to do.
+    """
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise InputError(f"{flag} {path}: no {ADAPTER_CONFIG} in it; give a directory written by "
+                         "`lora-ogpsa sft|dpo|align|export` or PEFT's save_pretrained")
+    config = read_json(path / ADAPTER_CONFIG, flag=flag)
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int) or config["r"] < 1:
+        raise InputError(f"{flag} {path / ADAPTER_CONFIG}: no positive integer `r`; not a LoRA adapter config")
+    shapes = {name: shape for name, (shape, _) in safetensors_header(path / ADAPTER_FILE, flag=flag).items()}
+    for name, shape in shapes.items():
+        if ".lora_A." in name:
+            partner = name.replace(".lora_A.", ".lora_B.")
+            rank = shape[0] if len(shape) == 2 else None
+            if partner not in shapes or len(shapes[partner]) != 2 or shapes[partner][1] != rank:
+                raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has no matching lora_B of the same rank; "
+                                 "the adapter file is incomplete or corrupt")
+            if not config.get("rank_pattern") and rank != config["r"]:
+                raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has rank {rank}, {ADAPTER_CONFIG} says "
+                                 f"r={config['r']}; the config does not belong to these weights")
     return path
 
 
@@ -159,10 +235,7 @@ def attach_lora(model: PreTrainedModel, config: LoraConfig, *, seed: int, gradie
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path, *, trainable: bool,
                  gradient_checkpointing: bool = False) -> PeftModel:
     """Load a saved PEFT adapter onto the base (trainable to continue training it, e.g. SFT→DPO)."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise InputError(f"--adapter {adapter_dir}: no adapter_config.json in it; give a directory written by "
-                         "`lora-ogpsa sft|dpo|align|export` or PEFT's save_pretrained")
+    adapter_dir = check_adapter_dir(adapter_dir)
     if trainable and is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

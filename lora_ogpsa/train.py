@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from lora_ogpsa import distributed
 from lora_ogpsa.callback import OGPSACallback
 from lora_ogpsa.config import TrainSettings, is_hub_id
-from lora_ogpsa.data import Rows, read_rows
+from lora_ogpsa.data import DataKind, Rows, check_rows_fit, read_rows
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.export import save_adapter, save_subspace
 from lora_ogpsa.files import (
@@ -37,6 +37,7 @@ from lora_ogpsa.files import (
     finalize_directory,
     last_complete_checkpoint,
     output_lock,
+    output_path,
     partial_path,
     read_json,
     read_jsonl,
@@ -45,6 +46,7 @@ from lora_ogpsa.files import (
 )
 from lora_ogpsa.model import (
     attach_lora,
+    check_adapter_dir,
     check_model_dir,
     keep_lora_float32_,
     load_adapter,
@@ -65,12 +67,14 @@ Stage = Literal["sft", "dpo"]
 
 def run_sft(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa sft`: train a fresh adapter on SFT data; returns the output directory."""
+    settings = dataclasses.replace(settings, output=output_path(settings.output))
     with _locked(settings):
         return _run_single("sft", settings, settings.data, callbacks)
 
 
 def run_dpo(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa dpo`: train a fresh adapter, or continue `settings.adapter`, on preference data."""
+    settings = dataclasses.replace(settings, output=output_path(settings.output))
     with _locked(settings):
         return _run_single("dpo", settings, settings.data, callbacks)
 
@@ -78,6 +82,7 @@ def run_dpo(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) 
 def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa align`: SFT, then DPO on the same adapter with base + frozen SFT adapter as the DPO
     reference model. Writes `sft/`, `dpo/` and the final adapter at the top of the output directory."""
+    settings = dataclasses.replace(settings, output=output_path(settings.output))
     with _locked(settings):
         return _run_align(settings, callbacks)
 
@@ -90,8 +95,8 @@ def _locked(settings: TrainSettings):
 def _run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback]) -> Path:
     settings = resolve_model(settings)
     tokenizer, reference = _validate_common(settings)
-    sft_rows = read_rows(settings.sft_data, "sft", flag="--sft-data")
-    dpo_rows = read_rows(settings.dpo_data, "preference", flag="--dpo-data")
+    sft_rows = _read_checked(settings.sft_data, "sft", "--sft-data", tokenizer, settings)
+    dpo_rows = _read_checked(settings.dpo_data, "preference", "--dpo-data", tokenizer, settings)
     work = _prepare_work_dir(settings)
     sft_dir, dpo_dir = work / "sft", work / "dpo"
     if not _stage_complete(sft_dir):
@@ -111,11 +116,8 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
                 callbacks: Sequence[TrainerCallback]) -> Path:
     settings = resolve_model(settings)
     tokenizer, reference = _validate_common(settings)
-    rows = read_rows(data, "sft" if stage == "sft" else "preference", flag="--data")
-    adapter = settings.adapter if stage == "dpo" else None
-    if adapter is not None and not (adapter / ADAPTER_CONFIG).is_file():
-        raise InputError(f"--adapter {adapter}: no {ADAPTER_CONFIG} in it; give a directory written by "
-                         "`lora-ogpsa sft|dpo|align|export` or PEFT's save_pretrained")
+    rows = _read_checked(data, "sft" if stage == "sft" else "preference", "--data", tokenizer, settings)
+    adapter = check_adapter_dir(settings.adapter) if stage == "dpo" and settings.adapter is not None else None
     work = _prepare_work_dir(settings)
     _train_stage(stage, settings, work, rows, reference, tokenizer, adapter, callbacks)
     if distributed.is_main():
@@ -123,6 +125,12 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
         logger.info("adapter written to %s", settings.output)
     distributed.barrier()
     return settings.output
+
+
+def _read_checked(source, kind: DataKind, flag: str, tokenizer, settings: TrainSettings) -> Rows:
+    """Every row read, validated, and rendered through the chat template within --max-length."""
+    rows = read_rows(source, kind, flag=flag)
+    return check_rows_fit(rows, tokenizer, max_length=settings.max_length, kind=kind, flag=flag)
 
 
 def resolve_model(settings: TrainSettings) -> TrainSettings:

@@ -259,6 +259,16 @@ def test_adapter_directory_without_config(base_dir, adapter_dir, tmp_path):
                             match="no adapter_config.json")
 
 
+def test_adapter_tensors_its_config_does_not_cover_are_refused(base_dir, adapter_dir, tmp_path):
+    adapter = _copy(adapter_dir, tmp_path / "adapter")
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = ["q_proj"]  # the weights file still holds every linear layer's delta
+    config_path.write_text(json.dumps(config))
+    _expect_nothing_written(tmp_path, lambda: merge_adapter(base_dir, adapter, tmp_path / "out"),
+                            match="target_modules does not cover .* they would be dropped")
+
+
 def test_base_without_safetensors(base_dir, adapter_dir, tmp_path):
     base = _copy(base_dir, tmp_path / "base")
     for path in base.glob("model*.safetensors*"):

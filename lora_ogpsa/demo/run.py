@@ -36,6 +36,11 @@ from lora_ogpsa.files import (
     RUN_CONFIG,
     SUBSPACE_FILE,
     file_sha256,
+    finalize_directory,
+    output_lock,
+    output_path,
+    partial_path,
+    probe_writable,
     read_json,
     read_jsonl,
 )
@@ -126,13 +131,28 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
         InputError: a `--model` that is not a model directory, missing wheels, an `--output` that is not a
             demo directory (and not empty) without `--overwrite`.
     """
+    plan = plan or DemoPlan.for_device(max_steps)
+    methods = methods or (DEMO_METHODS if compare else DEFAULT_METHODS)
+    output = output_path(output)
+    replace = _check_demo_output(output, overwrite)
+    with output_lock(output):
+        if not replace:
+            return _run_demo(output, plan, methods, model, cache_dir, evaluation_cache)
+        # --overwrite: the new demo is built beside the old one, which is replaced only once the new one is done
+        work = partial_path(output)
+        if work.exists():
+            shutil.rmtree(work)
+        report = _run_demo(work, plan, methods, model, cache_dir, evaluation_cache)
+        finalize_directory(work, output)
+        return report
+
+
+def _run_demo(output: Path, plan: DemoPlan, methods: tuple[Method, ...], model: str | None, cache_dir: str | None,
+              evaluation_cache: Path | None) -> dict[str, Any]:
     from lora_ogpsa.demo.assets import ensure_default_model
     from lora_ogpsa.demo.data import build_demo_data, load_eval_suites
     from lora_ogpsa.model import check_model_dir
 
-    plan = plan or DemoPlan.for_device(max_steps)
-    methods = methods or (DEMO_METHODS if compare else DEFAULT_METHODS)
-    _check_demo_output(output, overwrite)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
@@ -173,18 +193,21 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
     return report
 
 
-def _check_demo_output(output: Path, overwrite: bool) -> None:
-    """The output is a demo workspace (reused), an empty or missing directory, or replaced with --overwrite."""
+def _check_demo_output(output: Path, overwrite: bool) -> bool:
+    """The output is a demo workspace (reused), an empty or missing directory, or replaced with --overwrite
+    (True: build the new one beside it)."""
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output}: exists and is not a directory; choose another path")
+    probe_writable(output)
     if not output.is_dir() or not any(output.iterdir()):
-        return
+        return False
     if overwrite:
-        shutil.rmtree(output)
-    elif not ((output / "evaluations").is_dir() or (output / "report.json").is_file()
+        return True
+    if not ((output / "evaluations").is_dir() or (output / "report.json").is_file()
               or any(output.glob("*/demo_settings.json"))):
         raise InputError(f"--output {output}: exists, is not empty and is not a demo directory; pass --overwrite "
                          "to replace it, or choose another path")
+    return False
 
 
 def _method_settings(method: Method, model_path: Path, data, plan: DemoPlan, output: Path) -> TrainSettings:

@@ -1,0 +1,273 @@
+"""Fault injection: kill -9 at chosen points, a full disk, concurrent runs, hostile and bad input — and after
+each, every file that existed before is byte-identical and a rerun ends where an uninterrupted run does.
+
+Kills run `tests/fault_runner.py` in a subprocess that SIGKILLs itself exactly when a given file has been
+written or a given directory is about to be renamed (no timing races); the full disk is a writer that raises
+ENOSPC at a given file.
+"""
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_ogpsa.cli import main
+from lora_ogpsa.files import output_lock
+
+RUNNER = Path(__file__).with_name("fault_runner.py")
+
+
+def _tree(directory: Path) -> dict[str, str]:
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def _sft(model, data_files, output, *extra):
+    return [str(arg) for arg in ["sft", "--model", model, "--data", data_files["sft"], "--reference",
+                                 data_files["reference"], "--output", output, "--no-quantize", "--lora-r", "2",
+                                 "--max-length", "64", "--batch-size", "4", "--reference-examples", "4",
+                                 "--learning-rate", "1e-3", "--max-steps", "4", "--save-steps", "2", *extra]]
+
+
+def _faulty(args, fault_at, fault="kill", **env):
+    """Start the CLI in a subprocess with a fault at `fault_at` (a glob on absolute paths)."""
+    environment = {**os.environ, "FAULT_AT": str(fault_at), "FAULT": fault, "TQDM_DISABLE": "1",
+                   "PYTHONPATH": os.pathsep.join(sys.path), **env}
+    return subprocess.Popen([sys.executable, str(RUNNER), *args], env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _adapter(directory):
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def _same_adapter(one, other):
+    first, second = _adapter(one), _adapter(other)
+    return first.keys() == second.keys() and all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, data_files, tmp_path_factory):
+    """The uninterrupted run every interrupted one must end equal to."""
+    output = tmp_path_factory.mktemp("straight") / "run"
+    assert main(_sft(tiny_model_dir, data_files, output)) == 0
+    return output
+
+
+def test_kill_9_during_a_checkpoint_save_then_resume_ends_equal(tiny_model_dir, data_files, straight, tmp_path,
+                                                                  caplog):
+    output = tmp_path / "run"
+    process = _faulty(_sft(tiny_model_dir, data_files, output), f"{output}.partial/checkpoint-4/optimizer.pt")
+    assert process.wait(timeout=300) == -9
+    cut = tmp_path / "run.partial" / "checkpoint-4"
+    assert (cut / "optimizer.pt").is_file() and not (cut / "lora_ogpsa_complete.json").exists()
+    caplog.set_level(logging.INFO)
+    assert main(_sft(tiny_model_dir, data_files, output, "--resume")) == 0
+    assert "checkpoint-4 is incomplete" in caplog.text and "from " in caplog.text and "checkpoint-2" in caplog.text
+    assert _same_adapter(straight, output)
+
+
+def test_a_full_disk_during_a_checkpoint_save_then_resume_ends_equal(tiny_model_dir, data_files, straight, tmp_path,
+                                                                      monkeypatch, capsys):
+    output = tmp_path / "run"
+    save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("checkpoint-4/optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(_sft(tiny_model_dir, data_files, output)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "lora-ogpsa:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    monkeypatch.setattr(torch, "save", save)
+    assert main(_sft(tiny_model_dir, data_files, output, "--resume")) == 0  # from checkpoint-2: exact again
+    assert _same_adapter(straight, output)
+
+
+@pytest.mark.parametrize("point", ["before replacing", "between the two renames"])
+def test_kill_9_while_replacing_a_finished_run_keeps_it(tiny_model_dir, data_files, straight, tmp_path, capsys, point):
+    output = tmp_path / "run"
+    shutil.copytree(straight, output)
+    before = _tree(output)
+    at = output if point == "before replacing" else f"{output}.partial"  # rename run -> run.old, then .partial -> run
+    process = _faulty(_sft(tiny_model_dir, data_files, output, "--overwrite", "--max-steps", "2"), at)
+    assert process.wait(timeout=300) == -9
+    if point == "between the two renames":
+        assert not output.exists() and (tmp_path / "run.old").is_dir()
+    # the next run into it (any command holding its lock) finds the finished run whole and refuses to replace it
+    assert main(_sft(tiny_model_dir, data_files, output)) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert _tree(output) == before and not (tmp_path / "run.old").exists()
+
+
+def test_kill_9_during_merge_leaves_only_what_a_rerun_removes(tiny_model_dir, straight, tmp_path):
+    merged = tmp_path / "merged"
+    args = ["merge", "--model", str(tiny_model_dir), "--adapter", str(straight), "--output", str(merged)]
+    process = _faulty(args, f"{merged}.partial/*.safetensors")
+    assert process.wait(timeout=300) == -9
+    assert not merged.exists() and (tmp_path / "merged.partial").is_dir()
+    assert main(args) == 0
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith(".")) == ["merged"]
+
+
+def test_a_concurrent_run_is_refused_and_the_live_run_finishes(tiny_model_dir, data_files, straight, tmp_path,
+                                                               capsys):
+    output, flag = tmp_path / "run", tmp_path / "paused"
+    process = _faulty(_sft(tiny_model_dir, data_files, output), f"{output}.partial/checkpoint-2/optimizer.pt",
+                      fault="pause", FAULT_FLAG=str(flag))
+    deadline = time.monotonic() + 300
+    while not flag.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    live = _tree(tmp_path / "run.partial")
+    for args in (_sft(tiny_model_dir, data_files, output), _sft(tiny_model_dir, data_files, output, "--overwrite"),
+                 _sft(tiny_model_dir, data_files, output, "--resume")):
+        assert main(args) == 2
+        assert f"in use by another run (pid {process.pid})" in capsys.readouterr().err
+        assert _tree(tmp_path / "run.partial") == live
+    flag.unlink()
+    assert process.wait(timeout=300) == 0
+    assert _same_adapter(straight, output)
+
+
+def test_export_into_an_output_in_use_is_refused(straight, tmp_path, capsys):
+    output = tmp_path / "exported"
+    with output_lock(output):
+        assert main(["export", "--adapter", str(straight), "--output", str(output)]) == 2
+    assert "in use by another run" in capsys.readouterr().err and not output.exists()
+
+
+def test_a_symlinked_output_is_replaced_where_it_points(tiny_model_dir, data_files, straight, tmp_path):
+    target, link = tmp_path / "disk" / "run", tmp_path / "run"
+    shutil.copytree(straight, target)
+    (target / "adapter_model.safetensors").write_bytes(b"old")
+    link.symlink_to(target, target_is_directory=True)
+    assert main(_sft(tiny_model_dir, data_files, link, "--overwrite", "--max-steps", "2")) == 0
+    assert link.is_symlink() and _adapter(target)  # the link stays; the run it points at is the new one
+    assert sorted(path.name for path in target.parent.iterdir() if not path.name.startswith(".")) == ["run"]
+
+
+def test_hostile_yaml_runs_nothing(tiny_model_dir, data_files, tmp_path, capsys):
+    planted = tmp_path / "planted"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"max_steps: !!python/object/apply:os.system ['touch {planted}']\n")
+    assert main([*_sft(tiny_model_dir, data_files, tmp_path / "o"), "--config", str(config)]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert not planted.exists() and not (tmp_path / "o").exists()
+
+
+# ---- bad input on top of a finished run: exit 2, one line, and the run is byte-identical afterwards ----
+
+STRICT_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _row(*turns):
+    return json.dumps({"messages": [{"role": role, "content": content} for role, content in turns]})
+
+
+def _write(path, text):
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _model_copy(tiny_model_dir, root, change):
+    model = root / "model"
+    shutil.copytree(tiny_model_dir, model)
+    change(model)
+    return model
+
+
+def _strict(model):
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = STRICT_TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _adapter_copy(straight, root, change):
+    adapter = root / "adapter"
+    shutil.copytree(straight, adapter)
+    change(adapter)
+    return adapter
+
+
+def _rank(adapter):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+
+
+# case: t (the case's directory), m (the tiny model), a (the finished run) -> (flag overrides, extra, message)
+BAD = {
+    "empty assistant turn": lambda t, m, a: ({"--data": _write(t / "d.jsonl", _row(("user", "hi"), ("assistant", " ")))},
+                                             [], r"d.jsonl:1: field 'messages'\[1\].content is empty"),
+    "roles out of order": lambda t, m, a: (
+        {"--data": _write(t / "d.jsonl", _row(("user", "a"), ("assistant", "b")) + "\n"
+                          + _row(("user", "a"), ("user", "b"), ("assistant", "c"))),
+         "--model": _model_copy(m, t, _strict), "--project": "none"},
+        [], r"d.jsonl:2: the model's chat template rejects this row \(Conversation roles must alternate"),
+    "row over the size limit": lambda t, m, a: (
+        {"--data": _write(t / "d.jsonl", _row(("user", "x" * (1 << 20)), ("assistant", "y")))}, [],
+        r"d.jsonl:1: the row is 1.0 MiB, over the 1 MiB limit per row"),
+    "every prompt fills --max-length": lambda t, m, a: ({"--project": "none"}, ["--max-length", "6"],
+                                                        r"every row's prompt fills --max-length 6"),
+    "non-UTF-8 data": lambda t, m, a: ({"--data": _write(t / "d.jsonl", b'{"prompt": "\xff\xfe"}\n')}, [],
+                                       r"d.jsonl:1: not UTF-8 text"),
+    "deeply nested JSON": lambda t, m, a: ({"--data": _write(t / "d.jsonl", "[" * 100_000 + "]" * 100_000)}, [],
+                                           r"d.jsonl:1: (JSON nested too deeply|invalid JSON)"),
+    "truncated model weights": lambda t, m, a: (
+        {"--model": _model_copy(m, t, lambda d: _truncate(d / "model.safetensors"))}, [],
+        r"model.safetensors: not a readable safetensors file"),
+    "model without weights": lambda t, m, a: (
+        {"--model": _model_copy(m, t, lambda d: (d / "model.safetensors").unlink())}, [],
+        r"no model.safetensors or model.safetensors.index.json in it"),
+    "unwritable output": lambda t, m, a: ({"--output": Path("/proc/lora-ogpsa-test/out")}, [],
+                                          r"cannot write in /proc"),
+    "output under a file": lambda t, m, a: ({"--output": _write(t / "f", "x") / "out"}, [],
+                                            r"cannot write in .*f \(.*not a directory"),
+}
+BAD_DPO = {
+    "adapter whose config has another rank": lambda t, m, a: (
+        {"--adapter": _adapter_copy(a, t, _rank)}, [], r"has rank 2, adapter_config.json says r=8"),
+    "truncated adapter weights": lambda t, m, a: (
+        {"--adapter": _adapter_copy(a, t, lambda d: _truncate(d / "adapter_model.safetensors"))}, [],
+        r"adapter_model.safetensors: not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD) + sorted(BAD_DPO))
+def test_bad_input_over_a_finished_run_exits_2_and_changes_nothing(tiny_model_dir, data_files, straight, tmp_path,
+                                                                   capsys, case):
+    output = tmp_path / "run"
+    shutil.copytree(straight, output)
+    before = _tree(output)
+    overrides, extra, message = (BAD.get(case) or BAD_DPO[case])(tmp_path, tiny_model_dir, straight)
+    command = "dpo" if case in BAD_DPO else "sft"
+    flags = {"--model": tiny_model_dir, "--data": data_files["dpo" if command == "dpo" else "sft"],
+             "--reference": data_files["reference"], "--output": output, "--overwrite": None, **overrides}
+    args = [command, *[str(item) for pair in flags.items() for item in pair if item is not None], "--no-quantize",
+            "--max-steps", "1", *extra]
+    assert main(args) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.count("\n") == 0 and stderr.startswith("lora-ogpsa: error:"), stderr
+    assert __import__("re").search(message, stderr), stderr
+    assert _tree(output) == before and not (tmp_path / "run.partial").exists()
