@@ -46,6 +46,8 @@ VARIANTS = {
     "replay": Method("replay", project="none", replay=True, stages="sft", reference=ORDINARY),
     "replay-lookalike": Method("replay-lookalike", project="none", replay=True, stages="sft"),
     "ogpsa-k8": Method("ogpsa-k8", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY),
+    "ogpsa-k8-replay": Method("ogpsa-k8-replay", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY,
+                              projected_replay="reference_lookalike"),
     "ogpsa-k8-lookalike": Method("ogpsa-k8-lookalike", stages="sft", ogpsa={"max_directions": 8}),
     "grad-k8": Method("grad-k8", project="grad", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY),
     "ogpsa-k32-lookalike": Method("ogpsa-k32-lookalike", stages="sft", ogpsa={"max_directions": 32}),
