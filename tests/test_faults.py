@@ -271,3 +271,32 @@ def test_bad_input_over_a_finished_run_exits_2_and_changes_nothing(tiny_model_di
     assert stderr.count("\n") == 0 and stderr.startswith("lora-ogpsa: error:"), stderr
     assert __import__("re").search(message, stderr), stderr
     assert _tree(output) == before and not (tmp_path / "run.partial").exists()
+
+
+def test_a_resume_from_a_truncated_subspace_fails_and_keeps_the_finished_run(tiny_model_dir, data_files, straight,
+                                                                               tmp_path, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(straight, output)
+    _truncate(output / "checkpoint-4" / "ogpsa_subspace.safetensors")
+    before = _tree(output)
+    assert main(_sft(tiny_model_dir, data_files, output, "--resume", "--max-steps", "6")) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ogpsa:")]
+    assert len(errors) == 1 and "ogpsa_subspace.safetensors" in errors[0]
+    assert _tree(output) == before
+    assert main(_sft(tiny_model_dir, data_files, output, "--max-steps", "6")) == 2  # and no later run deletes it
+    assert _tree(output) == before
+
+
+def test_a_failed_json_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from lora_ogpsa import files
+
+    target = tmp_path / "report.json"
+    target.write_text('{"old": true}\n')
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        files.write_json(target, {"new": True})
+    assert target.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
