@@ -1,0 +1,97 @@
+"""Print the release checklist of bad-input cases: every case of tests/test_cli_errors.py and of
+tests/test_faults.py's bad-input tables, run through `lora-ogpsa` on a tiny model, with its exit status and
+message (the tests assert these; this shows them). The kill -9 / full-disk / concurrency cases are tests only
+(tests/test_faults.py, tests/test_reliability.py).
+
+    python scripts/reliability_cases.py > /tmp/cases.md
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, TESTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: list) -> tuple[int, str]:
+    from lora_ogpsa.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main([str(arg) for arg in args])
+    lines = [line for line in stderr.getvalue().splitlines() if line.startswith("lora-ogpsa:")]
+    return status, lines[-1] if lines else ""
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)
+    sys.path.insert(0, str(TESTS))
+    from lora_ogpsa.tiny import save_tiny_model
+
+    conftest, cli_errors, faults = _module("conftest"), _module("test_cli_errors"), _module("test_faults")
+    root = Path(tempfile.mkdtemp(prefix="reliability-"))
+    model = save_tiny_model(root / "model")
+    data = {"sft": conftest.write_jsonl(root / "sft.jsonl", [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": conftest.REFUSAL}]}
+        for p in conftest.HARMFUL]),
+        "dpo": conftest.write_jsonl(root / "dpo.jsonl", [
+            {"prompt": p, "chosen": conftest.REFUSAL, "rejected": f"Sure, step {i}."}
+            for i, p in enumerate(conftest.HARMFUL)]),
+        "reference": conftest.write_jsonl(root / "reference.jsonl", [
+            {"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."} for i in range(12)])}
+    finished = root / "finished"
+    assert _run(faults._sft(model, data, finished))[0] == 0
+    rows = []
+    for case in sorted(cli_errors.CASES):
+        directory = root / f"c{len(rows)}"
+        directory.mkdir()
+        overrides, extra, _ = cli_errors.CASES[case]
+        flags = {"--model": model, "--data": data["sft"], "--reference": data["reference"],
+                 "--output": directory / "out", **overrides(directory)}
+        rows.append((case, "sft", *_run(["sft", *[x for pair in flags.items() for x in pair], "--no-quantize",
+                                             *extra])))
+    for table, command in ((faults.BAD, "sft"), (faults.BAD_DPO, "dpo")):
+        for case in sorted(table):
+            directory = root / f"c{len(rows)}"
+            directory.mkdir()
+            shutil.copytree(finished, directory / "run")
+            overrides, extra, _ = table[case](directory, model, finished)
+            flags = {"--model": model, "--data": data["dpo" if command == "dpo" else "sft"],
+                     "--reference": data["reference"], "--output": directory / "run", **overrides}
+            rows.append((f"{case} (over a finished run, --overwrite)", command,
+                         *_run([command, *[x for pair in flags.items() for x in pair], "--overwrite",
+                                "--no-quantize", "--max-steps", "1", *extra])))
+    prompts = root / "p.txt"
+    prompts.write_text("hello\n")
+    for case, extra in (("eval --batch-size 0", ["--batch-size", "0"]),
+                        ("eval --max-new-tokens -1", ["--max-new-tokens", "-1"]),
+                        ("eval --output an existing file", ["--output", data["sft"]])):
+        args = ["eval", "--model", model, "--prompts", prompts, "--output", root / "e.json", *extra]
+        rows.append((case, "eval", *_run(args)))
+    print("| case | command | exit | message |\n|---|---|---|---|")
+    for case, command, status, message in rows:
+        shown = message.replace(str(root), "…").replace("|", "\\|")
+        print(f"| {case} | {command} | {status} | {shown[:170]} |")
+    print(f"\n{len(rows)} cases; {sum(status == 2 for *_, status, _ in rows)} exit 2")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
