@@ -232,7 +232,7 @@ def _write_weights(plan: MergePlan, staging: Path, dtype: torch.dtype, *, progre
     names = [SAFE_WEIGHTS] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     weight_map, nbytes = {}, 0
-    with tqdm(total=len(plan.info_by_key), unit="tensor", desc="merge", disable=not progress) as bar:
+    with tqdm(total=len(plan.info_by_key), unit="tensor", desc="merge", **({} if progress else {"disable": True})) as bar:
         for shard, name in zip(shards, names, strict=True):
             bar.set_postfix_str(shard.name)
             tensors = _merged_shard(plan, shard, dtype, bar)

@@ -282,7 +282,7 @@ def _per_example_backward(model: nn.Module, batches: Sequence[ReferenceBatch],
     hooks = _PerExampleGradients(find_lora_pairs(model, parameters, adapter_name))
     try:
         with _stashed_grads(model), _dropout_off(model):
-            for batch in tqdm(batches, desc="reference gradients", leave=False, disable=not progress):
+            for batch in tqdm(batches, desc="reference gradients", leave=False, **({} if progress else {"disable": True})):
                 hooks.rows_by_name = rows_for(batch.input_ids.shape[0])
                 losses.append(_backward(model, batch))
                 if done is not None:
