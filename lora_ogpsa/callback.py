@@ -29,13 +29,13 @@ import torch
 from transformers import TrainerCallback
 
 from lora_ogpsa import distributed
-from lora_ogpsa.activations import collect_input_moments
+from lora_ogpsa.activations import collect_input_moments, compute_input_basis
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.files import SUBSPACE_FILE, checkpoint_dir
 from lora_ogpsa.projector import ProjectionStats, StackedBasis, project_rows_
 from lora_ogpsa.reference import ReferenceBatch, ReferenceSet, collect_reference_sketch
 from lora_ogpsa.sketch import GradientSketch
-from lora_ogpsa.subspace import Subspace, compute_input_basis
+from lora_ogpsa.subspace import Subspace
 
 logger = logging.getLogger(__name__)
 

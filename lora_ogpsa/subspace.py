@@ -209,42 +209,6 @@ def _finish(subspace: Subspace, names: list[str]) -> Subspace:
     return subspace
 
 
-def compute_input_basis(covariance_by_name: Mapping[str, torch.Tensor], *, energy: float
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Activation-space bases: top eigenvectors of each layer's reference-input second moment C = Σ x xᵀ.
-
-    Keeps, per name, the fewest eigenvectors whose eigenvalues reach `energy` of the trace; then
-    Σ ‖(I − UᵀU) x‖² ≤ (1 − energy) Σ ‖x‖² over the reference inputs. Names given the very same tensor (layers
-    that share an input: q/k/v, gate/up) are solved once; equal shapes are solved in one batched `eigh`.
-
-    Args:
-        covariance_by_name: `(d, d)` symmetric positive semi-definite per name.
-        energy: share of the inputs' energy the basis must capture, in (0, 1].
-
-    Returns:
-        (`(m, d)` float32 orthonormal rows per name, the energy actually captured per name).
-    """
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"`activation_energy` must be in (0, 1], got {energy!r}")
-    distinct = {id(matrix): matrix for matrix in covariance_by_name.values()}
-    solved: dict[int, tuple[torch.Tensor, float]] = {}
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    for key, matrix in distinct.items():
-        by_shape[(matrix.shape[0], str(matrix.device))].append(key)
-    for keys in by_shape.values():
-        stacked = torch.stack([distinct[key].double() for key in keys])  # (P, d, d)
-        values, vectors = torch.linalg.eigh((stacked + stacked.transpose(1, 2)) / 2)  # ascending
-        values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
-        for index, key in enumerate(keys):
-            total = float(values[index].sum())
-            share = (values[index].cumsum(0) / total) if total > 0 else torch.ones_like(values[index])
-            m = min(int((share < energy - 1e-12).sum()) + 1, len(share)) if total > 0 else 0
-            basis = vectors[index, :, :m].T.float().contiguous()  # (m, d)
-            solved[key] = (basis, float(share[m - 1]) if m else 1.0)
-    bases = {name: solved[id(matrix)][0] for name, matrix in covariance_by_name.items()}
-    return bases, {name: solved[id(matrix)][1] for name, matrix in covariance_by_name.items()}
-
-
 def _groups_of_equal_shape(matrices: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Names whose sample matrices share shape and device."""
     by_key: dict[tuple, list[str]] = defaultdict(list)

@@ -4,13 +4,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lora_ogpsa.activations import collect_input_moments, position_weights
+from lora_ogpsa.activations import collect_input_moments, compute_input_basis, position_weights
 from lora_ogpsa.cli import main
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.model import load_base_model, load_tokenizer, lora_parameters
 from lora_ogpsa.projector import project_rows_
 from lora_ogpsa.reference import ReferenceBatch, build_reference_set
-from lora_ogpsa.subspace import Subspace, compute_input_basis
+from lora_ogpsa.subspace import Subspace
 
 
 def test_input_basis_reaches_the_energy_and_is_orthonormal():
