@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 from lora_ogpsa import distributed
 from lora_ogpsa.activations import collect_input_moments, compute_input_basis
 from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.errors import InputError, first_line
 from lora_ogpsa.files import SUBSPACE_FILE, checkpoint_dir
 from lora_ogpsa.projector import ProjectionStats, StackedBasis, project_rows_
 from lora_ogpsa.reference import ReferenceBatch, ReferenceSet, collect_reference_sketch
@@ -276,7 +277,12 @@ class OGPSACallback(TrainerCallback):
             return False
         numel = {name: parameter.numel() for name, parameter in self._parameters.items()}
         device = next(iter(self._parameters.values())).device
-        self._install(Subspace.load(path, numel_by_name=numel).to(device))
+        try:
+            subspace = Subspace.load(path, numel_by_name=numel)
+        except ValueError as error:  # a truncated, foreign or mismatched file: bad input to --resume
+            raise InputError(f"--resume: {first_line(error)}; resume from an earlier checkpoint (delete this one) "
+                             "or start a new --output") from error
+        self._install(subspace.to(device))
         logger.info("OGPSA: resumed the subspace of step %d from %s", state.global_step, path)
         return True
 

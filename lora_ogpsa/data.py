@@ -283,12 +283,16 @@ def check_rows_fit(rows: Rows, tokenizer: Any, *, max_length: int | None, kind: 
     fields = ("completion",) if kind == "sft" else ("chosen", "rejected")
     kept, kept_lines, too_long = [], [], []
     lines = rows.lines or list(range(1, len(rows) + 1))
+    from jinja2 import TemplateError
+
     for row, line in zip(rows.rows, lines, strict=True):
         try:
             fits = all(any(tokenize_prompt_completion(tokenizer, {"prompt": row["prompt"], "completion": row[field]},
                                                       max_length=max_length).completion_mask)
                        for field in fields)
-        except Exception as error:  # jinja2's TemplateError, or a template's raise_exception
+        except (TemplateError, ValueError) as error:  # a template's raise_exception, or no template at all
+            if not isinstance(row["prompt"], list):
+                raise
             raise InputError(f"{flag} {rows.source}:{line}: the model's chat template rejects this row "
                              f"({first_line(error)}); order the roles as the template requires (usually an optional "
                              "system message, then user and assistant alternating)") from error

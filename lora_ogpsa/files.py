@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lora_ogpsa.errors import InputError
+from lora_ogpsa.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +105,10 @@ def output_lock(output: Path, *, flag: str = "--output") -> Iterator[None]:
         InputError: another process holds the lock (its pid is named).
     """
     probe_writable(output, flag=flag)
+    made_parents = [parent for parent in output.parents if not parent.exists()]  # deepest first
     output.parent.mkdir(parents=True, exist_ok=True)
     path = output.with_name(f".{output.name}.lock")
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
-            raise BlockingIOError  # the file was removed by a holder finishing meanwhile: as good as busy
-    except BlockingIOError as error:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        handle.close()
-        raise InputError(f"{flag} {output}: in use by another run (pid {holder}); wait for it to finish or choose "
-                         "another output") from error
+    handle = _locked_file(path, output, flag)
     try:
         handle.truncate(0)
         handle.write(str(os.getpid()))
@@ -128,6 +119,30 @@ def output_lock(output: Path, *, flag: str = "--output") -> Iterator[None]:
         path.unlink(missing_ok=True)
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+        if not output.exists():  # nothing was made: leave no empty parents behind either
+            for parent in made_parents:
+                with contextlib.suppress(OSError):  # not empty (e.g. a partial run kept for --resume)
+                    parent.rmdir()
+
+
+def _locked_file(path: Path, output: Path, flag: str):
+    """The lock file, opened and exclusively `flock`ed; retried when a finishing holder removed the file
+    between our open and our lock (we then hold a lock on a name nobody else can reach)."""
+    for _ in range(5):
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise InputError(f"{flag} {output}: in use by another run (pid {holder}); wait for it to finish or "
+                             "choose another output") from error
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        handle.close()
+    raise InputError(f"{flag} {output}: its lock file keeps changing (other runs starting and ending); try again")
 
 
 def _restore_interrupted_replacement(output: Path) -> None:
@@ -151,11 +166,21 @@ def finalize_directory(work: Path, output: Path) -> None:
     old = _old_path(output)
     if output.exists():
         if old.exists():
-            shutil.rmtree(old)
+            _discard(old)
         output.rename(old)
     work.rename(output)
     if old.exists():
-        shutil.rmtree(old)
+        _discard(old)
+
+
+def _discard(directory: Path) -> None:
+    """Delete a directory by renaming it out of the way first: a kill during the delete leaves a hidden
+    `.NAME.deleting` (removed next time), never a half-deleted `NAME.old` that could be restored."""
+    trash = directory.with_name(f".{directory.name}.deleting")
+    if trash.exists():
+        shutil.rmtree(trash)
+    directory.rename(trash)
+    shutil.rmtree(trash)
 
 
 @contextlib.contextmanager
@@ -168,26 +193,18 @@ def atomic_directory(output: Path, *, overwrite: bool = False) -> Iterator[Path]
     Raises:
         InputError: `output` appeared while the block ran and `overwrite` is False (it is never replaced then).
     """
-    made_parents = [parent for parent in output.parents if not parent.exists()]  # deepest first
-    try:
-        with output_lock(output):  # so that the leftover removed below is never another live run's
-            work = partial_path(output)
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir()
-            try:
-                yield work
-                if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-                    raise InputError(f"{output}: appeared while writing; nothing was overwritten, choose another "
-                                     "path")
-                finalize_directory(work, output)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-    finally:
-        if not output.exists():
-            for parent in made_parents:
-                with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
-                    parent.rmdir()
+    with output_lock(output):  # so that the leftover removed below is never another live run's
+        work = partial_path(output)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        try:
+            yield work
+            if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+                raise InputError(f"{output}: appeared while writing; nothing was overwritten, choose another path")
+            finalize_directory(work, output)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -270,10 +287,26 @@ def read_safetensors(path: Path, *, flag: str) -> dict[str, Any]:
     """All tensors of a safetensors file, or InputError for a missing or corrupt one."""
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise InputError(f"{flag} {path}: file not found")
+    safetensors_header(path, flag=flag)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as error:
-        raise InputError(f"{flag} {path}: corrupt or truncated safetensors file ({error})") from error
+        raise InputError(f"{flag} {path}: not a readable safetensors file ({first_line(error)}); it is truncated "
+                         "or corrupt — copy it again") from error
+
+
+def safetensors_header(path: Path, *, flag: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every tensor in a safetensors file, from its header only (safetensors checks that the
+    header covers the file, so truncation is caught); InputError for a missing, truncated or corrupt file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise InputError(f"{flag} {path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+            return {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{flag} {path}: not a readable safetensors file ({first_line(error)}); it is truncated "
+                         "or corrupt — copy it again") from error

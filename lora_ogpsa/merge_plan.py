@@ -28,13 +28,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from lora_ogpsa.errors import InputError, first_line
-from lora_ogpsa.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json
+from lora_ogpsa.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json, safetensors_header
 from lora_ogpsa.model import (
     ADAPTER_NAME,
     SAFE_INDEX,
     nf4_config,
     resolve_model_dir,
-    safetensors_header,
     weight_files,
 )
 

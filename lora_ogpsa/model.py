@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from lora_ogpsa.errors import InputError, first_line
-from lora_ogpsa.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json
+from lora_ogpsa.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json, safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -99,22 +99,6 @@ def weight_files(model_dir: Path) -> list[tuple[Path, list[str]]]:
                      "safetensors weights only (never pickles) — re-save with save_pretrained(safe_serialization=True)")
 
 
-def safetensors_header(path: Path, *, flag: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """(shape, dtype) of every tensor in a safetensors file, from its header only (safetensors checks that the
-    header covers the file, so truncation is caught); InputError for a missing, truncated or corrupt file."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise InputError(f"{flag} {path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            slices = {name: handle.get_slice(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-            return {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(f"{flag} {path}: not a readable safetensors file ({first_line(error)}); it is truncated "
-                         "or corrupt — copy it again") from error
-
-
 def check_adapter_dir(path: str | Path, *, flag: str = "--adapter") -> Path:
     """A PEFT LoRA adapter directory whose files agree: `adapter_config.json` readable, the weights' header
     readable, every lora_A / lora_B pair of one rank (the config's `r` unless a `rank_pattern` varies it).
@@ -130,16 +114,18 @@ def check_adapter_dir(path: str | Path, *, flag: str = "--adapter") -> Path:
     if not isinstance(config, dict) or not isinstance(config.get("r"), int) or config["r"] < 1:
         raise InputError(f"{flag} {path / ADAPTER_CONFIG}: no positive integer `r`; not a LoRA adapter config")
     shapes = {name: shape for name, (shape, _) in safetensors_header(path / ADAPTER_FILE, flag=flag).items()}
+    fixed_rank = not (config.get("rank_pattern") or config.get("target_parameters"))
     for name, shape in shapes.items():
-        if ".lora_A." in name:
-            partner = name.replace(".lora_A.", ".lora_B.")
-            rank = shape[0] if len(shape) == 2 else None
-            if partner not in shapes or len(shapes[partner]) != 2 or shapes[partner][1] != rank:
-                raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has no matching lora_B of the same rank; "
-                                 "the adapter file is incomplete or corrupt")
-            if not config.get("rank_pattern") and rank != config["r"]:
-                raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has rank {rank}, {ADAPTER_CONFIG} says "
-                                 f"r={config['r']}; the config does not belong to these weights")
+        if LORA_TENSOR_MARKERS[0] not in name:
+            continue
+        partner = name.replace(*LORA_TENSOR_MARKERS)
+        rank = shape[0] if shape else None  # lora_A: (r, in, ...), lora_B: (out, r, ...) — linear or conv
+        if partner not in shapes or len(shapes[partner]) < 2 or shapes[partner][1] != rank:
+            raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has no matching lora_B of the same rank; "
+                             "the adapter file is incomplete or corrupt")
+        if fixed_rank and rank != config["r"]:
+            raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has rank {rank}, {ADAPTER_CONFIG} says "
+                             f"r={config['r']}; the config does not belong to these weights")
     return path
 
 

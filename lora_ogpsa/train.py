@@ -130,7 +130,9 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
 def _read_checked(source, kind: DataKind, flag: str, tokenizer, settings: TrainSettings) -> Rows:
     """Every row read, validated, and rendered through the chat template within --max-length."""
     rows = read_rows(source, kind, flag=flag)
-    return check_rows_fit(rows, tokenizer, max_length=settings.max_length, kind=kind, flag=flag)
+    keeps_end = settings.training_arguments.get("truncation_mode") == "keep_end"  # then no response is cut off
+    return check_rows_fit(rows, tokenizer, max_length=None if keeps_end else settings.max_length, kind=kind,
+                          flag=flag)
 
 
 def resolve_model(settings: TrainSettings) -> TrainSettings:
@@ -152,6 +154,8 @@ def _validate_common(settings: TrainSettings):
     check_model_dir(settings.model)
     tokenizer = load_tokenizer(settings.model)
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
+    if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
+        _read_checked(settings.replay, "sft", "--replay", tokenizer, settings)
     return tokenizer, reference
 
 

@@ -98,7 +98,7 @@ def test_export_refuses_bad_input_and_writes_nothing(trained, tmp_path, capsys):
     existing.mkdir()
     (existing / "x").write_text("x")
     for source, target, message in [(tmp_path / "nothing", tmp_path / "o1", "no adapter_config.json"),
-                                    (truncated, tmp_path / "o2", "corrupt or truncated"),
+                                    (truncated, tmp_path / "o2", "truncated or corrupt"),
                                     (output, existing, "exists and is not empty")]:
         assert main(["export", "--adapter", str(source), "--output", str(target)]) == 2
         assert message in capsys.readouterr().err

@@ -279,7 +279,7 @@ def test_a_resume_from_a_truncated_subspace_fails_and_keeps_the_finished_run(tin
     shutil.copytree(straight, output)
     _truncate(output / "checkpoint-4" / "ogpsa_subspace.safetensors")
     before = _tree(output)
-    assert main(_sft(tiny_model_dir, data_files, output, "--resume", "--max-steps", "6")) != 0
+    assert main(_sft(tiny_model_dir, data_files, output, "--resume", "--max-steps", "6")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ogpsa:")]
     assert len(errors) == 1 and "ogpsa_subspace.safetensors" in errors[0]
     assert _tree(output) == before
@@ -300,3 +300,21 @@ def test_a_failed_json_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
     with pytest.raises(OSError):
         files.write_json(target, {"new": True})
     assert target.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_a_refused_run_leaves_no_parent_directories(tiny_model_dir, data_files, tmp_path):
+    output = tmp_path / "new" / "deeper" / "run"
+    assert main(_sft(tiny_model_dir, data_files, output, "--max-length", "6", "--project", "none")) == 2
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_valid_peft_adapters_pass_the_adapter_check(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lora_ogpsa.model import check_adapter_dir, load_base_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2},
+                        modules_to_save=["lm_head"])
+    model = get_peft_model(load_base_model(tiny_model_dir, quantize=False, device="cpu"), config)
+    model.save_pretrained(tmp_path / "adapter")
+    assert check_adapter_dir(tmp_path / "adapter") == tmp_path / "adapter"

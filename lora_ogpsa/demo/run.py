@@ -266,6 +266,9 @@ def _fingerprint(settings: TrainSettings, method: Method) -> str:
         values.pop(key, None)
     for key in ("sft_data", "dpo_data", "reference"):
         values[key + "_sha256"] = _file_hash(Path(values[key])) if values.get(key) else None
+    if method.replay:  # the mixed file lives in the demo directory (OUTPUT.partial while --overwrite builds it)
+        values.pop("sft_data", None)
+        values.pop("data", None)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
