@@ -41,9 +41,10 @@ class Evaluator:
             points += [self.evaluate(path, f"{stage}-{path.name.split('-')[1]}") for path in checkpoints]
         return [*points, self.evaluate(run_dir, "final")]
 
-    def lambda_curve(self, run_dir: Path, base: dict[str, Any], final: dict[str, Any]) -> list[dict[str, Any]]:
-        """The final adapter with its delta scaled by λ ∈ {0, .25, .5, .75, 1}: no retraining."""
-        inner = [{**self.evaluate(run_dir, f"λ={scale:g}", scale=scale), "lambda": scale} for scale in LAMBDAS]
+    def lambda_curve(self, run_dir: Path, base: dict[str, Any], final: dict[str, Any],
+                     lambdas: tuple[float, ...] = LAMBDAS) -> list[dict[str, Any]]:
+        """The final adapter with its delta scaled by λ ∈ {0, *lambdas, 1}: no retraining."""
+        inner = [{**self.evaluate(run_dir, f"λ={scale:g}", scale=scale), "lambda": scale} for scale in lambdas]
         return [{**base, "label": "λ=0", "lambda": 0.0}, *inner, {**final, "label": "λ=1", "lambda": 1.0}]
 
     def evaluate(self, adapter: Path | None, label: str, *, merged: bool = False, scale: float = 1.0) -> dict[str, Any]:

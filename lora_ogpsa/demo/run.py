@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lora_ogpsa.config import OGPSAConfig, TrainSettings
-from lora_ogpsa.demo.evaluator import Evaluator
+from lora_ogpsa.demo.evaluator import LAMBDAS, Evaluator
 from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.errors import InputError
 from lora_ogpsa.files import (
@@ -78,7 +78,9 @@ class DemoPlan:
     data_seed: int = 0
     """the seed of the data splits (kept when `seed`, the training seed, varies across an experiment's seeds)"""
     lambda_curves: bool = True
-    """also evaluate each final adapter with its delta scaled by λ (`evaluator.LAMBDAS`)"""
+    """also evaluate each final adapter with its delta scaled by λ ∈ `lambdas`"""
+    lambdas: tuple[float, ...] = LAMBDAS
+    """the interior points of every λ-curve (λ = 0, the base, and λ = 1, the final adapter, cost nothing)"""
     evaluate_merged: bool = False
     """evaluate the merged OGPSA model too (it equals base + adapter up to the merge audit's logit difference)"""
 
@@ -135,6 +137,8 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
     """
     plan = plan or DemoPlan.for_device(max_steps)
     methods = methods or (DEMO_METHODS if compare else DEFAULT_METHODS)
+    if plan.dpo_steps == 0:  # a plan without DPO trains every method's SFT stage only
+        methods = tuple(dataclasses.replace(method, stages="sft") for method in methods)
     output = output_path(output)
     replace = _check_demo_output(output, overwrite)
     with output_lock(output):
@@ -174,9 +178,10 @@ def _run_demo(output: Path, plan: DemoPlan, methods: tuple[Method, ...], model: 
                                                                                               method.stages)]
         finals[method.name] = dict(trajectories[method.name][-1])
         if plan.lambda_curves:
-            curves[method.name] = evaluator.lambda_curve(directory, base_metrics, finals[method.name])
+            curves[method.name] = evaluator.lambda_curve(directory, base_metrics, finals[method.name],
+                                                         plan.lambdas)
         timings[f"evaluate_{method.name}"] = time.perf_counter() - start
-    if any(method.name == "ogpsa" and method.stages == "align" for method in methods):
+    if any(method.name == "ogpsa" for method in methods):
         start = time.perf_counter()
         merged, audit = _merge(model_path, output / "ogpsa", output / "merged")
         finals["ogpsa"]["merge_max_logit_diff"] = audit
