@@ -56,9 +56,10 @@ class OGPSAConfig:
     linear layers: 160 MB per row). With S ≤ ℓ (the default S = 32) the basis is exactly the one from all
     samples. Beyond, measured at S = 256 (`tests/test_sketch.py`): the top-8 directions capture less energy
     than the exact top 8 by < 0.01 % (spectrum σ_i ∝ 1/i or 0.9^i), 3.2 % (σ_i ∝ i^-1/2) and 6.9 % (8 strong
-    directions over a flat tail) at ℓ = 32; 0.16 % and 2.5 % at ℓ = 64. Memory (`benchmarks.memory`,
-    SmolLM2-135M 4-bit, S = 64): refresh peak 2.96 GB above the model against 5.17 GB holding every sample,
-    1.24–1.26 × plain QLoRA's peak. At least 2 × `reference_batch_size` (a micro-batch goes into the free rows;
+    directions over a flat tail) at ℓ = 32; 0.16 % and 2.5 % at ℓ = 64; 0.8 %, 1.3 %, 23 % and 15 % at
+    ℓ = 16. Memory (`benchmarks.memory`, SmolLM2-135M 4-bit, S = 64 and 256): refresh peak 1.25–1.37 × plain
+    QLoRA's at ℓ = 32 (5.17 GB, 2.2 ×, holding every sample at S = 64), 1.09 × at ℓ = 16 — the setting for a
+    memory-bound GPU. At least 2 × `reference_batch_size` (a micro-batch goes into the free rows;
     each shrink keeps ℓ − batch rows, which should exceed 2k)."""
 
     opening_tokens: int = 0
