@@ -35,6 +35,7 @@ import lora_ogpsa.merge
 import lora_ogpsa.train  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
+from lora_ogpsa.demo.evaluator import LAMBDAS
 from lora_ogpsa.demo.report import SAFETY_LEVELS, frontiers, tax_table
 from lora_ogpsa.files import write_json
 from lora_ogpsa.stats import mean_ci
@@ -74,7 +75,7 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length,
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
-        eval_max_new_tokens=24, quantize=not args.full_precision,
+        eval_max_new_tokens=24, quantize=not args.full_precision, lambdas=LAMBDAS,
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32))
 
 

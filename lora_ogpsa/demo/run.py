@@ -50,28 +50,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DemoPlan:
-    """Sizes and settings of the demo: chosen so `make demo` fits 10 minutes on a 2-core CPU (measured; see
-    README), larger on a GPU."""
+    """Sizes and settings of the demo: the CPU plan chosen so that `make demo` fits 15 minutes on a 2-core CPU
+    from cold caches (measured; see README), a larger one on a GPU."""
 
-    sft_steps: int = 20
-    dpo_steps: int = 8
-    save_steps: int = 10
+    sft_steps: int = 32
+    dpo_steps: int = 0
+    """0: SFT only. The CPU plan trains no DPO stage: measured on the contrastive data (full-precision base,
+    SFT 30 steps then DPO 16 steps at 2e-4), DPO took HarmBench refusal from 35 % to 10 % and utility from 75 %
+    to 67 % — it undid the safety the SFT stage had bought. The GPU plan runs SFT then DPO."""
+    save_steps: int = 32
     dpo_save_steps: int = 4
     batch_size: int = 8
     dpo_batch_size: int = 4
-    max_length: int = 192
+    max_length: int = 160
     learning_rate: float = 3e-4
     dpo_learning_rate: float = 1e-4
     lora_r: int = 16
     quantize: bool = True
     seed: int = 0
-    eval_harmful: int = 64
+    eval_harmful: int = 40
     eval_benign: int | None = None
     """None: every held-out benign prompt (the dangerous-sounding ones first)"""
-    eval_utility: int | None = None
+    eval_utility: int | None = 48
     eval_max_new_tokens: int = 24
     eval_batch_size: int = 48
-    ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=10,
+    ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=16,
                                                                    reference_examples=32))
     data_sizes: DemoSizes = field(default_factory=DemoSizes)
     """how many prompts go into each built data set"""
@@ -79,7 +82,7 @@ class DemoPlan:
     """the seed of the data splits (kept when `seed`, the training seed, varies across an experiment's seeds)"""
     lambda_curves: bool = True
     """also evaluate each final adapter with its delta scaled by λ ∈ `lambdas`"""
-    lambdas: tuple[float, ...] = LAMBDAS
+    lambdas: tuple[float, ...] = (0.5,)
     """the interior points of every λ-curve (λ = 0, the base, and λ = 1, the final adapter, cost nothing)"""
     evaluate_merged: bool = False
     """evaluate the merged OGPSA model too (it equals base + adapter up to the merge audit's logit difference)"""
@@ -91,13 +94,15 @@ class DemoPlan:
         plan = cls()
         if torch.cuda.is_available():
             plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=20,
-                                       batch_size=16, dpo_batch_size=8, eval_harmful=200, evaluate_merged=True,
-                                       eval_max_new_tokens=32,
+                                       batch_size=16, dpo_batch_size=8, max_length=192, eval_harmful=200,
+                                       eval_utility=None, evaluate_merged=True, eval_max_new_tokens=32,
+                                       lambdas=LAMBDAS,
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
         if max_steps is not None:
             if max_steps < 1:
                 raise InputError(f"--max-steps must be >= 1, got {max_steps}")
-            plan = dataclasses.replace(plan, sft_steps=max_steps, dpo_steps=max(1, (2 * max_steps) // 5),
+            plan = dataclasses.replace(plan, sft_steps=max_steps,
+                                       dpo_steps=max(1, (2 * max_steps) // 5) if plan.dpo_steps else 0,
                                        save_steps=max(1, max_steps // 2), dpo_save_steps=max(1, max_steps // 5))
         return plan
 
