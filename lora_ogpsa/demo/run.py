@@ -227,7 +227,7 @@ def _method_settings(method: Method, model_path: Path, data, plan: DemoPlan, out
     ogpsa = dataclasses.replace(plan.ogpsa, project=method.project, **method.ogpsa)
     return TrainSettings(model=model_path, output=output / method.name, reference=str(data.path(method.reference)),
                          sft_data=sft_data, dpo_data=str(data.path("dpo")), data=sft_data, max_steps=plan.sft_steps,
-                         dpo_max_steps=plan.dpo_steps, save_steps=plan.save_steps, batch_size=plan.batch_size,
+                         dpo_max_steps=plan.dpo_steps or 1, save_steps=plan.save_steps, batch_size=plan.batch_size,
                          dpo_batch_size=plan.dpo_batch_size, dpo_save_steps=plan.dpo_save_steps,
                          learning_rate=plan.learning_rate,
                          dpo_learning_rate=plan.dpo_learning_rate, seed=plan.seed, max_length=plan.max_length,
