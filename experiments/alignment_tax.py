@@ -76,6 +76,7 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
         batch_size=args.batch_size, max_length=args.max_length,
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
         eval_max_new_tokens=24, quantize=not args.full_precision, lambdas=LAMBDAS,
+        dpo_steps=8, dpo_save_steps=4,  # unused by these SFT variants, but in every run's fingerprint: pinned
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32))
 
 

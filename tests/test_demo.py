@@ -29,7 +29,7 @@ TINY_SIZES = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=6, harmfu
 def small_plan(**changes) -> DemoPlan:
     plan = DemoPlan(sft_steps=2, dpo_steps=1, save_steps=1, dpo_save_steps=1, batch_size=4, dpo_batch_size=2,
                     max_length=64, eval_harmful=4, eval_benign=4, eval_utility=4, eval_max_new_tokens=4,
-                    eval_batch_size=8, data_sizes=TINY_SIZES,
+                    eval_batch_size=8, data_sizes=TINY_SIZES, lambdas=(0.25, 0.5, 0.75),
                     ogpsa=OGPSAConfig(max_directions=2, refresh_every=1, reference_examples=4,
                                       reference_batch_size=2))
     return dataclasses.replace(plan, **changes)
@@ -59,7 +59,7 @@ def check_report(report, output, methods):
         assert points[0]["label"] == "base" and points[-1]["label"] == "final"
         assert all(set(METRICS) <= point.keys() for point in points)
         curve = on_disk["lambda_curves"][method]
-        assert [p["lambda"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        assert [p["lambda"] for p in curve] == [0.0, *report["settings"]["lambdas"], 1.0]
         assert curve[0]["harmful_refusal_rate"] == points[0]["harmful_refusal_rate"]
     settings = on_disk["settings"]
     assert settings["sft_steps"] == 2 and settings["ogpsa"]["max_directions"] == 2
@@ -130,11 +130,15 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
     model = ensure_default_model(default_cache_dir())
     sizes = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=8, harmful_heldout=4, reference=4,
                       benign_eval=2, sft_lookalike=4, dpo_lookalike=4, reference_lookalike=2)
-    plan = small_plan(data_sizes=sizes, batch_size=4, max_length=96, eval_max_new_tokens=8)
+    # SFT only with one interior λ, as the CPU plan of `make demo` runs
+    plan = small_plan(data_sizes=sizes, batch_size=4, max_length=96, eval_max_new_tokens=8, dpo_steps=0,
+                      lambdas=(0.5,))
     output = tmp_path / "demo"
     report = run_demo(output=output, model=str(model), cache_dir=tmp_path / "cache", plan=plan,
                       methods=(demo.Method("ogpsa"),))
     on_disk = check_report(report, output, ("ogpsa",))
+    assert [p["label"] for p in on_disk["trajectories"]["ogpsa"]] == ["base", "sft-1", "sft-2", "final"]
+    assert on_disk["settings"]["methods"][0]["stages"] == "sft" and not (output / "ogpsa" / "dpo").exists()
     assert on_disk["model_path"] == str(model)
     assert on_disk["models"]["base"]["utility_accuracy"] >= 0.5  # the real model answers arithmetic
     assert (output / "merged" / "config.json").is_file()
