@@ -7,7 +7,7 @@ of a Frequent Directions sketch of ℓ rows fed in micro-batches as a refresh do
 share of the samples' energy each basis captures (exact ≥ sketch), the shortfall, and the projector distance
 ‖U Uᵀ − V Vᵀ‖_F / sqrt(2k) (0: the same span, 1: orthogonal).
 
-    python -m benchmarks.sketch_accuracy                      # S = 32, k = 8, ℓ = 16 and 32
+    python -m benchmarks.sketch_accuracy      # S = 32, k = 8, ℓ = 16 and 32 (the real model: not in `make bench`)
 """
 
 from __future__ import annotations
