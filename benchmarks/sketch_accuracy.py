@@ -45,14 +45,11 @@ def main() -> None:
     from lora_ogpsa.reference import build_reference_set, collect_reference_samples
     from lora_ogpsa.sketch import GradientSketch
     from lora_ogpsa.subspace import compute_subspace
+    from lora_ogpsa.tiny import randomise_lora_b_
 
     path = resolve_model(args.model, args.quick)
     model, parameters = build_model(path, quantize=True, rank=16)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    randomise_lora_b_(parameters, std=0.01)
     data = build_demo_data(ensure_default_model(None), None)
     config = OGPSAConfig(reference_examples=args.examples, reference_batch_size=8)
     reference = build_reference_set(data.path("reference_lookalike"), load_tokenizer(path), config, max_length=192)

@@ -71,3 +71,12 @@ def save_tiny_model(path: str | Path, *, architecture: str = "llama", hidden: in
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+@torch.no_grad()
+def randomise_lora_b_(parameters, std: float = 0.1) -> None:
+    """Move every lora_B off zero (seeded per name), as a few training steps would: then lora_A has a reference
+    gradient too. `parameters`: LoRA weights by name (`model.lora_parameters`)."""
+    for name, parameter in parameters.items():
+        if ".lora_B." in name:
+            parameter.normal_(0, std, generator=torch.Generator().manual_seed(len(name)))

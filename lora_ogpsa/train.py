@@ -47,7 +47,6 @@ from lora_ogpsa.files import (
 from lora_ogpsa.model import (
     attach_lora,
     check_adapter_dir,
-    check_model_dir,
     keep_lora_float32_,
     load_adapter,
     load_base_model,
@@ -151,8 +150,7 @@ def _validate_common(settings: TrainSettings):
     if settings.resume and not partial_path(settings.output).exists() and not finished:
         raise InputError(f"--resume: nothing to resume in {settings.output} (no {partial_path(settings.output).name} "
                          "and no finished run); check --output, or drop --resume to start a fresh run")
-    check_model_dir(settings.model)
-    tokenizer = load_tokenizer(settings.model)
+    tokenizer = load_tokenizer(settings.model)  # the model directory was checked by resolve_model
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
     if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
         _read_checked(settings.replay, "sft", "--replay", tokenizer, settings)

@@ -22,6 +22,14 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def file_digests(directory):
+    """{relative path: sha256} of every file under directory: to check that nothing in it changed."""
+    from lora_ogpsa.files import file_sha256
+
+    return {str(path.relative_to(directory)): file_sha256(path) for path in sorted(directory.rglob("*"))
+            if path.is_file()}
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

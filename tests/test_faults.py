@@ -7,7 +7,6 @@ ENOSPC at a given file.
 """
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -19,17 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import file_digests
 from safetensors.torch import load_file
 
 from lora_ogpsa.cli import main
 from lora_ogpsa.files import output_lock
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
-
-
-def _tree(directory: Path) -> dict[str, str]:
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def _sft(model, data_files, output, *extra):
@@ -100,7 +95,7 @@ def test_a_full_disk_during_a_checkpoint_save_then_resume_ends_equal(tiny_model_
 def test_kill_9_while_replacing_a_finished_run_keeps_it(tiny_model_dir, data_files, straight, tmp_path, capsys, point):
     output = tmp_path / "run"
     shutil.copytree(straight, output)
-    before = _tree(output)
+    before = file_digests(output)
     at = output if point == "before replacing" else f"{output}.partial"  # rename run -> run.old, then .partial -> run
     process = _faulty(_sft(tiny_model_dir, data_files, output, "--overwrite", "--max-steps", "2"), at)
     assert process.wait(timeout=300) == -9
@@ -109,7 +104,7 @@ def test_kill_9_while_replacing_a_finished_run_keeps_it(tiny_model_dir, data_fil
     # the next run into it (any command holding its lock) finds the finished run whole and refuses to replace it
     assert main(_sft(tiny_model_dir, data_files, output)) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    assert _tree(output) == before and not (tmp_path / "run.old").exists()
+    assert file_digests(output) == before and not (tmp_path / "run.old").exists()
 
 
 def test_kill_9_during_merge_leaves_only_what_a_rerun_removes(tiny_model_dir, straight, tmp_path):
@@ -131,12 +126,12 @@ def test_a_concurrent_run_is_refused_and_the_live_run_finishes(tiny_model_dir, d
     while not flag.exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.1)
-    live = _tree(tmp_path / "run.partial")
+    live = file_digests(tmp_path / "run.partial")
     for args in (_sft(tiny_model_dir, data_files, output), _sft(tiny_model_dir, data_files, output, "--overwrite"),
                  _sft(tiny_model_dir, data_files, output, "--resume")):
         assert main(args) == 2
         assert f"in use by another run (pid {process.pid})" in capsys.readouterr().err
-        assert _tree(tmp_path / "run.partial") == live
+        assert file_digests(tmp_path / "run.partial") == live
     flag.unlink()
     assert process.wait(timeout=300) == 0
     assert _same_adapter(straight, output)
@@ -186,11 +181,10 @@ def _write(path, text):
     return path
 
 
-def _model_copy(tiny_model_dir, root, change):
-    model = root / "model"
-    shutil.copytree(tiny_model_dir, model)
-    change(model)
-    return model
+def _changed_copy(source, target, change):
+    shutil.copytree(source, target)
+    change(target)
+    return target
 
 
 def _strict(model):
@@ -202,13 +196,6 @@ def _strict(model):
 
 def _truncate(path):
     path.write_bytes(path.read_bytes()[:-100])
-
-
-def _adapter_copy(straight, root, change):
-    adapter = root / "adapter"
-    shutil.copytree(straight, adapter)
-    change(adapter)
-    return adapter
 
 
 def _rank(adapter):
@@ -223,7 +210,7 @@ BAD = {
     "roles out of order": lambda t, m, a: (
         {"--data": _write(t / "d.jsonl", _row(("user", "a"), ("assistant", "b")) + "\n"
                           + _row(("user", "a"), ("user", "b"), ("assistant", "c"))),
-         "--model": _model_copy(m, t, _strict), "--project": "none"},
+         "--model": _changed_copy(m, t / "model", _strict), "--project": "none"},
         [], r"d.jsonl:2: the model's chat template rejects this row \(Conversation roles must alternate"),
     "row over the size limit": lambda t, m, a: (
         {"--data": _write(t / "d.jsonl", _row(("user", "x" * (1 << 20)), ("assistant", "y")))}, [],
@@ -235,10 +222,10 @@ BAD = {
     "deeply nested JSON": lambda t, m, a: ({"--data": _write(t / "d.jsonl", "[" * 100_000 + "]" * 100_000)}, [],
                                            r"d.jsonl:1: (JSON nested too deeply|invalid JSON)"),
     "truncated model weights": lambda t, m, a: (
-        {"--model": _model_copy(m, t, lambda d: _truncate(d / "model.safetensors"))}, [],
+        {"--model": _changed_copy(m, t / "model", lambda d: _truncate(d / "model.safetensors"))}, [],
         r"model.safetensors: not a readable safetensors file"),
     "model without weights": lambda t, m, a: (
-        {"--model": _model_copy(m, t, lambda d: (d / "model.safetensors").unlink())}, [],
+        {"--model": _changed_copy(m, t / "model", lambda d: (d / "model.safetensors").unlink())}, [],
         r"no model.safetensors or model.safetensors.index.json in it"),
     "unwritable output": lambda t, m, a: ({"--output": Path("/proc/lora-ogpsa-test/out")}, [],
                                           r"cannot write in /proc"),
@@ -247,9 +234,9 @@ BAD = {
 }
 BAD_DPO = {
     "adapter whose config has another rank": lambda t, m, a: (
-        {"--adapter": _adapter_copy(a, t, _rank)}, [], r"has rank 2, adapter_config.json says r=8"),
+        {"--adapter": _changed_copy(a, t / "adapter", _rank)}, [], r"has rank 2, adapter_config.json says r=8"),
     "truncated adapter weights": lambda t, m, a: (
-        {"--adapter": _adapter_copy(a, t, lambda d: _truncate(d / "adapter_model.safetensors"))}, [],
+        {"--adapter": _changed_copy(a, t / "adapter", lambda d: _truncate(d / "adapter_model.safetensors"))}, [],
         r"adapter_model.safetensors: not a readable safetensors file"),
 }
 
@@ -259,7 +246,7 @@ def test_bad_input_over_a_finished_run_exits_2_and_changes_nothing(tiny_model_di
                                                                    capsys, case):
     output = tmp_path / "run"
     shutil.copytree(straight, output)
-    before = _tree(output)
+    before = file_digests(output)
     overrides, extra, message = (BAD.get(case) or BAD_DPO[case])(tmp_path, tiny_model_dir, straight)
     command = "dpo" if case in BAD_DPO else "sft"
     flags = {"--model": tiny_model_dir, "--data": data_files["dpo" if command == "dpo" else "sft"],
@@ -270,7 +257,7 @@ def test_bad_input_over_a_finished_run_exits_2_and_changes_nothing(tiny_model_di
     stderr = capsys.readouterr().err.strip()
     assert stderr.count("\n") == 0 and stderr.startswith("lora-ogpsa: error:"), stderr
     assert __import__("re").search(message, stderr), stderr
-    assert _tree(output) == before and not (tmp_path / "run.partial").exists()
+    assert file_digests(output) == before and not (tmp_path / "run.partial").exists()
 
 
 def test_a_resume_from_a_truncated_subspace_fails_and_keeps_the_finished_run(tiny_model_dir, data_files, straight,
@@ -278,13 +265,13 @@ def test_a_resume_from_a_truncated_subspace_fails_and_keeps_the_finished_run(tin
     output = tmp_path / "run"
     shutil.copytree(straight, output)
     _truncate(output / "checkpoint-4" / "ogpsa_subspace.safetensors")
-    before = _tree(output)
+    before = file_digests(output)
     assert main(_sft(tiny_model_dir, data_files, output, "--resume", "--max-steps", "6")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ogpsa:")]
     assert len(errors) == 1 and "ogpsa_subspace.safetensors" in errors[0]
-    assert _tree(output) == before
+    assert file_digests(output) == before
     assert main(_sft(tiny_model_dir, data_files, output, "--max-steps", "6")) == 2  # and no later run deletes it
-    assert _tree(output) == before
+    assert file_digests(output) == before
 
 
 def test_a_failed_json_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

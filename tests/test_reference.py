@@ -6,6 +6,7 @@ import torch
 from lora_ogpsa.data import read_rows, tokenize_rows
 from lora_ogpsa.model import attach_lora, load_base_model, load_tokenizer, lora_config, lora_parameters
 from lora_ogpsa.reference import collect_reference_samples, example_losses, make_batches
+from lora_ogpsa.tiny import randomise_lora_b_
 
 
 def _model(model_dir, *, quantize, checkpointing):
@@ -16,10 +17,7 @@ def _model(model_dir, *, quantize, checkpointing):
         model.enable_input_require_grads()
     model.train()
     parameters = lora_parameters(model)
-    with torch.no_grad():  # move lora_B off zero so that lora_A has a gradient too
-        for name, parameter in parameters.items():
-            if ".lora_B." in name:
-                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    randomise_lora_b_(parameters)  # so that lora_A has a reference gradient too
     return model, parameters
 
 

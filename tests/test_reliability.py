@@ -1,10 +1,10 @@
 """Nothing a user has is lost: failed resumes, quoted booleans, concurrent runs, changed settings on resume."""
 
-import hashlib
 import logging
 import os
 
 import pytest
+from conftest import file_digests
 
 from lora_ogpsa.cli import main
 from lora_ogpsa.files import output_lock
@@ -12,12 +12,6 @@ from lora_ogpsa.files import output_lock
 
 def _run(args):
     return main([str(arg) for arg in args])
-
-
-def _tree(directory):
-    """{relative path: sha256} of every file under directory."""
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def _sft(tiny_model_dir, data_files, output, *extra):
@@ -39,23 +33,23 @@ def test_a_failed_resume_of_a_finished_run_leaves_it_untouched(tiny_model_dir, d
     os.system(f"cp -r {finished} {output}")
     checkpoint = output / "checkpoint-2" / "adapter_model.safetensors"
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated: resuming from it must fail
-    before = _tree(output)
+    before = file_digests(output)
     assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "3", "--resume")) != 0
-    assert _tree(output) == before  # the finished run was never moved or changed
+    assert file_digests(output) == before  # the finished run was never moved or changed
     capsys.readouterr()
     assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "3")) == 2  # and is not replaced either
-    assert "exists and is not empty" in capsys.readouterr().err and _tree(output) == before
+    assert "exists and is not empty" in capsys.readouterr().err and file_digests(output) == before
 
 
 def test_resume_with_changed_settings_is_refused(tiny_model_dir, data_files, finished, tmp_path, capsys):
     output = tmp_path / "run"
     os.system(f"cp -r {finished} {output}")
-    before = _tree(output)
+    before = file_digests(output)
     assert _run(_sft(tiny_model_dir, data_files, output, "--max-steps", "3", "--resume",
                      "--learning-rate", "5e-4")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ogpsa:")]
     assert len(errors) == 1 and "learning_rate: 0.0001 -> 0.0005" in errors[0]
-    assert _tree(output) == before
+    assert file_digests(output) == before
 
 
 def test_resume_with_nothing_to_resume_is_an_error(tiny_model_dir, data_files, tmp_path, capsys):

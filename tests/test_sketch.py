@@ -213,15 +213,13 @@ def test_config_validates_sketch_rows():
 
 def _tiny_model(model_dir):
     from lora_ogpsa.model import attach_lora, load_base_model, lora_config, lora_parameters
+    from lora_ogpsa.tiny import randomise_lora_b_
 
     model = attach_lora(load_base_model(model_dir, quantize=False), lora_config(r=4, dropout=0.1), seed=0,
                         gradient_checkpointing=False)
     model.train()
     parameters = lora_parameters(model)
-    with torch.no_grad():  # lora_B off zero, so that lora_A has a reference gradient too
-        for name, parameter in parameters.items():
-            if ".lora_B." in name:
-                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    randomise_lora_b_(parameters)  # so that lora_A has a reference gradient too
     return model, parameters
 
 
