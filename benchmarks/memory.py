@@ -95,13 +95,13 @@ def cases(examples: list[int], exact: bool) -> list[tuple[str, int, bool]]:
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--examples", type=int, nargs="+", help="reference examples S (default 64 256; quick 8 32)")
-    arguments.add_argument("--sketch-rows", type=int, help="ℓ (default OGPSAConfig's 32; quick 16)")
+    arguments.add_argument("--sketch-rows", type=int, help="ℓ (default OGPSAConfig's: 16 at k = 8)")
     arguments.add_argument("--exact", action="store_true", help="also the path before the sketch, at the first S")
     arguments.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     arguments.add_argument("--child-exact", action="store_true", help=argparse.SUPPRESS)
     args = arguments.parse_args()
     base = QUICK if args.quick else Workload()
-    rows = args.sketch_rows or (16 if args.quick else base.sketch_rows)
+    rows = args.sketch_rows or base.sketch_rows
     model_path = str(resolve_model(args.model, args.quick))
     if args.child:
         workload = dataclasses.replace(base, reference_examples=args.examples[0], sketch_rows=rows)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.data import TokenizedExample
 from lora_ogpsa.model import attach_lora, load_base_model, lora_config, lora_parameters
 from lora_ogpsa.reference import ReferenceBatch, make_batches
@@ -26,8 +27,8 @@ class Workload:
     reference_length: int = 96
     rank: int = 16
     k: int = 8
-    sketch_rows: int = 32
-    """ℓ of the reference-gradient sketch (OGPSAConfig's default)"""
+    sketch_rows: int = OGPSAConfig().sketch_size
+    """ℓ of the reference-gradient sketch (OGPSAConfig's default at k = 8: 2k = 16)"""
 
 
 QUICK = Workload(batch_size=2, length=16, reference_examples=8, reference_length=16, rank=4, k=2)

@@ -77,7 +77,8 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
         eval_max_new_tokens=24, quantize=not args.full_precision, lambdas=LAMBDAS,
         dpo_steps=8, dpo_save_steps=4,  # unused by these SFT variants, but in every run's fingerprint: pinned
-        ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32))
+        # sketch_rows 32 (exact at S = 32): the default before it became 2k, pinned so the cached runs stay valid
+        ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32, sketch_rows=32))
 
 
 def summarise(reports: dict[int, dict], levels=SAFETY_LEVELS) -> dict:

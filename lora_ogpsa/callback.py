@@ -242,12 +242,12 @@ class OGPSACallback(TrainerCallback):
         on rank 0, every rank's share folded into one sketch (None elsewhere)."""
         with torch.enable_grad():
             sketch, losses = collect_reference_sketch(model, distributed.my_share(self.reference_batches),
-                                                      self._parameters, rows=self.config.sketch_rows,
+                                                      self._parameters, rows=self.config.sketch_size,
                                                       progress=self.progress and distributed.is_main())
         if not distributed.active():
             return sketch, losses
         counts = [batch.input_ids.shape[0] for batch in self.reference_batches]
-        gathered = distributed.gather_sketches(sketch, counts, losses, rows=self.config.sketch_rows)
+        gathered = distributed.gather_sketches(sketch, counts, losses, rows=self.config.sketch_size)
         return gathered if gathered is not None else (None, None)
 
     def _install(self, subspace: Subspace) -> None:

@@ -49,18 +49,22 @@ class OGPSAConfig:
     reference_batch_size: int = 8
     """Reference rows per forward/backward while collecting per-example gradients."""
 
-    sketch_rows: int = 32
+    sketch_rows: int | None = None
     """ℓ, rows of the streaming sketch (Frequent Directions) that reduces each LoRA tensor's reference-gradient
-    samples as micro-batches produce them: a refresh holds min(ℓ, S) × (LoRA parameters) × 4 bytes of samples
-    whatever `reference_examples` (S) is (SmolLM2-135M, r = 16: 19.5 MB per row; a 7B model with r = 16 on all
-    linear layers: 160 MB per row). With S ≤ ℓ (the default S = 32) the basis is exactly the one from all
-    samples. Beyond, measured at S = 256 (`tests/test_sketch.py`): the top-8 directions capture less energy
-    than the exact top 8 by < 0.01 % (spectrum σ_i ∝ 1/i or 0.9^i), 3.2 % (σ_i ∝ i^-1/2) and 6.9 % (8 strong
-    directions over a flat tail) at ℓ = 32; 0.16 % and 2.5 % at ℓ = 64; 0.8 %, 1.3 %, 23 % and 15 % at
-    ℓ = 16. Memory (`benchmarks.memory`, SmolLM2-135M 4-bit, S = 64 and 256): refresh peak 1.25–1.37 × plain
-    QLoRA's at ℓ = 32 (5.17 GB, 2.2 ×, holding every sample at S = 64), 1.09 × at ℓ = 16 — the setting for a
-    memory-bound GPU. At least 2 × `reference_batch_size` (a micro-batch goes into the free rows;
-    each shrink keeps ℓ − batch rows, which should exceed 2k)."""
+    samples as micro-batches produce them; None (the default): 2 × `max_directions` (at least 2 ×
+    `reference_batch_size`), i.e. 16 at the default k = 8 — see `sketch_size`. A refresh holds min(ℓ, S) ×
+    (LoRA parameters) × 4 bytes of samples whatever `reference_examples` (S) is (SmolLM2-135M, r = 16: 19.5 MB
+    per row; a 7B model with r = 16 on all linear layers: 160 MB per row). With S ≤ ℓ the basis is exactly the
+    one from all samples. Beyond, measured at S = 256 (`tests/test_sketch.py`): the top-8 directions capture
+    less energy than the exact top 8 by 0.8 %, 1.3 %, 23 % and 15 % at ℓ = 16 (spectra σ_i ∝ 1/i, 0.9^i,
+    i^-1/2, 8 strong directions over a flat tail), < 0.01 %, 3.2 % and 6.9 % at ℓ = 32, 0.16 % and 2.5 % at
+    ℓ = 64. On real reference gradients (`python -m benchmarks.sketch_accuracy`, SmolLM2-135M 4-bit, S = 32,
+    k 8) the ℓ = 16 basis captures a median 3.6 points (max 16) less of the samples' energy than the exact top
+    8 (54.3 % against 58.0 %: the spectrum is flat); ℓ = 32 is exact there. Memory (`benchmarks.memory`,
+    SmolLM2-135M 4-bit, S = 64 and 256): refresh peak 1.09 × plain QLoRA's at ℓ = 16, 1.25–1.37 × at ℓ = 32,
+    2.2 × holding every sample — hence the default: ℓ = 2k is Frequent Directions' usual size for a rank-k
+    answer, and the one that keeps a refresh within 1.25 × plain's memory. Raise it (e.g. to S) for an exact
+    basis when memory allows. At least 2 × `reference_batch_size` (a micro-batch goes into the free rows)."""
 
     opening_tokens: int = 0
     """Weight the reference loss toward the first response tokens: the first `opening_tokens` tokens of each
@@ -102,8 +106,9 @@ class OGPSAConfig:
         if self.project not in PROJECT_MODES:
             raise ValueError(f"`project` must be one of {', '.join(PROJECT_MODES)}, got {self.project!r}")
         _check_int(self, "reference_batch_size", low=1)
-        _check_int(self, "sketch_rows", low=2)
-        if self.sketch_rows < 2 * self.reference_batch_size:
+        if self.sketch_rows is not None:
+            _check_int(self, "sketch_rows", low=2)
+        if self.sketch_rows is not None and self.sketch_rows < 2 * self.reference_batch_size:
             raise ValueError(f"`sketch_rows` must be at least 2 × `reference_batch_size` = "
                              f"{2 * self.reference_batch_size} (each micro-batch's samples go into its free rows), "
                              f"got {self.sketch_rows}; raise `sketch_rows` or lower `reference_batch_size`")
@@ -122,6 +127,13 @@ class OGPSAConfig:
         weight = self.later_token_weight
         if not (isinstance(weight, int | float) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
             raise ValueError(f"`later_token_weight` must be in [0, 1], got {weight!r}")
+
+    @property
+    def sketch_size(self) -> int:
+        """ℓ in force: `sketch_rows`, or 2 × `max_directions` but at least 2 × `reference_batch_size`."""
+        if self.sketch_rows is not None:
+            return self.sketch_rows
+        return max(2 * self.max_directions, 2 * self.reference_batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""

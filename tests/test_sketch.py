@@ -203,12 +203,16 @@ def _example():
 
 
 def test_config_validates_sketch_rows():
-    assert OGPSAConfig().sketch_rows >= OGPSAConfig().reference_examples  # the default S is exact
+    assert OGPSAConfig().sketch_size == 16  # 2k at the default k = 8
+    assert OGPSAConfig(max_directions=32).sketch_size == 64
+    assert OGPSAConfig(max_directions=2).sketch_size == 16  # at least 2 × the default reference_batch_size 8
+    assert OGPSAConfig(max_directions=2, reference_batch_size=2).sketch_size == 4
+    assert OGPSAConfig(sketch_rows=40).sketch_size == 40
     with pytest.raises(ValueError, match=r"`sketch_rows` must be at least 2 × `reference_batch_size` = 16"):
         OGPSAConfig(sketch_rows=12)
     with pytest.raises(ValueError, match=r"`sketch_rows` must be an integer >= 2"):
         OGPSAConfig(sketch_rows=1.5)
-    assert OGPSAConfig(sketch_rows=8, reference_batch_size=4).sketch_rows == 8
+    assert OGPSAConfig(sketch_rows=8, reference_batch_size=4).sketch_size == 8
 
 
 def _tiny_model(model_dir):
