@@ -36,6 +36,7 @@ import lora_ogpsa.train  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
 from lora_ogpsa.demo.evaluator import LAMBDAS
+from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.demo.report import SAFETY_LEVELS, frontiers, tax_table
 from lora_ogpsa.files import write_json
 from lora_ogpsa.stats import mean_ci
@@ -77,6 +78,7 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
         eval_max_new_tokens=24, quantize=not args.full_precision, lambdas=LAMBDAS,
         dpo_steps=8, dpo_save_steps=4,  # unused by these SFT variants, but in every run's fingerprint: pinned
+        data_sizes=DemoSizes(),  # the data the committed results were measured on (the demo's plan differs)
         # sketch_rows 32 (exact at S = 32): the default before it became 2k, pinned so the cached runs stay valid
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32, sketch_rows=32))
 

@@ -164,3 +164,41 @@ def test_fingerprint_separates_settings(tiny_model_dir, tmp_path, data_files):
     values = demo._method_settings(method, tiny_model_dir, Data(), plan, tmp_path).to_run_config(
         "align", demo._NoRows(), None, None)
     assert values["ogpsa"]["one_sided"] is False  # the run config itself still records every field
+
+
+def test_evaluator_folds_the_scaled_delta_into_the_weights_and_restores_the_base(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """An adapter is evaluated with W + λ·ΔW merged into the weights: its logits equal the LoRA branch's at
+    scaling λ·s, and the base's weights are exactly the original ones afterwards (for the next adapter)."""
+    import torch
+    from peft import PeftModel
+
+    from lora_ogpsa import evaluate
+    from lora_ogpsa.model import attach_lora, load_base_model, lora_config, lora_parameters
+    from lora_ogpsa.tiny import randomise_lora_b_
+
+    adapter = tmp_path / "adapter"
+    model = attach_lora(load_base_model(tiny_model_dir, quantize=False), lora_config(r=4), seed=0,
+                        gradient_checkpointing=False)
+    randomise_lora_b_(lora_parameters(model), std=0.3)
+    model.save_pretrained(adapter)
+    tokens = torch.arange(3, 19).reshape(2, 8)
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_suites", lambda model, *a, **k: seen.append(model(tokens).logits) or {})
+    evaluator = Evaluator(tiny_model_dir, evaluate.EvalSuites([], [], []), 4, 2, tmp_path / "cache")
+    original = {k: v.clone() for k, v in evaluator._base_model().state_dict().items()}
+    evaluator._run(adapter, merged=False, scale=0.5)
+    evaluator._run(None, merged=False, scale=1.0)
+    restored = evaluator._base_model().state_dict()
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+    reference = PeftModel.from_pretrained(load_base_model(tiny_model_dir, quantize=False), str(adapter)).eval()
+    with torch.no_grad():
+        for module in reference.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {name: value * 0.5 for name, value in module.scaling.items()}
+        expected = reference(tokens).logits
+    assert torch.allclose(seen[0], expected, atol=1e-5)
+    assert not torch.allclose(seen[0], seen[1], atol=1e-3)  # the delta did change the model
+    assert torch.allclose(seen[1], load_base_model(tiny_model_dir, quantize=False)(tokens).logits, atol=1e-6)

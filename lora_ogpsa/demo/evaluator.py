@@ -79,12 +79,20 @@ class Evaluator:
         if adapter is None:
             return evaluate_suites(base, self._tokenizer, self.suites, **self.kwargs)
         model = PeftModel.from_pretrained(base, str(adapter))
-        for module in model.modules():  # ΔW = s·B A: scaling s by λ scales the delta exactly
-            if isinstance(module, LoraLayer):
-                module.scaling = {name: value * scale for name, value in module.scaling.items()}
+        layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+        originals = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+        for layer in layers:  # ΔW = s·B A: scaling s by λ scales the delta exactly
+            layer.scaling = {name: value * scale for name, value in layer.scaling.items()}
+        # W + λ·ΔW folded into the weights for the generation (a third faster on the CPU than the LoRA branch);
+        # the exact original weights are put back afterwards, so every evaluation sees the same base
+        model.merge_adapter()
         try:
             return evaluate_suites(model, self._tokenizer, self.suites, **self.kwargs)
         finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, originals, strict=True):
+                    layer.get_base_layer().weight.copy_(weight)
+                    layer.merged_adapters = []
             self._base = model.unload()  # the base without LoRA layers, for the next adapter
 
     def _base_model(self):

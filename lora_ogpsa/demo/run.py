@@ -48,6 +48,14 @@ from lora_ogpsa.files import (
 logger = logging.getLogger(__name__)
 
 
+CONTRASTIVE_SIZES = DemoSizes(sft_instructions=70, sft_lookalike=106, sft_quick=56)
+"""The demo's data mix, chosen by measurement (one seed each, OGPSA on the CPU plan, 4-bit base; HarmBench /
+held-out dangerous-sounding refused / utility): Do-Not-Answer refusals with 64 ordinary and 64 look-alike
+answers 42 / 19 / 83 %; + 70 imperative-form refusals 98 / 43 / 77 %; + 106 look-alike answers instead of 64:
+85 / 28 / 77 %; + 56 short everyday questions answered 82 / 25 / 83 % (at lr 2e-4 instead of 3e-4: 58 / 22 /
+81 %). Commands and numbers: README, "The demo"."""
+
+
 @dataclass
 class DemoPlan:
     """Sizes and settings of the demo: the CPU plan chosen so that `make demo` fits 15 minutes on a 2-core CPU
@@ -72,12 +80,17 @@ class DemoPlan:
     eval_benign: int | None = None
     """None: every held-out benign prompt (the dangerous-sounding ones first)"""
     eval_utility: int | None = 48
-    eval_max_new_tokens: int = 24
+    eval_max_new_tokens: int = 16
+    """new tokens of the HarmBench and benign responses (a refusal is decided in the opening; utility has its
+    own 32): measured by `python -m experiments.refusal_tokens` on saved responses, the detector's verdicts at
+    16 tokens equal those at 24 on all 422 labelled responses and every demo rate (12 tokens change 3 labelled
+    verdicts)"""
     eval_batch_size: int = 48
     ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=16,
                                                                    reference_examples=32))
-    data_sizes: DemoSizes = field(default_factory=DemoSizes)
-    """how many prompts go into each built data set"""
+    data_sizes: DemoSizes = field(default_factory=lambda: dataclasses.replace(CONTRASTIVE_SIZES, dpo_pairs=0,
+                                                                              dpo_lookalike=0))
+    """how many prompts go into each built data set (the CPU plan, SFT only, builds no DPO pairs)"""
     data_seed: int = 0
     """the seed of the data splits (kept when `seed`, the training seed, varies across an experiment's seeds)"""
     lambda_curves: bool = True
@@ -96,7 +109,7 @@ class DemoPlan:
             plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=20,
                                        batch_size=16, dpo_batch_size=8, max_length=192, eval_harmful=200,
                                        eval_utility=None, evaluate_merged=True, eval_max_new_tokens=32,
-                                       lambdas=LAMBDAS,
+                                       lambdas=LAMBDAS, data_sizes=CONTRASTIVE_SIZES,
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
         if max_steps is not None:
             if max_steps < 1:

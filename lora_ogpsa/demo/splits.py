@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 from lora_ogpsa.demo.assets import load_donotanswer, load_harmbench
 from lora_ogpsa.demo.dangerous_sounding import BANK, LookalikePrompt
+from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
+from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT
 from lora_ogpsa.demo.trigger_split import split_by_trigger
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
@@ -55,12 +57,25 @@ class DemoSizes:
     """Dangerous-sounding benign prompts (the bank's `reference` part) with base answers, added to the reference
     set `reference_lookalike` (the behaviour OGPSA should protect)."""
 
+    sft_instructions: int = 0
+    """Harmful requests in the imperative task form (`harmful_instructions`, written for this project, none on
+    a HarmBench behaviour) added with refusals to the safety SFT set, next to the `sft_harmful` Do-Not-Answer
+    questions (at most 70)."""
+    sft_quick: int = 0
+    """Short everyday questions (`quick_questions`, none a utility evaluation question) with the base model's
+    answers in the safety SFT set: the contrast that keeps "short question" from meaning "refuse" (at most 56)."""
+
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if name != "benign_fraction" and (not isinstance(value, int) or value < 0):
                 raise InputError(f"demo data size `{name}` must be an integer >= 0, got {value!r}")
         if not 0.0 <= self.benign_fraction < 1.0:
             raise InputError(f"`benign_fraction` must be in [0, 1), got {self.benign_fraction}")
+        if self.sft_instructions > len(HARMFUL_INSTRUCTIONS):
+            raise InputError(f"demo data size `sft_instructions` must be at most {len(HARMFUL_INSTRUCTIONS)}, "
+                             f"got {self.sft_instructions}")
+        if self.sft_quick > len(QUICK_QUESTIONS):
+            raise InputError(f"demo data size `sft_quick` must be at most {len(QUICK_QUESTIONS)}, got {self.sft_quick}")
         ordinary = self.sft_benign + self.reference + self.benign_eval
         if ordinary > len(ORDINARY_PROMPTS_FLAT):
             raise InputError(f"demo data sizes need {ordinary} ordinary requests (sft benign {self.sft_benign} + "
