@@ -35,6 +35,7 @@ import lora_ogpsa.merge
 import lora_ogpsa.train  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
+from lora_ogpsa.demo.run import CONTRASTIVE_SIZES
 from lora_ogpsa.demo.evaluator import LAMBDAS
 from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.demo.report import SAFETY_LEVELS, frontiers, tax_table
@@ -60,6 +61,10 @@ VARIANTS = {
     "act90-opening-lookalike": Method("act90-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.9,
                                              "activation_positions": "opening"}),
+    "act50-lookalike": Method("act50-lookalike", stages="sft",
+                              ogpsa={"protect": "activations", "activation_energy": 0.5}),
+    "act70-lookalike": Method("act70-lookalike", stages="sft",
+                              ogpsa={"protect": "activations", "activation_energy": 0.7}),
     "act99-lookalike": Method("act99-lookalike", stages="sft",
                               ogpsa={"protect": "activations", "activation_energy": 0.99}),
     "both-k8-act90-lookalike": Method("both-k8-act90-lookalike", stages="sft",
@@ -70,17 +75,33 @@ __doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference
 DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike", "act90-lookalike")
 
 
+DATA_MIXES = {"contrastive": DemoSizes(), "demo": CONTRASTIVE_SIZES}
+"""`--data`: `contrastive`, the first contrastive mix (192 Do-Not-Answer refusals, 64 ordinary and 64
+look-alike answers); `demo`, the demo's mix (also 70 imperative-form refusals, 106 look-alike answers, 56
+short questions answered; `demo.run.CONTRASTIVE_SIZES`). Both with DPO pairs (unused by SFT variants)."""
+
+
 def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     return dataclasses.replace(
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length,
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
-        eval_max_new_tokens=24, quantize=not args.full_precision, lambdas=LAMBDAS,
+        eval_max_new_tokens=args.eval_tokens, quantize=not args.full_precision, lambdas=LAMBDAS,
         dpo_steps=8, dpo_save_steps=4,  # unused by these SFT variants, but in every run's fingerprint: pinned
-        data_sizes=DemoSizes(),  # the data the committed results were measured on (the demo's plan differs)
+        data_sizes=DATA_MIXES[args.data],
         # sketch_rows 32 (exact at S = 32): the default before it became 2k, pinned so the cached runs stay valid
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32, sketch_rows=32))
+
+
+def merged_report(paths: list[Path]) -> dict:
+    """One seed's report from the reports of processes that trained different variants on the same plan."""
+    report: dict = {}
+    for path in paths:
+        part = json.loads(path.read_text())
+        for key in ("models", "trajectories", "lambda_curves"):
+            report.setdefault(key, {}).update(part[key])
+    return report
 
 
 def summarise(reports: dict[int, dict], levels=SAFETY_LEVELS) -> dict:
@@ -142,12 +163,19 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--data", choices=sorted(DATA_MIXES), default="contrastive",
+                        help="the data mix (see DATA_MIXES)")
+    parser.add_argument("--eval-tokens", type=int, default=24,
+                        help="new tokens of the refusal responses (16 gives the same verdicts: experiments.refusal_tokens)")
     parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
     parser.add_argument("--eval-utility", type=int, default=64, help="utility questions evaluated (of 136)")
     parser.add_argument("--levels", nargs="+", type=float, default=list(SAFETY_LEVELS),
                         help="HarmBench refusal levels at which the tax is read")
     parser.add_argument("--summarise-only", action="store_true",
                         help="train nothing: summarise the seeds' finished reports (`--output`/seed-N/report.json)")
+    parser.add_argument("--also", nargs="+", type=Path, default=[],
+                        help="with --summarise-only: more output directories whose seeds' reports (other variants, "
+                             "trained by another process) join --output's")
     parser.add_argument("--full-precision", action="store_true",
                         help="full-precision base (faster research sweeps on a CPU; confirm on 4-bit)")
     parser.add_argument("--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct")
@@ -156,9 +184,9 @@ def main() -> None:
                         datefmt="%H:%M:%S")
     methods = tuple(VARIANTS[name] for name in args.variants)
     reports: dict[int, dict] = {}
-    if args.summarise_only:  # e.g. seeds trained by several processes side by side
-        reports = {seed: json.loads((args.output / f"seed-{seed}" / "report.json").read_text())
-                   for seed in args.seeds}
+    if args.summarise_only:  # e.g. seeds or variants trained by several processes side by side
+        reports = {seed: merged_report([output / f"seed-{seed}" / "report.json"
+                                        for output in (args.output, *args.also)]) for seed in args.seeds}
         print(write_summary(args, reports))
         return
     for seed in args.seeds:  # the summary is rewritten after every seed: an interrupted run keeps what it did
