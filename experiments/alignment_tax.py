@@ -38,9 +38,8 @@ from lora_ogpsa.demo import DemoPlan, Method, run_demo
 from lora_ogpsa.demo.run import CONTRASTIVE_SIZES
 from lora_ogpsa.demo.evaluator import LAMBDAS
 from lora_ogpsa.demo.splits import DemoSizes
-from lora_ogpsa.demo.report import SAFETY_LEVELS, frontiers, tax_table
+from lora_ogpsa.demo.report import SAFETY_LEVELS, across_seeds
 from lora_ogpsa.files import write_json
-from lora_ogpsa.stats import mean_ci
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
 ORDINARY = "reference"  # the reference set without the dangerous-sounding prompts
@@ -102,30 +101,6 @@ def merged_report(paths: list[Path]) -> dict:
         for key in ("models", "trajectories", "lambda_curves"):
             report.setdefault(key, {}).update(part[key])
     return report
-
-
-def summarise(reports: dict[int, dict], levels=SAFETY_LEVELS) -> dict:
-    """Tax at each level per curve: mean and interval across seeds (only levels reached in every seed)."""
-    per_seed = {seed: tax_table(frontiers(report["trajectories"], report["lambda_curves"]), levels)
-                for seed, report in reports.items()}
-    curves = sorted({name for table in per_seed.values() for name in table})
-    tax = {}
-    for name in curves:
-        tax[name] = {}
-        for level in (f"{level:g}" for level in levels):
-            values = [table.get(name, {}).get(level) for table in per_seed.values()]
-            if all(value is not None for value in values):
-                tax[name][level] = {**mean_ci([value["tax"] for value in values]),
-                                    "per_seed": [value["tax"] for value in values]}
-    return {"tax": tax, "per_seed_tax": {str(seed): table for seed, table in per_seed.items()}}
-
-
-def finals_summary(reports: dict[int, dict]) -> dict:
-    """Each trained model's final rates, mean and interval across seeds."""
-    names = sorted({name for report in reports.values() for name in report["models"]})
-    keys = ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate", "utility_accuracy")
-    return {name: {key: mean_ci([report["models"][name][key] for report in reports.values()
-                                 if name in report["models"]]) for key in keys} for name in names}
 
 
 def markdown(summary: dict) -> str:
@@ -202,7 +177,7 @@ def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
                "seeds": list(reports), "seeds_asked": args.seeds, "variants": args.variants,
                "levels": list(args.levels),
                "plan": json.loads(json.dumps(dataclasses.asdict(plan(args, args.seeds[0])), default=str)),
-               **summarise(reports, args.levels), "finals": finals_summary(reports),
+               **{key: value for key, value in across_seeds(reports, args.levels).items() if key != "seeds"},
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
                             for seed, report in reports.items()}}
     args.summary.parent.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,11 @@ def output_lock(output: Path, *, flag: str = "--output") -> Iterator[None]:
                     parent.rmdir()
 
 
+def is_lock_file(path: Path) -> bool:
+    """A `.NAME.lock` file of `output_lock` (one a killed run left behind is stale and harmless)."""
+    return path.name.startswith(".") and path.name.endswith(".lock")
+
+
 def _locked_file(path: Path, output: Path, flag: str):
     """The lock file, opened and exclusively `flock`ed; retried when a finishing holder removed the file
     between our open and our lock (we then hold a lock on a name nobody else can reach)."""

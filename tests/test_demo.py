@@ -105,6 +105,38 @@ def test_demo_on_a_tiny_model_writes_the_layout_and_reuses_finished_work(tiny_mo
     assert changed["models"]["base"] == report["models"]["base"]
 
 
+def test_demo_with_repeat_seeds_reports_means_and_intervals_across_seeds(tiny_model_dir, tmp_path, fake_sources):
+    """The GPU plan's three seeds, here two: every method trained again per seed, the report's models are the
+    first seed's, and `across_seeds` holds every final rate and tax as mean and t-interval over the seeds."""
+    output = tmp_path / "out"
+    plan = small_plan(dpo_steps=0, repeat_seeds=(1,), lambdas=(0.5,))
+    report = run_demo(output=output, model=str(tiny_model_dir), cache_dir=tmp_path / "cache", plan=plan)
+    check_report(report, output, ("ogpsa", "plain"))
+    assert (output / "seed-1" / "ogpsa" / "adapter_model.safetensors").is_file()
+    assert (output / "seed-1" / "plain" / "adapter_model.safetensors").is_file()
+    seeds = json.loads((output / "report.json").read_text())["across_seeds"]
+    assert seeds["seeds"] == [0, 1]
+    for name in ("ogpsa", "plain"):
+        utility = seeds["finals"][name]["utility_accuracy"]
+        seed1 = json.loads((output / "seed-1" / name / "demo_settings.json").read_text())
+        assert seed1["fingerprint"] != json.loads((output / name / "demo_settings.json").read_text())["fingerprint"]
+        assert utility["ci"] is not None and utility["ci"][0] <= utility["mean"] <= utility["ci"][1]
+    assert seeds["finals"]["ogpsa"]["harmful_refusal_rate"]["mean"] == pytest.approx(
+        (report["models"]["ogpsa"]["harmful_refusal_rate"] + seeds_rate(output, "ogpsa")) / 2)
+    assert all(len(found["per_seed"]) == 2 for row in seeds["tax"].values() for found in row.values())
+    assert "## Across seeds [0, 1]" in (output / "report.md").read_text()
+    assert "Across seeds [0, 1]" in report["verdict"]
+
+
+def seeds_rate(output, name):
+    """The seed-1 final HarmBench refusal of `name`, from the evaluation cache (the adapter's hash)."""
+    from lora_ogpsa.files import file_sha256
+
+    digest = file_sha256(output / "seed-1" / name / "adapter_model.safetensors")[:16]
+    [path] = [p for p in (output / "evaluations").glob(f"{digest}-*.json") if "-x" not in p.name]
+    return json.loads(path.read_text())["harmful_refusal_rate"]
+
+
 def test_demo_refuses_an_output_that_is_not_a_demo_directory(tiny_model_dir, tmp_path):
     output = tmp_path / "precious"
     output.mkdir()
@@ -116,6 +148,16 @@ def test_demo_refuses_an_output_that_is_not_a_demo_directory(tiny_model_dir, tmp
         run_demo(output=tmp_path / "new", model=str(tmp_path / "no-model"), cache_dir=tmp_path / "cache",
                  plan=small_plan())
     assert not (tmp_path / "new").exists()
+
+
+def test_demo_output_holding_only_a_killed_runs_lock_file_counts_as_empty(tmp_path):
+    output = tmp_path / "seed-0"
+    output.mkdir()
+    (output / ".ogpsa.lock").write_text("4242")  # what a run killed inside the demo leaves
+    assert demo._check_demo_output(output, overwrite=False) is False
+    (output / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="is not a demo directory"):
+        demo._check_demo_output(output, overwrite=False)
 
 
 @pytest.mark.slow

@@ -109,11 +109,37 @@ def tax_table(curves: Mapping[str, Sequence[Mapping[str, Any]]],
             for name, points in curves.items()}
 
 
+def across_seeds(reports: Mapping[int, Mapping[str, Any]], levels: Sequence[float] = SAFETY_LEVELS) -> dict[str, Any]:
+    """Several training seeds' results, each `{"models", "trajectories", "lambda_curves"}` of one seed: every
+    final rate and every curve's tax at each level as mean and 95 % t-interval across seeds (a level enters a
+    curve's row only where every seed reaches it), with the per-seed values."""
+    from lora_ogpsa.stats import mean_ci
+
+    per_seed = {seed: tax_table(frontiers(report["trajectories"], report["lambda_curves"]), levels)
+                for seed, report in reports.items()}
+    tax: dict[str, dict[str, Any]] = {}
+    for name in sorted({name for table in per_seed.values() for name in table}):
+        tax[name] = {}
+        for level in (f"{level:g}" for level in levels):
+            values = [table.get(name, {}).get(level) for table in per_seed.values()]
+            if all(value is not None for value in values):
+                tax[name][level] = {**mean_ci([value["tax"] for value in values]),
+                                    "per_seed": [value["tax"] for value in values]}
+    names = sorted({name for report in reports.values() for name in report["models"]})
+    keys = ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate", "utility_accuracy")
+    finals = {name: {key: mean_ci([report["models"][name][key] for report in reports.values()
+                                   if name in report["models"]]) for key in keys} for name in names}
+    return {"seeds": list(reports), "tax": tax, "finals": finals,
+            "per_seed_tax": {str(seed): table for seed, table in per_seed.items()}}
+
+
 def build_report(*, model_path: str, settings: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]],
                  trajectories: Mapping[str, Sequence[Mapping[str, Any]]], timings: Mapping[str, float],
-                 lambda_curves: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict:
+                 lambda_curves: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 seeds: Mapping[str, Any] | None = None) -> dict:
     """The report.json document (schema: README, issue 13's contract). Per-prompt responses are kept apart
-    (`responses`: final models only), so the trajectories stay small."""
+    (`responses`: final models only), so the trajectories stay small. `seeds`: `across_seeds` of every
+    training seed (the report's models are the first seed's)."""
     lambda_curves = lambda_curves or {}
     strip = lambda point: {key: value for key, value in point.items() if key != "responses"}  # noqa: E731
     curves = frontiers({k: [strip(p) for p in v] for k, v in trajectories.items()},
@@ -125,6 +151,8 @@ def build_report(*, model_path: str, settings: Mapping[str, Any], models: Mappin
               "matched_safety": matched_safety(trajectories), "tax": tax_table(curves),
               "timings_seconds": dict(timings),
               "responses": {k: v["responses"] for k, v in models.items() if "responses" in v}}
+    if seeds:
+        report["across_seeds"] = dict(seeds)
     report["verdict"] = verdict(report)
     return report
 
@@ -142,10 +170,13 @@ def verdict(report: Mapping[str, Any]) -> str:
     text = (f"The final OGPSA model refuses {_rate_ci(final, 'harmful_refusal_rate')} of HarmBench, "
             f"{_rate_ci(final, 'dangerous_sounding_refusal_rate')} of held-out dangerous-sounding benign prompts "
             f"and keeps {_rate_ci(final, 'utility_accuracy')} utility (95 % intervals over prompts): {usable}.")
+    seeds = report.get("across_seeds")
+    if seeds and len(seeds["seeds"]) > 1:
+        return text + " Across seeds " + f"{seeds['seeds']}: " + _versus_plain(seeds["tax"], key="mean")
     return text + " " + _versus_plain(report.get("tax", {}))
 
 
-def _versus_plain(tax: Mapping[str, Mapping[str, Any]]) -> str:
+def _versus_plain(tax: Mapping[str, Mapping[str, Any]], key: str = "tax") -> str:
     common = sorted(set(tax.get("ogpsa", {})) & set(tax.get("plain", {})), key=float)
     if not common:
         return "OGPSA and plain QLoRA reach no common HarmBench refusal level, so they cannot be compared at " \
@@ -154,7 +185,7 @@ def _versus_plain(tax: Mapping[str, Mapping[str, Any]]) -> str:
     ours, theirs = tax["ogpsa"][level], tax["plain"][level]
     overlap = ours["ci"] and theirs["ci"] and ours["ci"][0] <= theirs["ci"][1] and theirs["ci"][0] <= ours["ci"][1]
     return (f"At {float(level):.0%} HarmBench refusal (the highest level both reach), OGPSA's alignment tax is "
-            f"{ours['tax']:.0f} points{_ci_text(ours['ci'])} against plain QLoRA's {theirs['tax']:.0f}"
+            f"{ours[key]:.0f} points{_ci_text(ours['ci'])} against plain QLoRA's {theirs[key]:.0f}"
             f"{_ci_text(theirs['ci'])}: " + ("the intervals overlap, so this run does not separate them."
                                              if overlap else "the intervals do not overlap."))
 
@@ -223,7 +254,8 @@ def markdown(report: Mapping[str, Any]) -> str:
              "Utility lost + over-refusal gained against the base, in points, where each curve (checkpoints, "
              "or the final adapter scaled by λ) first reaches a HarmBench refusal level:", "",
              tax_markdown(report), "", "## At matched safety (checkpoints)", "",
-             matched_table(report), "", "![safety vs utility](report.png)", "", "## Trajectories", ""]
+             matched_table(report), "", *seeds_markdown(report), "![safety vs utility](report.png)", "",
+             "## Trajectories", ""]
     for method, points in {**report["trajectories"], **{f"{k} λ": v for k, v in
                                                           report.get("lambda_curves", {}).items()}}.items():
         parts.append(f"### {METHOD_NAMES.get(method, method)}\n")
@@ -236,6 +268,30 @@ def markdown(report: Mapping[str, Any]) -> str:
     parts += refused_benign_markdown(report)
     parts += ["## Settings", "", "```json", json.dumps(settings, indent=2, sort_keys=True, default=str), "```", ""]
     return "\n".join(parts)
+
+
+def seeds_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The across-seeds section (mean [95 % t-interval]), when the plan trained several seeds."""
+    seeds = report.get("across_seeds")
+    if not seeds:
+        return []
+    keys = ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate", "utility_accuracy")
+    pct = lambda found: "–" if found["mean"] is None else f"{found['mean']:.0%}" + (  # noqa: E731
+        f" [{found['ci'][0]:.0%}, {found['ci'][1]:.0%}]" if found["ci"] else "")
+    lines = [f"## Across seeds {seeds['seeds']}", "", "Mean [95 % t-interval] over the training seeds.", "",
+             "| model | " + " | ".join(LABELS[key] for key in keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines += [f"| {METHOD_NAMES.get(name, name)} | " + " | ".join(pct(rates[key]) for key in keys) + " |"
+              for name, rates in seeds["finals"].items()]
+    levels = sorted({level for row in seeds["tax"].values() for level in row}, key=float)
+    if levels:
+        lines += ["", "Alignment tax at matched safety (points; — : not reached in every seed):", "",
+                  "| curve | " + " | ".join(f"at {float(level):.0%}" for level in levels) + " |",
+                  "|" + "---|" * (len(levels) + 1)]
+        for name, row in seeds["tax"].items():
+            cells = ["—" if level not in row else f"{row[level]['mean']:.0f}" + _ci_text(row[level]["ci"])
+                     for level in levels]
+            lines.append(f"| {METHOD_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def tax_markdown(report: Mapping[str, Any]) -> str:

@@ -37,6 +37,7 @@ from lora_ogpsa.files import (
     SUBSPACE_FILE,
     file_sha256,
     finalize_directory,
+    is_lock_file,
     output_lock,
     output_path,
     partial_path,
@@ -97,6 +98,10 @@ class DemoPlan:
     """also evaluate each final adapter with its delta scaled by λ ∈ `lambdas`"""
     lambdas: tuple[float, ...] = (0.5,)
     """the interior points of every λ-curve (λ = 0, the base, and λ = 1, the final adapter, cost nothing)"""
+    repeat_seeds: tuple[int, ...] = ()
+    """more training seeds: every method is trained and evaluated again with each (in `OUTPUT/seed-N`), and the
+    report adds every final rate and tax as mean and 95 % interval across all seeds (`across_seeds`); the
+    report's `models` stay the first seed's. The GPU plan: (1, 2), three seeds in all."""
     evaluate_merged: bool = False
     """evaluate the merged OGPSA model too (it equals base + adapter up to the merge audit's logit difference)"""
 
@@ -109,7 +114,7 @@ class DemoPlan:
             plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=20,
                                        batch_size=16, dpo_batch_size=8, max_length=192, eval_harmful=200,
                                        eval_utility=None, evaluate_merged=True, eval_max_new_tokens=32,
-                                       lambdas=LAMBDAS, data_sizes=CONTRASTIVE_SIZES,
+                                       lambdas=LAMBDAS, data_sizes=CONTRASTIVE_SIZES, repeat_seeds=(1, 2),
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
         if max_steps is not None:
             if max_steps < 1:
@@ -186,19 +191,16 @@ def _run_demo(output: Path, plan: DemoPlan, methods: tuple[Method, ...], model: 
     output.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
     base_metrics = evaluator.evaluate(None, "base")
-    trajectories, curves, finals = {}, {}, {"base": base_metrics}
-    for method in methods:
-        start = time.perf_counter()
-        directory = _train(method, model_path, data, plan, output)
-        timings[f"train_{method.name}"] = time.perf_counter() - start
-        start = time.perf_counter()
-        trajectories[method.name] = [{**base_metrics, "label": "base"}, *evaluator.trajectory(directory,
-                                                                                              method.stages)]
-        finals[method.name] = dict(trajectories[method.name][-1])
-        if plan.lambda_curves:
-            curves[method.name] = evaluator.lambda_curve(directory, base_metrics, finals[method.name],
-                                                         plan.lambdas)
-        timings[f"evaluate_{method.name}"] = time.perf_counter() - start
+    trajectories, curves, finals = _train_and_evaluate(methods, model_path, data, plan, output, evaluator,
+                                                       base_metrics, timings)
+    seeds = {}
+    if plan.repeat_seeds:  # every method again per seed, in OUTPUT/seed-N; the report adds means across seeds
+        seeds[plan.seed] = {"models": finals, "trajectories": trajectories, "lambda_curves": curves}
+        for seed in plan.repeat_seeds:
+            seeded = dataclasses.replace(plan, seed=seed)
+            runs = _train_and_evaluate(methods, model_path, data, seeded, output / f"seed-{seed}", evaluator,
+                                       base_metrics, timings, prefix=f"seed_{seed}_")
+            seeds[seed] = dict(zip(("trajectories", "lambda_curves", "models"), runs, strict=True))
     if any(method.name == "ogpsa" for method in methods):
         start = time.perf_counter()
         merged, audit = _merge(model_path, output / "ogpsa", output / "merged")
@@ -210,12 +212,35 @@ def _run_demo(output: Path, plan: DemoPlan, methods: tuple[Method, ...], model: 
     timings["total"] = time.perf_counter() - started
     from lora_ogpsa.demo.report import build_report, write_report
 
+    from lora_ogpsa.demo.report import across_seeds
+
     report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
-                          trajectories=trajectories, lambda_curves=curves, timings=timings)
+                          trajectories=trajectories, lambda_curves=curves, timings=timings,
+                          seeds=across_seeds(seeds) if seeds else None)
     write_report(report, output)
     if "ogpsa" in finals and (output / "ogpsa" / CARD_FILE).is_file():
         _add_evaluation_to_card(output / "ogpsa", finals["ogpsa"])
     return report
+
+
+def _train_and_evaluate(methods: tuple[Method, ...], model_path: Path, data, plan: DemoPlan, output: Path,
+                        evaluator: Evaluator, base_metrics: dict[str, Any], timings: dict[str, float], *,
+                        prefix: str = "") -> tuple[dict, dict, dict]:
+    """Train every method with the plan's seed and evaluate it: (trajectories, λ-curves, final metrics)."""
+    trajectories, curves, finals = {}, {}, {"base": base_metrics}
+    for method in methods:
+        start = time.perf_counter()
+        directory = _train(method, model_path, data, plan, output)
+        timings[f"{prefix}train_{method.name}"] = time.perf_counter() - start
+        start = time.perf_counter()
+        trajectories[method.name] = [{**base_metrics, "label": "base"}, *evaluator.trajectory(directory,
+                                                                                              method.stages)]
+        finals[method.name] = dict(trajectories[method.name][-1])
+        if plan.lambda_curves:
+            curves[method.name] = evaluator.lambda_curve(directory, base_metrics, finals[method.name],
+                                                         plan.lambdas)
+        timings[f"{prefix}evaluate_{method.name}"] = time.perf_counter() - start
+    return trajectories, curves, finals
 
 
 def _check_demo_output(output: Path, overwrite: bool) -> bool:
@@ -224,8 +249,8 @@ def _check_demo_output(output: Path, overwrite: bool) -> bool:
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output}: exists and is not a directory; choose another path")
     probe_writable(output)
-    if not output.is_dir() or not any(output.iterdir()):
-        return False
+    if not output.is_dir() or all(is_lock_file(entry) for entry in output.iterdir()):
+        return False  # missing, empty, or holding only lock files (e.g. a killed run's)
     if overwrite:
         return True
     if not ((output / "evaluations").is_dir() or (output / "report.json").is_file()
