@@ -35,10 +35,10 @@ import lora_ogpsa.merge
 import lora_ogpsa.train  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
-from lora_ogpsa.demo.run import CONTRASTIVE_SIZES
 from lora_ogpsa.demo.evaluator import LAMBDAS
-from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.demo.report import SAFETY_LEVELS, across_seeds
+from lora_ogpsa.demo.run import CONTRASTIVE_SIZES
+from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.files import write_json
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}

@@ -171,7 +171,8 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
 
     model = ensure_default_model(default_cache_dir())
     sizes = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=8, harmful_heldout=4, reference=4,
-                      benign_eval=2, sft_lookalike=4, dpo_lookalike=4, reference_lookalike=2)
+                      benign_eval=2, sft_lookalike=4, dpo_lookalike=4, reference_lookalike=2, sft_instructions=2,
+                      sft_quick=2)
     # SFT only with one interior λ, as the CPU plan of `make demo` runs
     plan = small_plan(data_sizes=sizes, batch_size=4, max_length=96, eval_max_new_tokens=8, dpo_steps=0,
                       lambdas=(0.5,))

@@ -8,8 +8,6 @@ import pytest
 from lora_ogpsa.data import read_rows
 from lora_ogpsa.demo import data as demo_data
 from lora_ogpsa.demo.dangerous_sounding import BANK
-from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
-from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.data import (
     DemoData,
     build_demo_data,
@@ -17,7 +15,9 @@ from lora_ogpsa.demo.data import (
     load_eval_suites,
     trim_to_sentence,
 )
+from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS
+from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.errors import InputError

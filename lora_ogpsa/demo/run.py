@@ -210,9 +210,7 @@ def _run_demo(output: Path, plan: DemoPlan, methods: tuple[Method, ...], model: 
                                "merge_max_logit_diff": audit}
         timings["merge_and_evaluate"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
-    from lora_ogpsa.demo.report import build_report, write_report
-
-    from lora_ogpsa.demo.report import across_seeds
+    from lora_ogpsa.demo.report import across_seeds, build_report, write_report
 
     report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
                           trajectories=trajectories, lambda_curves=curves, timings=timings,

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from lora_ogpsa.demo.assets import load_donotanswer, load_harmbench
 from lora_ogpsa.demo.dangerous_sounding import BANK, LookalikePrompt
 from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
-from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT
+from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.trigger_split import split_by_trigger
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.errors import InputError
