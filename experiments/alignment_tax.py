@@ -96,7 +96,10 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
 def merged_report(paths: list[Path]) -> dict:
     """One seed's report from the reports of processes that trained different variants on the same plan."""
     report: dict = {}
-    for path in paths:
+    found = [path for path in paths if path.is_file()]  # a process may have trained only some seeds
+    if not found:
+        raise SystemExit(f"no report among {', '.join(map(str, paths))}")
+    for path in found:
         part = json.loads(path.read_text())
         for key in ("models", "trajectories", "lambda_curves"):
             report.setdefault(key, {}).update(part[key])
