@@ -129,3 +129,15 @@ def test_epochs_target_modules_tensorboard_and_console_lines(tiny_model_dir, dat
     assert {"train/loss", "train/ogpsa/span_fraction"} <= tags
     console = [line for line in capsys.readouterr().out.splitlines() if "| loss" in line]
     assert len(console) == trained_steps // 2 and console[0].startswith(f"step 2/{trained_steps} | loss ")
+
+
+def test_demo_seeds_flag_sets_the_repeat_seeds_and_refuses_zero(tmp_path, capsys):
+    from lora_ogpsa.demo import DemoPlan
+
+    assert parse_args(["demo", "--seeds", "3"]).seeds == 3
+    assert DemoPlan.for_device(seeds=3).repeat_seeds == (1, 2)
+    assert DemoPlan.for_device(seeds=1).repeat_seeds == ()
+    output = tmp_path / "demo"
+    assert main(["demo", "--seeds", "0", "--output", str(output)]) == 2
+    assert "--seeds must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not output.exists()

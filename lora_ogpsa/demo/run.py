@@ -106,9 +106,9 @@ class DemoPlan:
     """evaluate the merged OGPSA model too (it equals base + adapter up to the merge audit's logit difference)"""
 
     @classmethod
-    def for_device(cls, max_steps: int | None = None) -> DemoPlan:
+    def for_device(cls, max_steps: int | None = None, seeds: int | None = None) -> DemoPlan:
         """The CPU plan, or a larger one when CUDA is available; `max_steps` overrides the SFT steps (DPO
-        gets 40% of them)."""
+        gets 40% of them), `seeds` the number of training seeds (0, 1, …: `repeat_seeds`)."""
         plan = cls()
         if torch.cuda.is_available():
             plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=20,
@@ -116,6 +116,10 @@ class DemoPlan:
                                        eval_utility=None, evaluate_merged=True, eval_max_new_tokens=32,
                                        lambdas=LAMBDAS, data_sizes=CONTRASTIVE_SIZES, repeat_seeds=(1, 2),
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
+        if seeds is not None:
+            if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+                raise InputError(f"--seeds must be an integer >= 1, got {seeds!r}")
+            plan = dataclasses.replace(plan, repeat_seeds=tuple(range(plan.seed + 1, plan.seed + seeds)))
         if max_steps is not None:
             if max_steps < 1:
                 raise InputError(f"--max-steps must be >= 1, got {max_steps}")
@@ -151,14 +155,15 @@ DEFAULT_METHODS = DEMO_METHODS[:2]
 
 def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = None, model: str | None = None,
              cache_dir: str | None = None, overwrite: bool = False, plan: DemoPlan | None = None,
-             methods: tuple[Method, ...] | None = None, evaluation_cache: Path | None = None) -> dict[str, Any]:
+             methods: tuple[Method, ...] | None = None, evaluation_cache: Path | None = None,
+             seeds: int | None = None) -> dict[str, Any]:
     """Run the demo and write the report; returns the report document.
 
     Raises:
         InputError: a `--model` that is not a model directory, missing wheels, an `--output` that is not a
             demo directory (and not empty) without `--overwrite`.
     """
-    plan = plan or DemoPlan.for_device(max_steps)
+    plan = plan or DemoPlan.for_device(max_steps, seeds)
     methods = methods or (DEMO_METHODS if compare else DEFAULT_METHODS)
     if plan.dpo_steps == 0:  # a plan without DPO trains every method's SFT stage only
         methods = tuple(dataclasses.replace(method, stages="sft") for method in methods)
