@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=[], metavar="FIELD=N",
                         help="DemoSizes fields to change from the CPU plan's (e.g. sft_quick=0)")
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--ogpsa", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="OGPSAConfig fields to change (e.g. protect=activations activation_energy=0.7)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -43,6 +45,13 @@ def main() -> None:
         changes[field] = int(value)
     plan = dataclasses.replace(plan, data_sizes=dataclasses.replace(plan.data_sizes, **changes),
                                lambda_curves=False)
+    ogpsa = {}
+    for item in args.ogpsa:
+        field, _, value = item.partition("=")
+        ogpsa[field] = value if not value.replace(".", "", 1).isdigit() else (float(value) if "." in value
+                                                                              else int(value))
+    if ogpsa:
+        plan = dataclasses.replace(plan, ogpsa=dataclasses.replace(plan.ogpsa, **ogpsa))
     if args.learning_rate is not None:
         plan = dataclasses.replace(plan, learning_rate=args.learning_rate)
     report = run_demo(output=Path("runs") / f"demo-mix-{args.name}", plan=plan, methods=(Method("ogpsa"),))
