@@ -201,9 +201,15 @@ class OGPSACallback(TrainerCallback):
         self._pending[key] = self._pending.get(key, 0.0) + seconds  # step 0 and step 1 refreshes share a log line
         self._pending[f"{METRIC_PREFIX}reference_loss"] = reference_loss
         summary = subspace.summary()
-        logger.info("OGPSA refresh at step %d: k min/median/max %d/%g/%d over %d tensors (%d with k=0), "
-                    "reference loss %.4f, %.1f s", step, summary["k_min"], summary["k_median"], summary["k_max"],
-                    summary["tensors"], summary["k_zero"], reference_loss, seconds)
+        if self.config.protect != "activations":
+            logger.info("OGPSA refresh at step %d: k min/median/max %d/%g/%d over %d tensors (%d with k=0), "
+                        "reference loss %.4f, %.1f s", step, summary["k_min"], summary["k_median"], summary["k_max"],
+                        summary["tensors"], summary["k_zero"], reference_loss, seconds)
+        if self._input_bases:  # (m, d) rows per lora_A: m protected input directions of d
+            sizes = sorted(basis.shape[0] for _, basis in self._input_bases)
+            logger.info("OGPSA refresh at step %d: activation bases of %d lora_A tensors, protected input "
+                        "directions min/median/max %d/%d/%d (τ = %g), %.1f s", step, len(sizes), sizes[0],
+                        sizes[len(sizes) // 2], sizes[-1], self.config.activation_energy, seconds)
 
     def _gradient_subspace(self, model) -> Subspace:
         """The reference-gradient subspace, computed on rank 0 and broadcast to every rank."""
