@@ -24,7 +24,14 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import yaml
+
 from lora_ogpsa.demo import DemoPlan, Method, run_demo
+
+
+def _pairs(items: list[str]) -> dict:
+    """`FIELD=VALUE` arguments as a dict, each value read as YAML (`0.7` a float, `activations` a string)."""
+    return {field: yaml.safe_load(value) for field, _, value in (item.partition("=") for item in items)}
 
 
 def main() -> None:
@@ -39,17 +46,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     plan = DemoPlan.for_device()
-    changes = {}
-    for item in args.sizes:
-        field, _, value = item.partition("=")
-        changes[field] = int(value)
-    plan = dataclasses.replace(plan, data_sizes=dataclasses.replace(plan.data_sizes, **changes),
+    plan = dataclasses.replace(plan, data_sizes=dataclasses.replace(plan.data_sizes, **_pairs(args.sizes)),
                                lambda_curves=False)
-    ogpsa = {}
-    for item in args.ogpsa:
-        field, _, value = item.partition("=")
-        ogpsa[field] = value if not value.replace(".", "", 1).isdigit() else (float(value) if "." in value
-                                                                              else int(value))
+    ogpsa = _pairs(args.ogpsa)
     if ogpsa:
         plan = dataclasses.replace(plan, ogpsa=dataclasses.replace(plan.ogpsa, **ogpsa))
     if args.learning_rate is not None:
