@@ -68,6 +68,13 @@ VARIANTS = {
                               ogpsa={"protect": "activations", "activation_energy": 0.99}),
     "both-k8-act90-lookalike": Method("both-k8-act90-lookalike", stages="sft",
                                       ogpsa={"protect": "both", "max_directions": 8, "activation_energy": 0.9}),
+    "ogpsa-k8-lookalike-replay": Method("ogpsa-k8-lookalike-replay", stages="sft", ogpsa={"max_directions": 8},
+                                        projected_replay="reference_lookalike"),
+    "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
+                                      ogpsa={"protect": "activations", "activation_energy": 0.7,
+                                             "activation_positions": "opening"}),
+    "both-k8-act70-lookalike": Method("both-k8-act70-lookalike", stages="sft",
+                                      ogpsa={"protect": "both", "max_directions": 8, "activation_energy": 0.7}),
 }
 __doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference={m.reference}, {m.ogpsa}\n"
                    for name, m in VARIANTS.items())
@@ -82,6 +89,8 @@ short questions answered; `demo.run.CONTRASTIVE_SIZES`). Both with DPO pairs (un
 
 def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
+    if args.plan == "demo":  # `make demo`'s CPU plan exactly (its cached runs are reused), one seed per call
+        return dataclasses.replace(DemoPlan.for_device(), seed=seed, repeat_seeds=())
     return dataclasses.replace(
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length,
@@ -130,7 +139,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/tax"))
     parser.add_argument("--summary", type=Path, default=Path("experiments/results/alignment_tax.json"))
@@ -141,6 +150,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--plan", choices=("experiment", "demo"), default="experiment",
+                        help="`experiment`: the plan the options below set; `demo`: `make demo`'s CPU plan exactly "
+                             "(4-bit, its data mix, steps, λ = 0.5, evaluation sizes; the options below ignored), "
+                             "so that the demo's trained runs are reused")
     parser.add_argument("--data", choices=sorted(DATA_MIXES), default="contrastive",
                         help="the data mix (see DATA_MIXES)")
     parser.add_argument("--eval-tokens", type=int, default=24,
@@ -157,7 +170,13 @@ def main() -> None:
     parser.add_argument("--full-precision", action="store_true",
                         help="full-precision base (faster research sweeps on a CPU; confirm on 4-bit)")
     parser.add_argument("--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct")
-    args = parser.parse_args()
+    parser.add_argument("--cache-dir", help="where the embedded model and the built data live (as `lora-ogpsa demo "
+                                            "--cache-dir`; every run's fingerprint holds their paths)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     methods = tuple(VARIANTS[name] for name in args.variants)
@@ -169,7 +188,7 @@ def main() -> None:
         return
     for seed in args.seeds:  # the summary is rewritten after every seed: an interrupted run keeps what it did
         reports[seed] = run_demo(output=args.output / f"seed-{seed}", model=args.model, plan=plan(args, seed),
-                                 methods=methods, evaluation_cache=args.output / "evaluations")
+                                 methods=methods, cache_dir=args.cache_dir, evaluation_cache=args.output / "evaluations")
         table = write_summary(args, reports)
     print(table)
 

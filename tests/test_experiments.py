@@ -1,0 +1,32 @@
+"""The alignment-tax experiment's plans and variants are what they say (no training here)."""
+
+import dataclasses
+
+import pytest
+
+from experiments import alignment_tax
+from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.demo import DemoPlan
+
+
+@pytest.mark.parametrize("name", sorted(alignment_tax.VARIANTS))
+def test_every_variant_is_a_valid_configuration(name):
+    method = alignment_tax.VARIANTS[name]
+    assert method.name == name  # the run's directory, and the summary's row
+    args = alignment_tax.build_parser().parse_args(["--variants", name])
+    ogpsa = dataclasses.replace(alignment_tax.plan(args, 0).ogpsa, project=method.project, **method.ogpsa)
+    OGPSAConfig.from_dict(ogpsa.to_dict())  # raises on a field or value the config refuses
+
+
+def test_demo_plan_is_make_demos_cpu_plan_with_the_seed():
+    args = alignment_tax.build_parser().parse_args(["--plan", "demo", "--steps", "5", "--full-precision"])
+    got = alignment_tax.plan(args, 2)
+    assert got == dataclasses.replace(DemoPlan.for_device(), seed=2, repeat_seeds=())
+    assert got.quantize and got.sft_steps == DemoPlan().sft_steps  # the experiment's own options are ignored
+
+
+def test_experiment_plan_takes_its_options():
+    args = alignment_tax.build_parser().parse_args(["--steps", "5", "--full-precision", "--data", "demo"])
+    got = alignment_tax.plan(args, 1)
+    assert (got.sft_steps, got.quantize, got.seed, got.data_seed) == (5, False, 1, 0)
+    assert got.data_sizes == alignment_tax.DATA_MIXES["demo"]
