@@ -70,14 +70,17 @@ VARIANTS = {
                                       ogpsa={"protect": "both", "max_directions": 8, "activation_energy": 0.9}),
     "ogpsa-k8-lookalike-replay": Method("ogpsa-k8-lookalike-replay", stages="sft", ogpsa={"max_directions": 8},
                                         projected_replay="reference_lookalike"),
+    "ogpsa-k8-lookalike-replay50": Method("ogpsa-k8-lookalike-replay50", stages="sft", ogpsa={"max_directions": 8},
+                                          projected_replay="reference_lookalike", replay_fraction=0.5),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.7,
                                              "activation_positions": "opening"}),
     "both-k8-act70-lookalike": Method("both-k8-act70-lookalike", stages="sft",
                                       ogpsa={"protect": "both", "max_directions": 8, "activation_energy": 0.7}),
 }
-__doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference={m.reference}, {m.ogpsa}\n"
-                   for name, m in VARIANTS.items())
+__doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference={m.reference}, {m.ogpsa}"
+                   + (f", replay after the projection: {m.projected_replay} at F = {m.replay_fraction}"
+                      if m.projected_replay else "") + "\n" for name, m in VARIANTS.items())
 DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike", "act90-lookalike")
 
 

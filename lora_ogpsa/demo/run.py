@@ -143,6 +143,8 @@ class Method:
     """OGPSAConfig fields overriding the plan's"""
     projected_replay: str | None = None
     """a demo data set whose gradient OGPSA adds after the projection (`--replay`), e.g. `reference_lookalike`"""
+    replay_fraction: float = 0.25
+    """`--replay-fraction` of `projected_replay`"""
     reference: str = "reference_lookalike"
     """the demo data set OGPSA protects (and replay mixes in): `reference` (ordinary requests) or
     `reference_lookalike` (plus dangerous-sounding benign prompts, with the base model's answers)"""
@@ -273,7 +275,8 @@ def _method_settings(method: Method, model_path: Path, data, plan: DemoPlan, out
                          learning_rate=plan.learning_rate,
                          dpo_learning_rate=plan.dpo_learning_rate, seed=plan.seed, max_length=plan.max_length,
                          lora_r=plan.lora_r, quantize=plan.quantize, overwrite=True, logging_steps=1, ogpsa=ogpsa,
-                         replay=str(data.path(method.projected_replay)) if method.projected_replay else None)
+                         replay=str(data.path(method.projected_replay)) if method.projected_replay else None,
+                         replay_fraction=method.replay_fraction)
 
 
 def _replay_data(data, reference: str, output: Path, seed: int) -> Path:
