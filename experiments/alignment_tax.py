@@ -93,12 +93,14 @@ short questions answered; `demo.run.CONTRASTIVE_SIZES`). Both with DPO pairs (un
 def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     if args.plan == "demo":  # `make demo`'s CPU plan exactly (its cached runs are reused), one seed per call
-        return dataclasses.replace(DemoPlan.for_device(), seed=seed, repeat_seeds=())
+        demo = dataclasses.replace(DemoPlan.for_device(), seed=seed, repeat_seeds=())
+        return dataclasses.replace(demo, lambdas=tuple(args.lambdas)) if args.lambdas else demo
     return dataclasses.replace(
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length,
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
-        eval_max_new_tokens=args.eval_tokens, quantize=not args.full_precision, lambdas=LAMBDAS,
+        eval_max_new_tokens=args.eval_tokens, quantize=not args.full_precision,
+        lambdas=tuple(args.lambdas or LAMBDAS),
         dpo_steps=8, dpo_save_steps=4,  # unused by these SFT variants, but in every run's fingerprint: pinned
         data_sizes=DATA_MIXES[args.data],
         # sketch_rows 32 (exact at S = 32): the default before it became 2k, pinned so the cached runs stay valid
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="new tokens of the refusal responses (16 gives the same verdicts: experiments.refusal_tokens)")
     parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
     parser.add_argument("--eval-utility", type=int, default=64, help="utility questions evaluated (of 136)")
+    parser.add_argument("--lambdas", nargs="+", type=float,
+                        help="the λ-curves' points besides 0 and 1 (the plan's by default: 0.25 0.5 0.75, the demo "
+                             "plan's 0.5); above 1 the final delta is amplified, continuing the curve past it")
     parser.add_argument("--levels", nargs="+", type=float, default=list(SAFETY_LEVELS),
                         help="HarmBench refusal levels at which the tax is read")
     parser.add_argument("--summarise-only", action="store_true",

@@ -245,3 +245,17 @@ def test_evaluator_folds_the_scaled_delta_into_the_weights_and_restores_the_base
     assert torch.allclose(seen[0], expected, atol=1e-5)
     assert not torch.allclose(seen[0], seen[1], atol=1e-3)  # the delta did change the model
     assert torch.allclose(seen[1], load_base_model(tiny_model_dir, quantize=False)(tokens).logits, atol=1e-6)
+
+
+def test_lambda_curve_is_in_lambda_order_and_may_go_past_the_final_adapter(tmp_path):
+    class Scales(Evaluator):  # records the scale each point was evaluated at; no model
+        def __init__(self):
+            pass
+
+        def evaluate(self, adapter, label, *, merged=False, scale=1.0):
+            return {"scale": scale, "label": label}
+
+    curve = Scales().lambda_curve(tmp_path, {"scale": 0.0}, {"scale": 1.0}, (1.5, 0.5))
+    assert [point["lambda"] for point in curve] == [0.0, 0.5, 1.0, 1.5]
+    assert [point["scale"] for point in curve] == [0.0, 0.5, 1.0, 1.5]
+    assert [point["label"] for point in curve] == ["λ=0", "λ=0.5", "λ=1", "λ=1.5"]

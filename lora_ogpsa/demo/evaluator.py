@@ -43,9 +43,11 @@ class Evaluator:
 
     def lambda_curve(self, run_dir: Path, base: dict[str, Any], final: dict[str, Any],
                      lambdas: tuple[float, ...] = LAMBDAS) -> list[dict[str, Any]]:
-        """The final adapter with its delta scaled by λ ∈ {0, *lambdas, 1}: no retraining."""
+        """The final adapter with its delta scaled by λ ∈ {0, *lambdas, 1}, in λ order: no retraining. A λ above 1
+        amplifies the delta (the curve continues past the trained model)."""
         inner = [{**self.evaluate(run_dir, f"λ={scale:g}", scale=scale), "lambda": scale} for scale in lambdas]
-        return [{**base, "label": "λ=0", "lambda": 0.0}, *inner, {**final, "label": "λ=1", "lambda": 1.0}]
+        ends = [{**base, "label": "λ=0", "lambda": 0.0}, {**final, "label": "λ=1", "lambda": 1.0}]
+        return sorted([*ends, *inner], key=lambda point: point["lambda"])
 
     def evaluate(self, adapter: Path | None, label: str, *, merged: bool = False, scale: float = 1.0) -> dict[str, Any]:
         """Metrics of base (+ adapter · scale), or of a merged model directory; cached."""
