@@ -72,6 +72,8 @@ VARIANTS = {
                                         projected_replay="reference_lookalike"),
     "ogpsa-k8-lookalike-replay50": Method("ogpsa-k8-lookalike-replay50", stages="sft", ogpsa={"max_directions": 8},
                                           projected_replay="reference_lookalike", replay_fraction=0.5),
+    "plain-align": Method("plain-align", project="none", stages="align"),
+    "ogpsa-k8-lookalike-align": Method("ogpsa-k8-lookalike-align", stages="align", ogpsa={"max_directions": 8}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.7,
                                              "activation_positions": "opening"}),
@@ -94,6 +96,9 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     if args.plan == "demo":  # `make demo`'s CPU plan exactly (its cached runs are reused), one seed per call
         demo = dataclasses.replace(DemoPlan.for_device(), seed=seed, repeat_seeds=())
+        if args.dpo_steps:  # SFT then DPO (the `-align` variants), on the demo's mix with its DPO pairs built
+            demo = dataclasses.replace(demo, dpo_steps=args.dpo_steps, dpo_save_steps=args.dpo_steps,
+                                       data_sizes=CONTRASTIVE_SIZES)
         return dataclasses.replace(demo, lambdas=tuple(args.lambdas)) if args.lambdas else demo
     return dataclasses.replace(
         DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="`experiment`: the plan the options below set; `demo`: `make demo`'s CPU plan exactly "
                              "(4-bit, its data mix, steps, λ = 0.5, evaluation sizes; the options below ignored), "
                              "so that the demo's trained runs are reused")
+    parser.add_argument("--dpo-steps", type=int, default=0,
+                        help="with --plan demo: a DPO stage of this many steps after SFT for the `-align` variants "
+                             "(the demo's mix with its DPO pairs; one checkpoint, at the end)")
     parser.add_argument("--data", choices=sorted(DATA_MIXES), default="contrastive",
                         help="the data mix (see DATA_MIXES)")
     parser.add_argument("--eval-tokens", type=int, default=24,

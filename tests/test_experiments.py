@@ -30,3 +30,11 @@ def test_experiment_plan_takes_its_options():
     got = alignment_tax.plan(args, 1)
     assert (got.sft_steps, got.quantize, got.seed, got.data_seed) == (5, False, 1, 0)
     assert got.data_sizes == alignment_tax.DATA_MIXES["demo"]
+
+
+def test_demo_plan_with_a_dpo_stage_builds_the_pairs():
+    args = alignment_tax.build_parser().parse_args(["--plan", "demo", "--dpo-steps", "12"])
+    got = alignment_tax.plan(args, 0)
+    assert (got.dpo_steps, got.dpo_save_steps) == (12, 12)
+    assert got.data_sizes.dpo_pairs > 0 and got.data_sizes.dpo_lookalike > 0
+    assert alignment_tax.VARIANTS["plain-align"].stages == "align"
