@@ -112,8 +112,9 @@ def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
         ogpsa=OGPSAConfig(max_directions=8, refresh_every=10, reference_examples=32, sketch_rows=32))
 
 
-def merged_report(paths: list[Path]) -> dict:
-    """One seed's report from the reports of processes that trained different variants on the same plan."""
+def merged_report(paths: list[Path], variants: list[str]) -> dict:
+    """One seed's report of `variants` (and the base) from the reports of processes that trained different
+    variants on the same plan."""
     report: dict = {}
     found = [path for path in paths if path.is_file()]  # a process may have trained only some seeds
     if not found:
@@ -121,7 +122,11 @@ def merged_report(paths: list[Path]) -> dict:
     for path in found:
         part = json.loads(path.read_text())
         for key in ("models", "trajectories", "lambda_curves"):
-            report.setdefault(key, {}).update(part[key])
+            report.setdefault(key, {}).update({name: value for name, value in part[key].items()
+                                               if name in variants or name == "base"})
+    missing = sorted(set(variants) - set(report["models"]))
+    if missing:
+        raise SystemExit(f"no report of {', '.join(missing)} among {', '.join(map(str, found))}")
     return report
 
 
@@ -199,7 +204,8 @@ def main() -> None:
     reports: dict[int, dict] = {}
     if args.summarise_only:  # e.g. seeds or variants trained by several processes side by side
         reports = {seed: merged_report([output / f"seed-{seed}" / "report.json"
-                                        for output in (args.output, *args.also)]) for seed in args.seeds}
+                                        for output in (args.output, *args.also)], args.variants)
+                   for seed in args.seeds}
         print(write_summary(args, reports))
         return
     for seed in args.seeds:  # the summary is rewritten after every seed: an interrupted run keeps what it did

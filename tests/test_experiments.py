@@ -1,6 +1,7 @@
 """The alignment-tax experiment's plans and variants are what they say (no training here)."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -38,3 +39,18 @@ def test_demo_plan_with_a_dpo_stage_builds_the_pairs():
     assert (got.dpo_steps, got.dpo_save_steps) == (12, 12)
     assert got.data_sizes.dpo_pairs > 0 and got.data_sizes.dpo_lookalike > 0
     assert alignment_tax.VARIANTS["plain-align"].stages == "align"
+
+
+def test_merged_report_keeps_the_variants_asked_and_says_which_are_missing(tmp_path):
+    def write(directory, names):
+        (tmp_path / directory).mkdir()
+        part = {key: {name: {"of": name} for name in ("base", *names)}
+                for key in ("models", "trajectories", "lambda_curves")}
+        (tmp_path / directory / "report.json").write_text(json.dumps(part))
+        return tmp_path / directory / "report.json"
+
+    paths = [write("a", ["plain", "screen"]), write("b", ["replay"]), tmp_path / "absent" / "report.json"]
+    merged = alignment_tax.merged_report(paths, ["plain", "replay"])
+    assert all(set(merged[key]) == {"base", "plain", "replay"} for key in ("models", "trajectories", "lambda_curves"))
+    with pytest.raises(SystemExit, match="no report of ogpsa"):
+        alignment_tax.merged_report(paths, ["plain", "ogpsa"])
