@@ -11,6 +11,8 @@ in every seed is absent. Results are cached: rerunning with more variants or see
 
     python -m experiments.alignment_tax --seeds 0 1 2                        # the default variant set
     python -m experiments.alignment_tax --seeds 0 --variants plain ogpsa-k8 --output runs/tax-quick
+    python -m experiments.alignment_tax --plan demo --seeds 0 1 2 --lambdas 0.5 1.5 \
+        --variants plain ogpsa-k8-lookalike replay-lookalike ogpsa-k8-lookalike-replay  # make demo's plan, 4-bit
 
 Writes `--output/seed-N/` (each a demo directory with report.json) and `--summary` (default
 experiments/results/alignment_tax.json, plus the Markdown table next to it).
