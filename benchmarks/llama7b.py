@@ -37,7 +37,7 @@ def build_model(layers: int, device: torch.device, *, rank: int, checkpointing: 
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_ogpsa.model import attach_lora, disable_cpu_repack_, lora_config, lora_parameters
+    from lora_ogpsa.models.loading import attach_lora, disable_cpu_repack_, lora_config, lora_parameters
 
     torch.manual_seed(seed)
     config = LlamaConfig(**LLAMA_7B, num_hidden_layers=layers)
@@ -115,7 +115,7 @@ def _train_step(model, optimizer, batch, callback=None) -> None:
 
 def measure(layers: int, device: torch.device, workload: Workload, *, checkpointing: bool,
             reference_batch: int) -> dict:
-    from lora_ogpsa.callback import OGPSACallback
+    from lora_ogpsa.callback.router import OGPSACallback
     from lora_ogpsa.config import OGPSAConfig
 
     memory = _Memory(device)
@@ -135,10 +135,10 @@ def measure(layers: int, device: torch.device, workload: Workload, *, checkpoint
                                         optimizer=optimizer))
     _, update_mb, update_seconds = memory.measure(lambda: _train_step(model, optimizer, batch, callback))
     grads = {name: torch.randn_like(parameter) for name, parameter in parameters.items()}
-    before = callback._stacked.snapshot(parameters)
+    before = callback.projection.stacked.snapshot(parameters)
     projection = {
-        "update": _timed(device, lambda: callback._stacked.project_change_(parameters, before)),
-        "grad": _timed(device, lambda: callback._stacked.project_(grads)),
+        "update": _timed(device, lambda: callback.projection.stacked.project_change_(parameters, before)),
+        "grad": _timed(device, lambda: callback.projection.stacked.project_(grads)),
     }
     lora = sum(parameter.numel() for parameter in parameters.values())
     return {"layers": layers, "lora_parameters": lora, "load_mb": load_mb, "load_seconds": load_seconds,

@@ -31,8 +31,8 @@ TARGET_RATIO = 1.25  # issue 16: update-mode peak ≤ 1.25 × plain's
 
 def _exact_collect(model, batches, parameters, *, rows, progress):
     """The refresh before the sketch: every sample held (S × n × 4 bytes), then `compute_subspace`."""
-    from lora_ogpsa.reference import collect_reference_samples
-    from lora_ogpsa.subspace import compute_subspace
+    from lora_ogpsa.core.subspace import compute_subspace
+    from lora_ogpsa.signals.reference import collect_reference_samples
 
     samples, losses = collect_reference_samples(model, batches, parameters, progress=progress)
 
@@ -47,14 +47,14 @@ def child(mode: str, model_path: str, workload: Workload, exact: bool) -> dict:
     """In the subprocess: load, reset the peak, refresh, reset the peak, 3 steps; returns what it measured."""
     import torch
 
-    import lora_ogpsa.callback
+    import lora_ogpsa.callback.basis
     from benchmarks.overhead import _Args, _step
     from benchmarks.workload import build_model, reference_batches, training_batch
-    from lora_ogpsa.callback import OGPSACallback
+    from lora_ogpsa.callback.router import OGPSACallback
     from lora_ogpsa.config import OGPSAConfig
 
     if exact:
-        lora_ogpsa.callback.collect_reference_sketch = _exact_collect
+        lora_ogpsa.callback.basis.collect_reference_sketch = _exact_collect
     model, parameters = build_model(model_path, quantize=True, rank=workload.rank)
     device = next(model.parameters()).device
     memory = PeakMemory(device)

@@ -37,8 +37,8 @@ def build_inputs(root: Path, size: dict) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lora_ogpsa.model import load_base_model
-    from lora_ogpsa.tiny import save_tiny_model
+    from lora_ogpsa.models.loading import load_base_model
+    from lora_ogpsa.testing.tiny import save_tiny_model
 
     base = save_tiny_model(root / "base", hidden=size["hidden"], layers=size["layers"],
                            max_shard_size=size["max_shard_size"])
@@ -69,7 +69,7 @@ def child(kind: str, audit: bool, base: Path, adapter: Path, output: Path) -> No
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_ogpsa.merge import merge_adapter
+    from lora_ogpsa.export.merge import merge_adapter
 
     baseline = rss_mb("VmRSS")
     peak_reset = reset_peak_rss()

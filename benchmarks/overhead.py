@@ -24,9 +24,9 @@ import torch
 
 from benchmarks.common import parser, table, write_json
 from benchmarks.workload import QUICK, Workload, build_model, resolve_model, synchronize, training_batch
-from lora_ogpsa.callback import OGPSACallback
+from lora_ogpsa.callback.router import OGPSACallback
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.subspace import compute_subspace
+from lora_ogpsa.core.subspace import compute_subspace
 
 MODES = ("none", "update", "grad", "authors")
 

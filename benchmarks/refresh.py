@@ -29,8 +29,8 @@ from benchmarks.workload import (
     synchronize,
     training_batch,
 )
-from lora_ogpsa.reference import collect_reference_samples, collect_reference_sketch, example_losses
-from lora_ogpsa.subspace import compute_subspace
+from lora_ogpsa.core.subspace import compute_subspace
+from lora_ogpsa.signals.reference import collect_reference_samples, collect_reference_sketch, example_losses
 
 INTERVALS = (10, 20, 50, 100)
 EXAMPLES = (16, 32, 64)
@@ -67,7 +67,7 @@ def single_example_passes(model, parameters, batches) -> float:
 
 
 def _split(batch):
-    from lora_ogpsa.reference import ReferenceBatch
+    from lora_ogpsa.signals.reference import ReferenceBatch
 
     return [ReferenceBatch(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1], batch.loss_weights[i:i + 1])
             for i in range(batch.input_ids.shape[0])]

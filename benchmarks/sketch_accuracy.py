@@ -39,13 +39,13 @@ def main() -> None:
     arguments.add_argument("--k", type=int, default=8)
     args = arguments.parse_args()
     from lora_ogpsa.config import OGPSAConfig
+    from lora_ogpsa.core.sketch import GradientSketch
+    from lora_ogpsa.core.subspace import compute_subspace
     from lora_ogpsa.demo.assets import ensure_default_model
     from lora_ogpsa.demo.data import build_demo_data
-    from lora_ogpsa.model import load_tokenizer
-    from lora_ogpsa.reference import build_reference_set, collect_reference_samples
-    from lora_ogpsa.sketch import GradientSketch
-    from lora_ogpsa.subspace import compute_subspace
-    from lora_ogpsa.tiny import randomise_lora_b_
+    from lora_ogpsa.models.loading import load_tokenizer
+    from lora_ogpsa.signals.reference import build_reference_set, collect_reference_samples
+    from lora_ogpsa.testing.tiny import randomise_lora_b_
 
     path = resolve_model(args.model, args.quick)
     model, parameters = build_model(path, quantize=True, rank=16)

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.common import median_seconds, parser, table, write_json
 from lora_ogpsa import compute_subspace
-from lora_ogpsa.projector import StackedBasis
+from lora_ogpsa.core.projector import StackedBasis
 
 HIDDEN, INTERMEDIATE, KV, LAYERS = 576, 1536, 192, 30
 MODULES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.data import TokenizedExample
-from lora_ogpsa.model import attach_lora, load_base_model, lora_config, lora_parameters
-from lora_ogpsa.reference import ReferenceBatch, make_batches
+from lora_ogpsa.data.rows import TokenizedExample
+from lora_ogpsa.models.loading import attach_lora, load_base_model, lora_config, lora_parameters
+from lora_ogpsa.signals.reference import ReferenceBatch, make_batches
 
 
 @dataclass
@@ -39,7 +39,7 @@ def resolve_model(model: str | None, quick: bool) -> Path:
     if model:
         return Path(model)
     if quick:
-        from lora_ogpsa.tiny import save_tiny_model
+        from lora_ogpsa.testing.tiny import save_tiny_model
 
         return save_tiny_model(Path(tempfile.mkdtemp(prefix="bench-")) / "tiny")
     from lora_ogpsa.demo.assets import ensure_default_model

@@ -15,7 +15,7 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_ogpsa.merge import merge_adapter
+from lora_ogpsa.export.merge import merge_adapter
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--adapter", required=True)

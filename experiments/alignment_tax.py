@@ -33,15 +33,15 @@ from pathlib import Path
 # Everything a run needs is imported now: the code a long experiment runs is the code it started with, even
 # if the files change meanwhile (a lazy import half-way would mix two versions).
 import lora_ogpsa.demo.evaluator
-import lora_ogpsa.merge
-import lora_ogpsa.train  # noqa: F401
+import lora_ogpsa.export.merge
+import lora_ogpsa.train.run  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.demo import DemoPlan, Method, run_demo
 from lora_ogpsa.demo.evaluator import LAMBDAS
-from lora_ogpsa.demo.report import SAFETY_LEVELS, across_seeds
-from lora_ogpsa.demo.run import CONTRASTIVE_SIZES
 from lora_ogpsa.demo.splits import DemoSizes
-from lora_ogpsa.files import write_json
+from lora_ogpsa.experiment.plan import CONTRASTIVE_SIZES, Method, Plan
+from lora_ogpsa.experiment.run import run_demo
+from lora_ogpsa.experiment.stats import SAFETY_LEVELS, across_seeds
+from lora_ogpsa.utils.files import write_json
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
 ORDINARY = "reference"  # the reference set without the dangerous-sounding prompts
@@ -50,7 +50,7 @@ VARIANTS = {
     "replay": Method("replay", project="none", replay=True, stages="sft", reference=ORDINARY),
     "replay-lookalike": Method("replay-lookalike", project="none", replay=True, stages="sft"),
     "ogpsa-k8": Method("ogpsa-k8", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY),
-    "ogpsa-k8-replay": Method("ogpsa-k8-replay", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY,
+    "ogpsa-k8-replay": Method("ogpsa-k8-replay", project="grad", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY,
                               projected_replay="reference_lookalike"),
     "ogpsa-k8-lookalike": Method("ogpsa-k8-lookalike", stages="sft", ogpsa={"max_directions": 8}),
     "grad-k8": Method("grad-k8", project="grad", stages="sft", ogpsa={"max_directions": 8}, reference=ORDINARY),
@@ -70,9 +70,9 @@ VARIANTS = {
                               ogpsa={"protect": "activations", "activation_energy": 0.99}),
     "both-k8-act90-lookalike": Method("both-k8-act90-lookalike", stages="sft",
                                       ogpsa={"protect": "both", "max_directions": 8, "activation_energy": 0.9}),
-    "ogpsa-k8-lookalike-replay": Method("ogpsa-k8-lookalike-replay", stages="sft", ogpsa={"max_directions": 8},
+    "ogpsa-k8-lookalike-replay": Method("ogpsa-k8-lookalike-replay", project="grad", stages="sft", ogpsa={"max_directions": 8},
                                         projected_replay="reference_lookalike"),
-    "ogpsa-k8-lookalike-replay50": Method("ogpsa-k8-lookalike-replay50", stages="sft", ogpsa={"max_directions": 8},
+    "ogpsa-k8-lookalike-replay50": Method("ogpsa-k8-lookalike-replay50", project="grad", stages="sft", ogpsa={"max_directions": 8},
                                           projected_replay="reference_lookalike", replay_fraction=0.5),
     "plain-align": Method("plain-align", project="none", stages="align"),
     "ogpsa-k8-lookalike-align": Method("ogpsa-k8-lookalike-align", stages="align", ogpsa={"max_directions": 8}),
@@ -91,19 +91,19 @@ DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike", "act90-lookalike
 DATA_MIXES = {"contrastive": DemoSizes(), "demo": CONTRASTIVE_SIZES}
 """`--data`: `contrastive`, the first contrastive mix (192 Do-Not-Answer refusals, 64 ordinary and 64
 look-alike answers); `demo`, the demo's mix (also 70 imperative-form refusals, 106 look-alike answers, 56
-short questions answered; `demo.run.CONTRASTIVE_SIZES`). Both with DPO pairs (unused by SFT variants)."""
+short questions answered; `experiment.plan.CONTRASTIVE_SIZES`). Both with DPO pairs (unused by SFT variants)."""
 
 
-def plan(args: argparse.Namespace, seed: int) -> DemoPlan:
+def plan(args: argparse.Namespace, seed: int) -> Plan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     if args.plan == "demo":  # `make demo`'s CPU plan exactly (its cached runs are reused), one seed per call
-        demo = dataclasses.replace(DemoPlan.for_device(), seed=seed, repeat_seeds=())
+        demo = dataclasses.replace(Plan.demo(), seed=seed, repeat_seeds=())
         if args.dpo_steps:  # SFT then DPO (the `-align` variants), on the demo's mix with its DPO pairs built
             demo = dataclasses.replace(demo, dpo_steps=args.dpo_steps, dpo_save_steps=args.dpo_steps,
                                        data_sizes=CONTRASTIVE_SIZES)
         return dataclasses.replace(demo, lambdas=tuple(args.lambdas)) if args.lambdas else demo
     return dataclasses.replace(
-        DemoPlan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
+        Plan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length,
         seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
         eval_max_new_tokens=args.eval_tokens, quantize=not args.full_precision,

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from lora_ogpsa.demo import DemoPlan, Method, run_demo
+from lora_ogpsa.experiment.plan import Method, Plan
+from lora_ogpsa.experiment.run import run_demo
 
 
 def _pairs(items: list[str]) -> dict:
@@ -45,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    plan = DemoPlan.for_device()
+    plan = Plan.demo()
     plan = dataclasses.replace(plan, data_sizes=dataclasses.replace(plan.data_sizes, **_pairs(args.sizes)),
                                lambda_curves=False)
     ogpsa = _pairs(args.ogpsa)

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.data import read_rows, tokenize_rows
-from lora_ogpsa.model import load_adapter, load_base_model, load_tokenizer, lora_parameters
-from lora_ogpsa.reference import collect_reference_samples, make_batches
-from lora_ogpsa.subspace import compute_subspace
+from lora_ogpsa.core.subspace import compute_subspace
+from lora_ogpsa.data.rows import read_rows, tokenize_rows
+from lora_ogpsa.models.loading import load_adapter, load_base_model, load_tokenizer, lora_parameters
+from lora_ogpsa.signals.reference import collect_reference_samples, make_batches
 
 
 def main() -> None:

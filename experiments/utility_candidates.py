@@ -24,9 +24,9 @@ from typing import Any
 from lora_ogpsa.demo.assets import ensure_default_model
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS_FLAT
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
-from lora_ogpsa.evaluate import check_answer, generate
-from lora_ogpsa.model import load_base_model, load_tokenizer
-from lora_ogpsa.prompt_sets import UtilityItem
+from lora_ogpsa.eval.generation import check_answer, generate
+from lora_ogpsa.eval.prompts import UtilityItem
+from lora_ogpsa.models.loading import load_base_model, load_tokenizer
 
 U = UtilityItem
 CANDIDATES_BY_CATEGORY: dict[str, tuple[UtilityItem, ...]] = {

@@ -9,8 +9,8 @@ import logging
 from typing import Any
 
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.projector import project_out
-from lora_ogpsa.subspace import Subspace, compute_subspace
+from lora_ogpsa.core.projector import project_out
+from lora_ogpsa.core.subspace import Subspace, compute_subspace
 
 __all__ = ["OGPSACallback", "OGPSAConfig", "ReferenceSet", "Subspace", "build_reference_set", "compute_subspace",
            "project_out"]
@@ -30,11 +30,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernel
 
 def __getattr__(name: str) -> Any:
     if name == "OGPSACallback":
-        from lora_ogpsa.callback import OGPSACallback
+        from lora_ogpsa.callback.router import OGPSACallback
 
         return OGPSACallback
     if name in ("ReferenceSet", "build_reference_set"):
-        from lora_ogpsa import reference
-
+        from lora_ogpsa.signals import reference
         return getattr(reference, name)
     raise AttributeError(f"module 'lora_ogpsa' has no attribute {name!r}")

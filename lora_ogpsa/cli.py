@@ -8,9 +8,12 @@ field), 1 any other failure, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import difflib
 import logging
 import sys
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,8 +21,8 @@ from typing import Any
 
 from trl import TrlParser
 
-from lora_ogpsa.arguments import dataclass_types
-from lora_ogpsa.errors import InputError
+from lora_ogpsa.train.arguments import OURS, dataclass_types
+from lora_ogpsa.utils.errors import InputError
 
 logger = logging.getLogger("lora_ogpsa")
 
@@ -37,13 +40,20 @@ class _Parser(TrlParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise InputError(f"{message} (see `{self.prog} --help`)")
 
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, item: dataclasses.Field) -> None:
+        """argparse gets every metadata key as a keyword; ours (`train.arguments.option`) stays out."""
+        if OURS in item.metadata:
+            item = copy.copy(item)
+            item.metadata = types.MappingProxyType({k: v for k, v in item.metadata.items() if k != OURS})
+        TrlParser._parse_dataclass_field(parser, item)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser (one subparser per command)."""
     from lora_ogpsa import __version__
-
     parser = _Parser(prog=PROG, description="Safety alignment with LoRA/QLoRA and OGPSA (orthogonal gradient "
-                                             "projection): safer without the alignment tax.")
+                                             "projection) of the safety updates away from a reference subspace.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--log-level", dest="console_log_level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="what the console shows (before the command)")
@@ -196,26 +206,24 @@ def _config_keys(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]
 # ---- commands ----
 
 def _training_settings(args: argparse.Namespace):
-    from lora_ogpsa.arguments import to_train_settings
+    from lora_ogpsa.train.settings import to_train_settings
 
     defaults = vars(_subparser(build_parser(), args.command).parse_args([]))  # before --config's values
     return to_train_settings(args.command, vars(args), defaults)
 
 
 def _run_training(args: argparse.Namespace) -> None:
-    from lora_ogpsa import train
-
+    from lora_ogpsa.train import run as train
     settings = _training_settings(args)
     runner = {"sft": train.run_sft, "dpo": train.run_dpo, "align": train.run_align}[args.command]
     output = runner(settings)
-    from lora_ogpsa import distributed
-
+    from lora_ogpsa.signals import distributed
     if distributed.is_main():
         print(f"adapter written to {output}")
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from lora_ogpsa.export import export_adapter
+    from lora_ogpsa.export.adapter import export_adapter
 
     _require(args, "adapter", "output")
     output = export_adapter(Path(args.adapter), Path(args.output), include_subspace=not args.no_subspace,
@@ -225,7 +233,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
 def _run_merge(args: argparse.Namespace) -> None:
     _require(args, "model", "adapter", "output")
-    from lora_ogpsa.merge import merge_adapter
+    from lora_ogpsa.export.merge import merge_adapter
 
     report = merge_adapter(args.model, args.adapter, args.output, base=args.base, dtype=args.dtype,
                            audit=not args.no_audit)
@@ -238,8 +246,8 @@ def _run_merge(args: argparse.Namespace) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     _require(args, "model", "prompts", "output")
     from lora_ogpsa.demo.splits import BUILTIN_SUITES
-    from lora_ogpsa.eval_run import run_eval, samples_path
-    from lora_ogpsa.prompt_sets import load_prompts
+    from lora_ogpsa.eval.prompts import load_prompts
+    from lora_ogpsa.eval.run import run_eval, samples_path
 
     result = run_eval(args.model, load_prompts(args.prompts, BUILTIN_SUITES), args.output, adapter_dir=args.adapter,
                       quantize=args.quantize, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -250,8 +258,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from lora_ogpsa.demo.report import final_table, matched_table
-    from lora_ogpsa.demo.run import run_demo
+    from lora_ogpsa.experiment.report import final_table, matched_table
+    from lora_ogpsa.experiment.run import run_demo
 
     report = run_demo(output=Path(args.output), compare=args.compare, max_steps=args.max_steps, model=args.model,
                       cache_dir=args.cache_dir, overwrite=args.overwrite, seeds=args.seeds)
@@ -275,8 +283,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def _configure_logging(level: str) -> None:
-    from lora_ogpsa import distributed
-
+    from lora_ogpsa.signals import distributed
     if not distributed.is_main() and level in ("DEBUG", "INFO"):
         level = "WARNING"  # several processes: one voice
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

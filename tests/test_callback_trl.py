@@ -64,7 +64,7 @@ class _ReplayCheck(TrainerCallback):
         self.ogpsa, self.batches, self.weight, self.errors, self.sizes = ogpsa, replay_batches, weight, [], []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        from lora_ogpsa.reference import example_losses
+        from lora_ogpsa.signals.reference import example_losses
 
         names = list(self.ogpsa._parameters)
         parameters = [self.ogpsa._parameters[name] for name in names]
@@ -84,7 +84,7 @@ class _ReplayCheck(TrainerCallback):
 def test_replay_gradient_is_added_after_the_projection(tiny_model_dir, data_files, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    config = OGPSAConfig(max_directions=4, reference_examples=8, refresh_every=0)
+    config = OGPSAConfig(max_directions=4, reference_examples=8, refresh_every=0, project="grad")
     replay = build_reference_set(data_files["reference"], tokenizer,
                                  OGPSAConfig(reference_examples=12, reference_batch_size=3), max_length=64)
     ogpsa = OGPSACallback(config, build_reference_set(data_files["reference"], tokenizer, config, max_length=64),

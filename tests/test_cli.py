@@ -132,11 +132,11 @@ def test_epochs_target_modules_tensorboard_and_console_lines(tiny_model_dir, dat
 
 
 def test_demo_seeds_flag_sets_the_repeat_seeds_and_refuses_zero(tmp_path, capsys):
-    from lora_ogpsa.demo import DemoPlan
+    from lora_ogpsa.experiment.plan import Plan
 
     assert parse_args(["demo", "--seeds", "3"]).seeds == 3
-    assert DemoPlan.for_device(seeds=3).repeat_seeds == (1, 2)
-    assert DemoPlan.for_device(seeds=1).repeat_seeds == ()
+    assert Plan.demo(seeds=3).repeat_seeds == (1, 2)
+    assert Plan.demo(seeds=1).repeat_seeds == ()
     output = tmp_path / "demo"
     assert main(["demo", "--seeds", "0", "--output", str(output)]) == 2
     assert "--seeds must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -6,9 +6,9 @@ import logging
 import pytest
 from datasets import Dataset
 
-from lora_ogpsa.data import fingerprint, read_rows, tokenize_prompt_completion, tokenize_rows
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.tiny import build_tokenizer
+from lora_ogpsa.data.rows import fingerprint, read_rows, tokenize_prompt_completion, tokenize_rows
+from lora_ogpsa.testing.tiny import build_tokenizer
+from lora_ogpsa.utils.errors import InputError
 
 USER = {"role": "user", "content": "What is two plus two?"}
 ASSISTANT = {"role": "assistant", "content": "Four."}
@@ -86,7 +86,7 @@ def test_tokenization_matches_trl_sft_trainer(tmp_path, conversational):
     """The reference loss must be the same NLL the SFT trainer optimises: same ids, same loss mask."""
     from trl import SFTConfig, SFTTrainer
 
-    from lora_ogpsa.tiny import save_tiny_model
+    from lora_ogpsa.testing.tiny import save_tiny_model
 
     save_tiny_model(tmp_path / "model")
     tokenizer = build_tokenizer()

@@ -4,18 +4,21 @@ paths) and, briefly, on the real SmolLM2-135M-Instruct (a handful of steps)."""
 import dataclasses
 import importlib.util
 import json
+import shutil
 
 import pytest
 
-from lora_ogpsa import train
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.demo import DemoPlan, run_demo
 from lora_ogpsa.demo import data as demo_data
-from lora_ogpsa.demo import run as demo
 from lora_ogpsa.demo.assets import default_cache_dir
 from lora_ogpsa.demo.evaluator import Evaluator
 from lora_ogpsa.demo.splits import DemoSizes
-from lora_ogpsa.errors import InputError
+from lora_ogpsa.experiment import run as demo
+from lora_ogpsa.experiment.cache import _NoRows, run_fingerprint
+from lora_ogpsa.experiment.plan import Method, Plan
+from lora_ogpsa.experiment.run import run_demo
+from lora_ogpsa.train import run as train
+from lora_ogpsa.utils.errors import InputError
 
 METRICS = ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate", "utility_accuracy",
            "benign_nll")
@@ -26,8 +29,8 @@ TINY_SIZES = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=6, harmfu
                        benign_eval=2, sft_lookalike=3, dpo_lookalike=2, reference_lookalike=2)
 
 
-def small_plan(**changes) -> DemoPlan:
-    plan = DemoPlan(sft_steps=2, dpo_steps=1, save_steps=1, dpo_save_steps=1, batch_size=4, dpo_batch_size=2,
+def small_plan(**changes) -> Plan:
+    plan = Plan(sft_steps=2, dpo_steps=1, save_steps=1, dpo_save_steps=1, batch_size=4, dpo_batch_size=2,
                     max_length=64, eval_harmful=4, eval_benign=4, eval_utility=4, eval_max_new_tokens=4,
                     eval_batch_size=8, data_sizes=TINY_SIZES, lambdas=(0.25, 0.5, 0.75),
                     ogpsa=OGPSAConfig(max_directions=2, refresh_every=1, reference_examples=4,
@@ -130,7 +133,7 @@ def test_demo_with_repeat_seeds_reports_means_and_intervals_across_seeds(tiny_mo
 
 def seeds_rate(output, name):
     """The seed-1 final HarmBench refusal of `name`, from the evaluation cache (the adapter's hash)."""
-    from lora_ogpsa.files import file_sha256
+    from lora_ogpsa.utils.files import file_sha256
 
     digest = file_sha256(output / "seed-1" / name / "adapter_model.safetensors")[:16]
     [path] = [p for p in (output / "evaluations").glob(f"{digest}-*.json") if "-x" not in p.name]
@@ -178,7 +181,7 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
                       lambdas=(0.5,))
     output = tmp_path / "demo"
     report = run_demo(output=output, model=str(model), cache_dir=tmp_path / "cache", plan=plan,
-                      methods=(demo.Method("ogpsa"),))
+                      methods=(Method("ogpsa"),))
     on_disk = check_report(report, output, ("ogpsa",))
     assert [p["label"] for p in on_disk["trajectories"]["ogpsa"]] == ["base", "sft-1", "sft-2", "final"]
     assert on_disk["settings"]["methods"][0]["stages"] == "sft" and not (output / "ogpsa" / "dpo").exists()
@@ -198,15 +201,41 @@ def test_fingerprint_separates_settings(tiny_model_dir, tmp_path, data_files):
     def fingerprint(method, **ogpsa):
         settings = demo._method_settings(method, tiny_model_dir, Data(), dataclasses.replace(
             plan, ogpsa=dataclasses.replace(plan.ogpsa, **ogpsa)), tmp_path)
-        return demo._fingerprint(settings, method)
+        return run_fingerprint(settings, method)
 
-    method = demo.Method("ogpsa")
+    method = Method("ogpsa")
     assert fingerprint(method) != fingerprint(method, one_sided=True)
     assert fingerprint(method) != fingerprint(method, max_directions=3)
-    assert fingerprint(method) != fingerprint(demo.Method("ogpsa", stages="sft"))
+    assert fingerprint(method) != fingerprint(Method("ogpsa", stages="sft"))
     values = demo._method_settings(method, tiny_model_dir, Data(), plan, tmp_path).to_run_config(
-        "align", demo._NoRows(), None, None)
+        "align", _NoRows(), None, None)
     assert values["ogpsa"]["one_sided"] is False  # the run config itself still records every field
+
+
+def test_fingerprint_holds_no_path(tiny_model_dir, tmp_path, data_files):
+    """The same run under another output directory, model directory and data directory is found again."""
+    def copied(directory):
+        target = tmp_path / directory
+        shutil.copytree(tiny_model_dir, target / "model")
+        files = {name: target / path.name for name, path in data_files.items()}
+        for name, path in data_files.items():
+            shutil.copy(path, files[name])
+        return target / "model", files
+
+    def fingerprint(model, files, output):
+        class Data:
+            def path(self, name):
+                return files[{"sft": "sft", "dpo": "dpo", "reference": "reference",
+                              "reference_lookalike": "reference"}[name]]
+
+        return run_fingerprint(demo._method_settings(Method("ogpsa"), model, Data(), small_plan(), output),
+                               Method("ogpsa"))
+
+    first, second = copied("one"), copied("two")
+    assert fingerprint(*first, tmp_path / "out-a") == fingerprint(*second, tmp_path / "out-b")
+    files = dict(second[1])
+    files["sft"].write_text(files["sft"].read_text() + files["sft"].read_text().splitlines()[0] + "\n")
+    assert fingerprint(*first, tmp_path / "out-a") != fingerprint(second[0], files, tmp_path / "out-b")
 
 
 def test_evaluator_folds_the_scaled_delta_into_the_weights_and_restores_the_base(tiny_model_dir, tmp_path,
@@ -216,9 +245,9 @@ def test_evaluator_folds_the_scaled_delta_into_the_weights_and_restores_the_base
     import torch
     from peft import PeftModel
 
-    from lora_ogpsa import evaluate
-    from lora_ogpsa.model import attach_lora, load_base_model, lora_config, lora_parameters
-    from lora_ogpsa.tiny import randomise_lora_b_
+    from lora_ogpsa.eval import generation as evaluate
+    from lora_ogpsa.models.loading import attach_lora, load_base_model, lora_config, lora_parameters
+    from lora_ogpsa.testing.tiny import randomise_lora_b_
 
     adapter = tmp_path / "adapter"
     model = attach_lora(load_base_model(tiny_model_dir, quantize=False), lora_config(r=4), seed=0,

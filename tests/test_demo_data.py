@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lora_ogpsa.data import read_rows
+from lora_ogpsa.data.rows import read_rows
 from lora_ogpsa.demo import data as demo_data
 from lora_ogpsa.demo.dangerous_sounding import BANK
 from lora_ogpsa.demo.data import (
@@ -20,9 +20,10 @@ from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOU
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.refusal import is_refusal
-from lora_ogpsa.tiny import save_tiny_model
+from lora_ogpsa.eval.refusal import is_refusal
+from lora_ogpsa.models.loading import model_fingerprint
+from lora_ogpsa.testing.tiny import save_tiny_model
+from lora_ogpsa.utils.errors import InputError
 
 CATEGORIES = ("malicious_uses", "information_hazard", "human_chatbox", "misinformation_harms",
               "discrimination_exclusion_toxicity_hateful_offensive")
@@ -252,9 +253,9 @@ def test_build_with_the_real_generate_on_a_tiny_model(tiny_dir, tmp_path, fake_s
 
 def test_model_fingerprint_errors(tmp_path):
     with pytest.raises(InputError, match=r"--model .*nothing: no such directory"):
-        demo_data.model_fingerprint(tmp_path / "nothing")
+        model_fingerprint(tmp_path / "nothing")
     with pytest.raises(InputError, match=r"no \*\.safetensors or \*\.bin weights"):
-        demo_data.model_fingerprint(tmp_path)
+        model_fingerprint(tmp_path)
 
 
 def test_unknown_set_name():

@@ -82,7 +82,7 @@ mode, *args = sys.argv[1:]
 if mode == "bad-input" and os.environ["RANK"] == "1":
     args[args.index("--data") + 1] = "/nonexistent/rank1.jsonl"
 if mode == "killed":
-    import lora_ogpsa.train as train
+    import lora_ogpsa.train.run as train
     run_sft = train.run_sft
     train.run_sft = lambda settings, callbacks=(): run_sft(settings, [DieOnRank1()])
 sys.exit(main(args))

@@ -7,12 +7,10 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from lora_ogpsa import evaluate
 from lora_ogpsa.demo.splits import BUILTIN_SUITES, DemoSizes, split_lookalike
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.eval_run import prompt_id, run_eval
-from lora_ogpsa.evaluate import (
+from lora_ogpsa.eval import generation as evaluate
+from lora_ogpsa.eval.generation import (
     EvalSuites,
     check_answer,
     evaluate_suites,
@@ -20,9 +18,11 @@ from lora_ogpsa.evaluate import (
     numbers_in,
     response_nll,
 )
-from lora_ogpsa.model import load_base_model, load_tokenizer, lora_config
-from lora_ogpsa.prompt_sets import UtilityItem, load_prompts
-from lora_ogpsa.tiny import save_tiny_model
+from lora_ogpsa.eval.prompts import UtilityItem, load_prompts
+from lora_ogpsa.eval.run import prompt_id, run_eval
+from lora_ogpsa.models.loading import load_base_model, load_tokenizer, lora_config
+from lora_ogpsa.testing.tiny import save_tiny_model
+from lora_ogpsa.utils.errors import InputError
 
 
 @pytest.fixture(scope="module")

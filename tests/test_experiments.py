@@ -7,7 +7,7 @@ import pytest
 
 from experiments import alignment_tax
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.demo import DemoPlan
+from lora_ogpsa.experiment.plan import Plan
 
 
 @pytest.mark.parametrize("name", sorted(alignment_tax.VARIANTS))
@@ -22,8 +22,8 @@ def test_every_variant_is_a_valid_configuration(name):
 def test_demo_plan_is_make_demos_cpu_plan_with_the_seed():
     args = alignment_tax.build_parser().parse_args(["--plan", "demo", "--steps", "5", "--full-precision"])
     got = alignment_tax.plan(args, 2)
-    assert got == dataclasses.replace(DemoPlan.for_device(), seed=2, repeat_seeds=())
-    assert got.quantize and got.sft_steps == DemoPlan().sft_steps  # the experiment's own options are ignored
+    assert got == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=())
+    assert got.quantize and got.sft_steps == Plan().sft_steps  # the experiment's own options are ignored
 
 
 def test_experiment_plan_takes_its_options():

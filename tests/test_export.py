@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lora_ogpsa import Subspace
 from lora_ogpsa.cli import main
-from lora_ogpsa.config import OGPSAConfig, TrainSettings
-from lora_ogpsa.export import export_adapter, warn_about_adapter
-from lora_ogpsa.files import TOKENIZER_FILES
-from lora_ogpsa.train import run_sft
+from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.export.adapter import export_adapter, warn_about_adapter
+from lora_ogpsa.train.run import run_sft
+from lora_ogpsa.train.settings import TrainSettings
+from lora_ogpsa.utils.files import TOKENIZER_FILES
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3], [8, 8, 120, 64, 31, 2, 77]])
 
@@ -57,7 +58,7 @@ def test_subspace_sidecar_matches_the_adapter_keys(trained):
     adapter = load_file(str(output / "adapter_model.safetensors"))
     subspace = Subspace.load(output / "ogpsa_subspace.safetensors",
                              numel_by_name={name: value.numel() for name, value in adapter.items()})
-    # refresh_every=20 > max_steps: the basis in force was computed after step 1 (DESIGN.md §1.4)
+    # refresh_every=20 > max_steps: the basis in force was computed after step 1 (docs/ARCHITECTURE.md, "One refresh")
     assert subspace.metadata["step"] == "1" and len(subspace.metadata["reference_hash"]) == 16
 
 

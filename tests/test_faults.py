@@ -22,7 +22,7 @@ from conftest import file_digests
 from safetensors.torch import load_file
 
 from lora_ogpsa.cli import main
-from lora_ogpsa.files import output_lock
+from lora_ogpsa.utils.files import output_lock
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 
@@ -275,8 +275,7 @@ def test_a_resume_from_a_truncated_subspace_fails_and_keeps_the_finished_run(tin
 
 
 def test_a_failed_json_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    from lora_ogpsa import files
-
+    from lora_ogpsa.utils import files
     target = tmp_path / "report.json"
     target.write_text('{"old": true}\n')
 
@@ -298,7 +297,7 @@ def test_a_refused_run_leaves_no_parent_directories(tiny_model_dir, data_files, 
 def test_valid_peft_adapters_pass_the_adapter_check(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from lora_ogpsa.model import check_adapter_dir, load_base_model
+    from lora_ogpsa.models.loading import check_adapter_dir, load_base_model
 
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2},
                         modules_to_save=["lm_head"])

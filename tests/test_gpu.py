@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lora_ogpsa import Subspace, compute_subspace
 from lora_ogpsa.cli import main
-from lora_ogpsa.sketch import GradientSketch
+from lora_ogpsa.core.sketch import GradientSketch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -40,7 +40,7 @@ def test_bf16_autocast_with_float32_lora_keeps_the_update_orthogonal(tiny_model_
 def _cuda_model(model_dir, *, compute_dtype, checkpointing=None):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_ogpsa.model import attach_lora, disable_cpu_repack_, lora_config, lora_parameters
+    from lora_ogpsa.models.loading import attach_lora, disable_cpu_repack_, lora_config, lora_parameters
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=compute_dtype)
@@ -61,9 +61,9 @@ def _cuda_model(model_dir, *, compute_dtype, checkpointing=None):
 
 
 def _reference_batches(model_dir, reference_file, batch_size):
-    from lora_ogpsa.data import read_rows, tokenize_rows
-    from lora_ogpsa.model import load_tokenizer
-    from lora_ogpsa.reference import make_batches
+    from lora_ogpsa.data.rows import read_rows, tokenize_rows
+    from lora_ogpsa.models.loading import load_tokenizer
+    from lora_ogpsa.signals.reference import make_batches
 
     tokenizer = load_tokenizer(model_dir)
     examples = tokenize_rows(tokenizer, read_rows(reference_file, "sft").rows[:6], max_length=48)
@@ -74,7 +74,7 @@ def _reference_batches(model_dir, reference_file, batch_size):
 @pytest.mark.parametrize(("compute_dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_4bit_cuda_per_example_gradients_equal_single_example_passes(tiny_model_dir, data_files, compute_dtype,
                                                                      tolerance):
-    from lora_ogpsa.reference import collect_reference_samples, example_losses
+    from lora_ogpsa.signals.reference import collect_reference_samples, example_losses
 
     model, parameters = _cuda_model(tiny_model_dir, compute_dtype=compute_dtype)
     samples, _ = collect_reference_samples(model, _reference_batches(tiny_model_dir, data_files["reference"], 4),
@@ -94,7 +94,7 @@ def test_4bit_cuda_per_example_gradients_equal_single_example_passes(tiny_model_
 
 @pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
 def test_gradient_checkpointing_gives_the_same_reference_gradients(tiny_model_dir, data_files, checkpointing):
-    from lora_ogpsa.reference import collect_reference_samples
+    from lora_ogpsa.signals.reference import collect_reference_samples
 
     batches = _reference_batches(tiny_model_dir, data_files["reference"], 3)
     plain_model, plain_parameters = _cuda_model(tiny_model_dir, compute_dtype=torch.float32)

@@ -15,13 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-from lora_ogpsa import merge as merge_module
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.merge import lora_delta, merge_adapter, merge_lora, nf4_round_trip
-from lora_ogpsa.merge_audit import MergeAuditError, audit_inputs
-from lora_ogpsa.merge_plan import LoraPair, plan_merge
-from lora_ogpsa.model import load_adapter, load_base_model
-from lora_ogpsa.tiny import save_tiny_model, tiny_config
+from lora_ogpsa.export import merge as merge_module
+from lora_ogpsa.export.audit import MergeAuditError, audit_inputs
+from lora_ogpsa.export.merge import lora_delta, merge_adapter, merge_lora, nf4_round_trip
+from lora_ogpsa.export.plan import LoraPair, plan_merge
+from lora_ogpsa.models.loading import load_adapter, load_base_model
+from lora_ogpsa.testing.tiny import save_tiny_model, tiny_config
+from lora_ogpsa.utils.errors import InputError
 
 VOCAB = 384
 

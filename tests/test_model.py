@@ -1,11 +1,10 @@
-"""Model loading and LoRA: the stack quirks of DESIGN.md §4, each pinned by a test."""
+"""Model loading and LoRA: the stack quirks of docs/STACK.md, each pinned by a test."""
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.model import (
+from lora_ogpsa.models.loading import (
     attach_lora,
     is_quantized,
     load_adapter,
@@ -14,6 +13,7 @@ from lora_ogpsa.model import (
     lora_config,
     lora_parameters,
 )
+from lora_ogpsa.utils.errors import InputError
 
 
 def _batch(model_dir):
@@ -57,8 +57,8 @@ def test_gradient_checkpointing_on_4bit_base_gives_nonzero_lora_gradients(tiny_m
 
 
 def test_lora_tensors_stay_float32_through_trl(tiny_model_dir, tmp_path):
-    from lora_ogpsa.config import TrainSettings
-    from lora_ogpsa.trainers import build_trainer
+    from lora_ogpsa.train.settings import TrainSettings
+    from lora_ogpsa.train.trainers import build_trainer
 
     model = attach_lora(load_base_model(tiny_model_dir, quantize=True), lora_config(r=4), seed=0,
                         gradient_checkpointing=False)

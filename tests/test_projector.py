@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_ogpsa import compute_subspace, project_out
-from lora_ogpsa.projector import StackedBasis, project_out_, span_fraction
+from lora_ogpsa.core.projector import StackedBasis, project_out_, span_fraction
 
 
 def _basis(k, n, seed=0):

@@ -3,10 +3,16 @@
 import pytest
 import torch
 
-from lora_ogpsa.data import read_rows, tokenize_rows
-from lora_ogpsa.model import attach_lora, load_base_model, load_tokenizer, lora_config, lora_parameters
-from lora_ogpsa.reference import collect_reference_samples, example_losses, make_batches
-from lora_ogpsa.tiny import randomise_lora_b_
+from lora_ogpsa.data.rows import read_rows, tokenize_rows
+from lora_ogpsa.models.loading import (
+    attach_lora,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    lora_parameters,
+)
+from lora_ogpsa.signals.reference import collect_reference_samples, example_losses, make_batches
+from lora_ogpsa.testing.tiny import randomise_lora_b_
 
 
 def _model(model_dir, *, quantize, checkpointing):
@@ -80,7 +86,7 @@ def test_collection_restores_state_when_it_fails(tiny_model_dir, data_files):
 
 
 def test_opening_token_weights():
-    from lora_ogpsa.data import TokenizedExample
+    from lora_ogpsa.data.rows import TokenizedExample
 
     example = TokenizedExample([1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 1, 1, 1, 1])
     batch = make_batches([example], batch_size=1, pad_token_id=0, opening_tokens=2, later_token_weight=0.25)[0]

@@ -4,17 +4,8 @@ import json
 
 import pytest
 
-from lora_ogpsa.demo.report import (
-    build_report,
-    final_table,
-    interpolate_at,
-    matched_safety,
-    matched_table,
-    tax_at,
-    tax_table,
-    verdict,
-    write_report,
-)
+from lora_ogpsa.experiment.report import build_report, final_table, matched_table, verdict, write_report
+from lora_ogpsa.experiment.stats import interpolate_at, matched_safety, tax_at, tax_table
 
 BASE = {"harmful_refusal_rate": 0.0, "over_refusal_rate": 0.0, "utility_accuracy": 1.0, "benign_nll": 1.0}
 

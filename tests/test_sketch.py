@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_ogpsa import OGPSAConfig, compute_subspace
-from lora_ogpsa.sketch import GradientSketch
+from lora_ogpsa.core.sketch import GradientSketch
 
 
 def _projector_distance(first, second):
@@ -187,7 +187,7 @@ def test_rejects_bad_sizes(rows, filled, block, message):
 
 
 def test_holds_only_the_samples_when_there_are_fewer_than_rows(tiny_model_dir, data_files):
-    from lora_ogpsa.reference import collect_reference_sketch, make_batches
+    from lora_ogpsa.signals.reference import collect_reference_sketch, make_batches
 
     model, parameters = _tiny_model(tiny_model_dir)
     batch = make_batches([_example()] * 3, batch_size=3, pad_token_id=0)
@@ -197,7 +197,7 @@ def test_holds_only_the_samples_when_there_are_fewer_than_rows(tiny_model_dir, d
 
 
 def _example():
-    from lora_ogpsa.data import TokenizedExample
+    from lora_ogpsa.data.rows import TokenizedExample
 
     return TokenizedExample([5, 6, 7, 8, 9, 10], [0, 0, 0, 1, 1, 1])
 
@@ -216,8 +216,8 @@ def test_config_validates_sketch_rows():
 
 
 def _tiny_model(model_dir):
-    from lora_ogpsa.model import attach_lora, load_base_model, lora_config, lora_parameters
-    from lora_ogpsa.tiny import randomise_lora_b_
+    from lora_ogpsa.models.loading import attach_lora, load_base_model, lora_config, lora_parameters
+    from lora_ogpsa.testing.tiny import randomise_lora_b_
 
     model = attach_lora(load_base_model(model_dir, quantize=False), lora_config(r=4, dropout=0.1), seed=0,
                         gradient_checkpointing=False)
@@ -228,9 +228,9 @@ def _tiny_model(model_dir):
 
 
 def test_real_collection_equals_the_exact_path(tiny_model_dir, data_files):
-    from lora_ogpsa.data import read_rows, tokenize_rows
-    from lora_ogpsa.model import load_tokenizer
-    from lora_ogpsa.reference import collect_reference_samples, collect_reference_sketch, make_batches
+    from lora_ogpsa.data.rows import read_rows, tokenize_rows
+    from lora_ogpsa.models.loading import load_tokenizer
+    from lora_ogpsa.signals.reference import collect_reference_samples, collect_reference_sketch, make_batches
 
     tokenizer = load_tokenizer(tiny_model_dir)
     examples = tokenize_rows(tokenizer, read_rows(data_files["reference"], "sft").rows, max_length=48)
@@ -262,8 +262,7 @@ def _fold_worker(rank, world, init_file, rows, output):
     """One rank of a 2-process gloo group: sketch its round-robin share of 12 micro-batches of 4, then fold."""
     import torch.distributed as dist
 
-    from lora_ogpsa import distributed
-
+    from lora_ogpsa.signals import distributed
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         samples = _low_rank(48, 6, 20, rank=30, seed=7)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_ogpsa.stats import bootstrap_ci, mean_ci
+from lora_ogpsa.eval.stats import bootstrap_ci, mean_ci
 
 
 def test_bootstrap_interval_brackets_the_rate_and_shrinks_with_more_prompts():

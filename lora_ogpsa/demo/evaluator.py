@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lora_ogpsa.files import ADAPTER_FILE, file_sha256, write_json
+from lora_ogpsa.utils.files import ADAPTER_FILE, file_sha256, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class Evaluator:
         from peft.tuners.lora import LoraLayer
         from transformers import AutoModelForCausalLM
 
-        from lora_ogpsa.evaluate import evaluate_suites
-        from lora_ogpsa.model import load_tokenizer
+        from lora_ogpsa.eval.generation import evaluate_suites
+        from lora_ogpsa.models.loading import load_tokenizer
 
         self._tokenizer = self._tokenizer or load_tokenizer(self.model_path)
         if merged:
@@ -99,7 +99,7 @@ class Evaluator:
 
     def _base_model(self):
         if self._base is None:
-            from lora_ogpsa.model import load_base_model
+            from lora_ogpsa.models.loading import load_base_model
 
             self._base = load_base_model(self.model_path, quantize=False)
         return self._base

@@ -22,8 +22,8 @@ from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.trigger_split import split_by_trigger
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
-from lora_ogpsa.errors import InputError
-from lora_ogpsa.prompt_sets import PromptSet
+from lora_ogpsa.eval.prompts import PromptSet
+from lora_ogpsa.utils.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from lora_ogpsa.prompt_sets import UtilityItem
+from lora_ogpsa.eval.prompts import UtilityItem
 
 UTILITY_SET = (
     # ---- the first 46 ----

@@ -1,0 +1,70 @@
+"""Estimating the protected bases at a refresh: the reference-gradient subspace (rank 0 computes, every rank
+receives it) and, for `protect` = activations/both, the input bases of every lora_A."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import torch
+
+from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.core.sketch import GradientSketch
+from lora_ogpsa.core.subspace import Subspace
+from lora_ogpsa.signals import distributed
+from lora_ogpsa.signals.activations import collect_input_moments, compute_input_basis
+from lora_ogpsa.signals.reference import ReferenceBatch, collect_reference_sketch
+
+
+def estimate_subspace(model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter],
+                      batches: Sequence[ReferenceBatch], config: OGPSAConfig, *, progress: bool) -> Subspace:
+    """The bases to protect, from the current weights: gradient bases (`protect` ≠ activations; empty ones
+    otherwise) plus input bases (`protect` ≠ gradients). Metadata: `reference_loss` and `config`."""
+    if config.protect == "activations":
+        subspace = Subspace({name: p.new_zeros(0, p.numel(), dtype=torch.float32) for name, p in parameters.items()},
+                            metadata={"reference_loss": "nan"})
+    else:
+        subspace = _gradient_subspace(model, parameters, batches, config, progress=progress)
+    subspace.metadata["config"] = json.dumps(config.to_dict(), sort_keys=True)
+    if config.protect != "gradients":
+        _add_input_bases(model, parameters, batches, config, subspace)
+    return subspace
+
+
+def _gradient_subspace(model, parameters, batches, config: OGPSAConfig, *, progress: bool) -> Subspace:
+    subspace = None
+    sketch, losses = _collect(model, parameters, batches, config, progress=progress)
+    if sketch is not None:  # rank 0 (or the only process) computes the subspace
+        subspace = sketch.subspace(max_directions=config.max_directions, energy=config.energy)
+        del sketch
+        subspace.metadata["reference_loss"] = f"{float(losses.mean()):.6f}"
+    if distributed.active():
+        shapes = {name: parameter.shape for name, parameter in parameters.items()}
+        device = next(iter(parameters.values())).device
+        subspace = distributed.broadcast_subspace(subspace, shapes, device)
+    return subspace
+
+
+def _collect(model, parameters, batches, config: OGPSAConfig, *,
+             progress: bool) -> tuple[GradientSketch | None, torch.Tensor | None]:
+    """The reference samples, sketched as they are produced (`sketch_size` rows per tensor), and the losses:
+    on rank 0, every rank's share folded into one sketch (None elsewhere)."""
+    with torch.enable_grad():
+        sketch, losses = collect_reference_sketch(model, distributed.my_share(batches), parameters,
+                                                  rows=config.sketch_size, progress=progress and distributed.is_main())
+    if not distributed.active():
+        return sketch, losses
+    counts = [batch.input_ids.shape[0] for batch in batches]
+    gathered = distributed.gather_sketches(sketch, counts, losses, rows=config.sketch_size)
+    return gathered if gathered is not None else (None, None)
+
+
+def _add_input_bases(model, parameters, batches, config: OGPSAConfig, subspace: Subspace) -> None:
+    """Activation-space bases of every lora_A from the reference inputs (summed over ranks)."""
+    moments = collect_input_moments(model, distributed.my_share(batches), parameters,
+                                    positions=config.activation_positions,
+                                    opening_tokens=config.activation_opening_tokens)
+    if distributed.active():
+        distributed.sum_across_ranks_(list({id(m): m for m in moments.values()}.values()))
+    subspace.input_basis_by_name, subspace.input_energy_by_name = compute_input_basis(
+        moments, energy=config.activation_energy)

@@ -1,0 +1,41 @@
+"""Trained runs reused by content: a run's fingerprint hashes its settings and the content of every file it
+reads (model weights, data), never a path, so a run is found again under another cache or output directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lora_ogpsa.experiment.plan import Method
+from lora_ogpsa.models.loading import model_fingerprint
+from lora_ogpsa.train.settings import TrainSettings
+from lora_ogpsa.utils.files import file_sha256
+
+# OGPSA settings added after runs were cached, at the value that behaves as before their addition: left out of
+# the fingerprint there, so that finished runs stay reusable.
+_NEUTRAL_OGPSA = {"one_sided": False}
+
+
+def run_fingerprint(settings: TrainSettings, method: Method) -> str:
+    """A content hash of what makes a trained run: its settings, the model's files and every data file it reads
+    — no path (the same run under another output or cache directory has the same fingerprint)."""
+    values = settings.to_run_config(method.stages, _NoRows(), None, None)
+    values["ogpsa"] = {key: value for key, value in values["ogpsa"].items()
+                       if key not in _NEUTRAL_OGPSA or value != _NEUTRAL_OGPSA[key]}
+    for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows"):
+        values.pop(key, None)
+    values["model"] = model_fingerprint(settings.model)
+    for key in ("data", "sft_data", "dpo_data", "reference", "replay"):
+        path = values.pop(key, None)
+        values[key + "_sha256"] = _file_hash(Path(path)) if path else None
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _NoRows(list):
+    source = ""
+    skipped = 0
+
+
+def _file_hash(path: Path) -> str:
+    return file_sha256(path)[:16]

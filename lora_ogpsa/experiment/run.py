@@ -1,0 +1,245 @@
+"""Running an experiment: train every method of a plan per seed, evaluate its checkpoints and λ-curve, merge,
+write the report. `run_demo` is `lora-ogpsa demo`: the demo's plan on the embedded model and data.
+
+base eval → OGPSA SFT→DPO (`align`) → eval at several checkpoints → merged model → report; with `--compare`
+also plain QLoRA (`--project none`) and the replay baseline (the reference examples mixed into the SFT data,
+`--project none`, the paper's "General Data"), same seed, data and steps.
+
+Layout of `--output OUT`: `OUT/ogpsa/` (a training output directory), `OUT/plain/`, `OUT/replay/` (with
+--compare), `OUT/merged/`, `OUT/evaluations/` (cached per adapter), `OUT/report.{md,json,png}`. A rerun reuses
+everything whose inputs did not change: the converted model and built data (in the cache directory), trained
+methods whose settings match, evaluations of unchanged adapters, the merged model of an unchanged adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_ogpsa.demo.evaluator import Evaluator
+from lora_ogpsa.experiment.cache import run_fingerprint
+from lora_ogpsa.experiment.plan import DEFAULT_METHODS, DEMO_METHODS, Method, Plan
+from lora_ogpsa.train.settings import TrainSettings
+from lora_ogpsa.utils.errors import InputError
+from lora_ogpsa.utils.files import (
+    ADAPTER_FILE,
+    CARD_FILE,
+    METRICS_FILE,
+    RUN_CONFIG,
+    SUBSPACE_FILE,
+    file_sha256,
+    finalize_directory,
+    is_lock_file,
+    output_lock,
+    output_path,
+    partial_path,
+    probe_writable,
+    read_json,
+    read_jsonl,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = None, model: str | None = None,
+             cache_dir: str | None = None, overwrite: bool = False, plan: Plan | None = None,
+             methods: tuple[Method, ...] | None = None, evaluation_cache: Path | None = None,
+             seeds: int | None = None) -> dict[str, Any]:
+    """Run the demo and write the report; returns the report document.
+
+    Raises:
+        InputError: a `--model` that is not a model directory, missing wheels, an `--output` that is not a
+            demo directory (and not empty) without `--overwrite`.
+    """
+    plan = plan or Plan.demo(max_steps, seeds)
+    methods = methods or (DEMO_METHODS if compare else DEFAULT_METHODS)
+    if plan.dpo_steps == 0:  # a plan without DPO trains every method's SFT stage only
+        methods = tuple(dataclasses.replace(method, stages="sft") for method in methods)
+    output = output_path(output)
+    replace = _check_demo_output(output, overwrite)
+    with output_lock(output):
+        if not replace:
+            return _run_demo(output, plan, methods, model, cache_dir, evaluation_cache)
+        # --overwrite: the new demo is built beside the old one, which is replaced only once the new one is done
+        work = partial_path(output)
+        if work.exists():
+            shutil.rmtree(work)
+        report = _run_demo(work, plan, methods, model, cache_dir, evaluation_cache)
+        finalize_directory(work, output)
+        return report
+
+
+def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str | None, cache_dir: str | None,
+              evaluation_cache: Path | None) -> dict[str, Any]:
+    from lora_ogpsa.demo.assets import ensure_default_model
+    from lora_ogpsa.demo.data import build_demo_data, load_eval_suites
+    from lora_ogpsa.models.loading import check_model_dir
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
+    data = build_demo_data(model_path, cache_dir, sizes=plan.data_sizes, seed=plan.data_seed)
+    timings["model_and_data"] = time.perf_counter() - started
+    suites = load_eval_suites(data, harmful=plan.eval_harmful, benign=plan.eval_benign, utility=plan.eval_utility)
+    output.mkdir(parents=True, exist_ok=True)
+    evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
+    base_metrics = evaluator.evaluate(None, "base")
+    trajectories, curves, finals = _train_and_evaluate(methods, model_path, data, plan, output, evaluator,
+                                                       base_metrics, timings)
+    seeds = {}
+    if plan.repeat_seeds:  # every method again per seed, in OUTPUT/seed-N; the report adds means across seeds
+        seeds[plan.seed] = {"models": finals, "trajectories": trajectories, "lambda_curves": curves}
+        for seed in plan.repeat_seeds:
+            seeded = dataclasses.replace(plan, seed=seed)
+            runs = _train_and_evaluate(methods, model_path, data, seeded, output / f"seed-{seed}", evaluator,
+                                       base_metrics, timings, prefix=f"seed_{seed}_")
+            seeds[seed] = dict(zip(("trajectories", "lambda_curves", "models"), runs, strict=True))
+    if any(method.name == "ogpsa" for method in methods):
+        start = time.perf_counter()
+        merged, audit = _merge(model_path, output / "ogpsa", output / "merged")
+        finals["ogpsa"]["merge_max_logit_diff"] = audit
+        if plan.evaluate_merged:
+            finals["ogpsa"] = {**evaluator.evaluate(merged, "ogpsa merged", merged=True),
+                               "merge_max_logit_diff": audit}
+        timings["merge_and_evaluate"] = time.perf_counter() - start
+    timings["total"] = time.perf_counter() - started
+    from lora_ogpsa.experiment.report import build_report, write_report
+    from lora_ogpsa.experiment.stats import across_seeds
+
+    report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
+                          trajectories=trajectories, lambda_curves=curves, timings=timings,
+                          seeds=across_seeds(seeds) if seeds else None)
+    write_report(report, output)
+    if "ogpsa" in finals and (output / "ogpsa" / CARD_FILE).is_file():
+        _add_evaluation_to_card(output / "ogpsa", finals["ogpsa"])
+    return report
+
+
+def _train_and_evaluate(methods: tuple[Method, ...], model_path: Path, data, plan: Plan, output: Path,
+                        evaluator: Evaluator, base_metrics: dict[str, Any], timings: dict[str, float], *,
+                        prefix: str = "") -> tuple[dict, dict, dict]:
+    """Train every method with the plan's seed and evaluate it: (trajectories, λ-curves, final metrics)."""
+    trajectories, curves, finals = {}, {}, {"base": base_metrics}
+    for method in methods:
+        start = time.perf_counter()
+        directory = _train(method, model_path, data, plan, output)
+        timings[f"{prefix}train_{method.name}"] = time.perf_counter() - start
+        start = time.perf_counter()
+        trajectories[method.name] = [{**base_metrics, "label": "base"}, *evaluator.trajectory(directory,
+                                                                                              method.stages)]
+        finals[method.name] = dict(trajectories[method.name][-1])
+        if plan.lambda_curves:
+            curves[method.name] = evaluator.lambda_curve(directory, base_metrics, finals[method.name],
+                                                         plan.lambdas)
+        timings[f"{prefix}evaluate_{method.name}"] = time.perf_counter() - start
+    return trajectories, curves, finals
+
+
+def _check_demo_output(output: Path, overwrite: bool) -> bool:
+    """The output is a demo workspace (reused), an empty or missing directory, or replaced with --overwrite
+    (True: build the new one beside it)."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output}: exists and is not a directory; choose another path")
+    probe_writable(output)
+    if not output.is_dir() or all(is_lock_file(entry) for entry in output.iterdir()):
+        return False  # missing, empty, or holding only lock files (e.g. a killed run's)
+    if overwrite:
+        return True
+    if not ((output / "evaluations").is_dir() or (output / "report.json").is_file()
+              or any(output.glob("*/demo_settings.json"))):
+        raise InputError(f"--output {output}: exists, is not empty and is not a demo directory; pass --overwrite "
+                         "to replace it, or choose another path")
+    return False
+
+
+def _method_settings(method: Method, model_path: Path, data, plan: Plan, output: Path) -> TrainSettings:
+    sft_data = str(_replay_data(data, method.reference, output, plan.seed) if method.replay else data.path("sft"))
+    ogpsa = dataclasses.replace(plan.ogpsa, project=method.project, **method.ogpsa)
+    return TrainSettings(model=model_path, output=output / method.name, reference=str(data.path(method.reference)),
+                         sft_data=sft_data, dpo_data=str(data.path("dpo")), data=sft_data, max_steps=plan.sft_steps,
+                         dpo_max_steps=plan.dpo_steps or 1, save_steps=plan.save_steps, batch_size=plan.batch_size,
+                         dpo_batch_size=plan.dpo_batch_size, dpo_save_steps=plan.dpo_save_steps,
+                         learning_rate=plan.learning_rate,
+                         dpo_learning_rate=plan.dpo_learning_rate, seed=plan.seed, max_length=plan.max_length,
+                         lora_r=plan.lora_r, quantize=plan.quantize, overwrite=True, logging_steps=1, ogpsa=ogpsa,
+                         replay=str(data.path(method.projected_replay)) if method.projected_replay else None,
+                         replay_fraction=method.replay_fraction)
+
+
+def _replay_data(data, reference: str, output: Path, seed: int) -> Path:
+    """The SFT rows with the reference rows mixed in (shuffled with the seed): the replay baseline."""
+    rows = [line for name in ("sft", reference) for line in data.path(name).read_text().splitlines() if line]
+    random.Random(seed).shuffle(rows)
+    path = output / f"replay_sft_{reference}_{seed}.jsonl"
+    text = "".join(line + "\n" for line in rows)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def _train(method: Method, model_path: Path, data, plan: Plan, output: Path) -> Path:
+    """Train one method, unless a finished run with the same settings is already there."""
+    from lora_ogpsa.train.run import run_align, run_sft
+
+    settings = _method_settings(method, model_path, data, plan, output)
+    fingerprint = run_fingerprint(settings, method)
+    marker = settings.output / "demo_settings.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        logger.info("demo: reusing the trained %s run in %s", method.name, settings.output)
+        return settings.output
+    logger.info("demo: training %s (%s)", method.name, f"SFT {plan.sft_steps} steps" if method.stages == "sft"
+                else f"SFT {plan.sft_steps} steps, then DPO {plan.dpo_steps} steps")
+    (run_sft if method.stages == "sft" else run_align)(settings)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return settings.output
+
+
+def _merge(model_path: Path, adapter: Path, merged: Path) -> tuple[Path, float | None]:
+    """Merge the OGPSA adapter into the original weights, unless this adapter's merge is already there."""
+    from lora_ogpsa.export.merge import merge_adapter
+
+    adapter_hash = _file_hash(adapter / ADAPTER_FILE)
+    marker = merged / "lora_ogpsa_merge.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("adapter_sha256") == adapter_hash:
+        return merged, json.loads(marker.read_text()).get("max_logit_diff")
+    if merged.exists():
+        shutil.rmtree(merged)
+    report = merge_adapter(model_path, adapter, merged, base="original", dtype="float32")
+    marker.write_text(json.dumps({"adapter_sha256": adapter_hash, **report.as_dict()}, default=str) + "\n")
+    return merged, report.max_logit_diff
+
+
+def _settings(plan: Plan, data, methods: tuple[Method, ...]) -> dict[str, Any]:
+    return {**dataclasses.asdict(plan), "methods": [dataclasses.asdict(m) for m in methods],
+            "data": str(data.directory),
+            "data_counts": data.counts, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "evaluated_on": "full-precision base + adapter (greedy)" + (
+                "; final OGPSA via the merged model" if plan.evaluate_merged else
+                "; the merged OGPSA model is checked by the merge audit (max logit difference)")}
+
+
+def _add_evaluation_to_card(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Rewrite the OGPSA adapter's model card with the evaluation numbers."""
+    from lora_ogpsa.core.subspace import Subspace
+    from lora_ogpsa.export.card import write_model_card
+
+    run_config = read_json(run_dir / RUN_CONFIG)
+    subspace_file = run_dir / SUBSPACE_FILE
+    subspace = Subspace.load(subspace_file) if subspace_file.is_file() else None
+    evaluation = {key: metrics[key] for key in ("harmful_refusal_rate", "dangerous_sounding_refusal_rate",
+                                                "over_refusal_rate", "utility_accuracy", "benign_nll")
+                  if metrics.get(key) is not None}
+    write_model_card(run_dir / CARD_FILE, run_config=run_config, subspace=subspace,
+                     metrics=read_jsonl(run_dir / METRICS_FILE), evaluation=evaluation)
+
+
+def _file_hash(path: Path) -> str:
+    return file_sha256(path)[:16]

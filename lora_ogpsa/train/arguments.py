@@ -1,0 +1,210 @@
+"""Every setting of `lora-ogpsa sft|dpo|align`, declared once: the typed dataclasses the CLI is generated from.
+
+One command's flags are the fields of four dataclasses, parsed by TRL's `TrlParser`: the trainer's config
+(`SFTArguments` = TRL's `SFTConfig`, `DPOArguments` = `DPOConfig`, i.e. every `TrainingArguments` field),
+`ModelArguments` (TRL's `ModelConfig` names for the model and LoRA), the command's script arguments (data,
+reference, output protocol) and `OGPSAConfig`. Every field is a flag (`--learning_rate` and `--learning-rate`)
+and a key of `--config FILE.yaml`; a few defaults differ from TRL's where we measured better ones for LoRA,
+each said in its help.
+
+A field is declared with `option(default, help, ...)`: its default, help, flag aliases, the commands that have
+it, the name it has in the run settings (`TrainSettings`, generated from these fields in `train.settings`) and
+whether it may change when a run resumes. Adding a setting is one `option(...)` here plus its use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig, SFTConfig
+
+from lora_ogpsa.config import OGPSAConfig
+
+TRAINING_COMMANDS = ("sft", "dpo", "align")
+OURS = "lora_ogpsa"
+"""The metadata key of our own field information (the parser hands the rest to argparse)."""
+
+
+def option(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = (), commands=TRAINING_COMMANDS,
+           setting: str | None = None, resumable: bool = False, held: bool = True, factory=None) -> Any:
+    """A dataclass field with its CLI metadata.
+
+    Args:
+        default: the default value (`factory` for a mutable one).
+        help: the `--help` text (the default is appended by the parser).
+        aliases: older names of the flag (both `-` and `_` spellings are accepted).
+        commands: the training commands that have this flag.
+        setting: its name in `TrainSettings` when it differs from the field's (the README's short names).
+        resumable: whether `--resume` may continue a run whose checkpoint recorded another value.
+        held: trainer fields only: whether `TrainSettings` holds it (else it travels in `training_arguments`).
+    """
+    ours = {"commands": tuple(commands), "setting": setting, "resumable": resumable, "held": held}
+    metadata = {"help": help, "aliases": _spellings(*aliases), OURS: ours}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def ours(item: dataclasses.Field) -> dict[str, Any]:
+    """Our metadata of a field (`option`'s keywords); TRL's own fields have the defaults."""
+    return item.metadata.get(OURS, {"commands": TRAINING_COMMANDS, "setting": None, "resumable": False,
+                                    "held": True})
+
+
+def _spellings(*names: str) -> list[str]:
+    """`--old-name` and `--old_name` for every name."""
+    return sorted({f"--{spelling}" for name in names for spelling in (name.replace("_", "-"), name.replace("-", "_"))})
+
+
+@dataclass
+class _OurTrainingDefaults:
+    """The trainer fields `TrainSettings` holds, with our defaults and names (they override the TRL config's)."""
+
+    output_dir: str | None = option(None, "Output directory (required): the adapter, its subspace, checkpoints, "
+                                    "metrics and card.", aliases=("output",), setting="output",
+                                    resumable=True)
+    per_device_train_batch_size: int = option(8, "Examples (or preference pairs) per micro-batch and device.",
+                                              aliases=("batch_size",), setting="batch_size")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
+    learning_rate: float = option(1e-4, "AdamW learning rate, linear decay to 0 (TRL's default is 2e-5 for full "
+                                  "fine-tuning; LoRA wants ~10x more).")
+    max_steps: int = option(-1, "Optimizer steps (per stage for align); -1: --num_train_epochs epochs (TRL's default "
+                            "3).", resumable=True)
+    max_length: int | None = option(512, "Tokens per example (prompt + response); longer ones are truncated at the "
+                                    "end.")
+    gradient_checkpointing: bool | None = option(None, "Trade compute for memory (default: on with CUDA, off on the "
+                                                 "CPU, where it only costs time).", resumable=True)
+    logging_steps: float = option(10, "Log (console, metrics.jsonl, trackers) every this many steps.", resumable=True)
+    save_strategy: str = option("steps", "When to save checkpoints: 'steps' every --save_steps (0: none), 'epoch', "
+                                "or 'no'.", held=False)
+    save_steps: float = option(0, "Save a checkpoint every this many optimizer steps (0: no checkpoints, only the "
+                               "final adapter).", resumable=True)
+    seed: int = option(0, "Seed of the LoRA init, data order and reference sampling.")
+    ddp_timeout: int = option(600, "Several processes: seconds a rank waits for the others before the run fails.",
+                              resumable=True)
+    # `--project` is OGPSA's (update|grad|none); TrainingArguments' trackio project is `--trackio_project`.
+    project: str = field(default="huggingface", init=False)
+    trackio_project: str | None = option(None, "The trackio project to log to (TrainingArguments' `project`; "
+                                         "`--project` is OGPSA's mode).", held=False)
+
+
+@dataclass
+class _DPODefaults(_OurTrainingDefaults):
+    beta: float = option(0.1, "DPO's beta: strength of the KL anchor to the reference model.",
+                         commands=("dpo", "align"))
+
+
+@dataclass
+class SFTArguments(_OurTrainingDefaults, SFTConfig):
+    """TRL's `SFTConfig`, with our defaults and aliases (see `_OurTrainingDefaults`)."""
+
+
+@dataclass
+class DPOArguments(_DPODefaults, DPOConfig):
+    """TRL's `DPOConfig`, with our defaults and aliases (see `_OurTrainingDefaults`)."""
+
+
+@dataclass
+class ModelArguments:
+    """The base model and the LoRA adapter (TRL's `ModelConfig` names)."""
+
+    model_name_or_path: str | None = option(None, "Base model: a local directory or a Hugging Face Hub ID (resolved "
+                                            "through the local Hugging Face cache; nothing is downloaded).",
+                                            aliases=("model",), setting="model")
+    model_revision: str = option("main", "Hub revision, for a Hub ID.")
+    quantize: bool = option(True, "Load the base in 4-bit NF4 (QLoRA); --no-quantize loads it in full precision.",
+                            aliases=("load_in_4bit",))
+    use_peft: bool = option(True, "Always true: lora-ogpsa trains LoRA adapters (accepted so that TRL configs run "
+                            "unchanged).", held=False)
+    lora_r: int = option(16, "LoRA rank r.")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: 2 * lora_r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] | None = option(None, "Module names to adapt, e.g. q_proj v_proj (default: every "
+                                                   "linear layer but the output head).")
+    use_rslora: bool = option(False, "Rank-stabilised LoRA: scaling alpha/sqrt(r).")
+    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA). Only with --project none: OGPSA projects "
+                            "lora_A/lora_B and would leave DoRA's magnitude vectors unprotected.")
+
+
+@dataclass
+class RunArguments:
+    """The training commands' own settings beyond the trainer, model and OGPSA ones (each command shows those
+    whose `commands` name it)."""
+
+    data: str | None = option(None, "Training rows: SFT rows for sft (messages, or prompt/completion), preference "
+                              "rows (prompt, chosen, rejected) for dpo; JSONL, JSON, Parquet, CSV or a save_to_disk "
+                              "directory.", aliases=("dataset_name",), commands=("sft", "dpo"))
+    sft_data: str | None = option(None, "SFT rows of the first stage.", commands=("align",))
+    dpo_data: str | None = option(None, "Preference rows of the second stage.", commands=("align",))
+    adapter: str | None = option(None, "Continue this adapter (DPO reference model = base + this adapter, frozen).",
+                                 commands=("dpo",))
+    reference: str | None = option(None, "Reference (general-capability) rows whose loss the updates must not move "
+                                   "(JSONL of messages or prompt/completion); required unless --project none.")
+    resume: bool = option(False, "Continue from the last checkpoint in --output.", resumable=True)
+    overwrite: bool = option(False, "Replace an existing --output once the new run has finished.", resumable=True)
+    replay: str | None = option(None, "Contrastive replay rows (e.g. dangerous-sounding benign prompts with the base "
+                                "model's answers) whose gradient is added after the projection, so it is never "
+                                "cancelled by it.")
+    replay_fraction: float = option(0.25, "Share F of replay in each step: F/(1-F) x batch replay rows per step, "
+                                    "weighted F/(1-F).")
+    base_model_id: str | None = option(None, "What adapter_config.json names as the base (`base_model_name_or_path`), "
+                                       "e.g. the Hub ID you will publish against (default: the Hub ID given, else "
+                                       "the model directory's absolute path).", resumable=True)
+    dpo_learning_rate: float | None = option(None, "DPO stage learning rate (default: --learning_rate).",
+                                             commands=("align",))
+    dpo_max_steps: int | None = option(None, "DPO stage steps (default: --max_steps).", commands=("align",),
+                                       resumable=True)
+    dpo_batch_size: int | None = option(None, "DPO stage pairs per micro-batch (default: "
+                                        "--per_device_train_batch_size).", commands=("align",))
+    dpo_save_steps: int | None = option(None, "DPO stage checkpoint interval (default: --save_steps).",
+                                        commands=("align",), resumable=True)
+
+
+def _script_arguments(command: str) -> type:
+    """The `RunArguments` fields the command has, as its own dataclass (what `--help` shows)."""
+    types = typing.get_type_hints(RunArguments)
+    kept = [(item.name, types[item.name], item) for item in dataclasses.fields(RunArguments)
+            if command in ours(item)["commands"]]
+    return dataclasses.make_dataclass(f"{command.upper()}ScriptArguments", kept)
+
+
+SCRIPT_ARGUMENTS = {command: _script_arguments(command) for command in TRAINING_COMMANDS}
+TRAINING_ARGUMENTS = {"sft": SFTArguments, "dpo": DPOArguments, "align": DPOArguments}
+REQUIRED = {"sft": ("model_name_or_path", "data", "output_dir"), "dpo": ("model_name_or_path", "data", "output_dir"),
+            "align": ("model_name_or_path", "sft_data", "dpo_data", "output_dir")}
+
+
+def dataclass_types(command: str) -> tuple[type, ...]:
+    """The dataclasses a training command's flags come from, in parsing order."""
+    return SCRIPT_ARGUMENTS[command], TRAINING_ARGUMENTS[command], ModelArguments, OGPSAConfig
+
+
+def held_fields() -> list[dataclasses.Field]:
+    """Every field `TrainSettings` holds, in order: run, trainer, then model settings."""
+    trainer = [item for item in dataclasses.fields(_DPODefaults) if item.init]
+    return [item for item in [*dataclasses.fields(RunArguments), *trainer, *dataclasses.fields(ModelArguments)]
+            if ours(item)["held"]]
+
+
+def setting_name(item: dataclasses.Field) -> str:
+    """The field's name in `TrainSettings` (and in `ogpsa_config.json`)."""
+    return ours(item)["setting"] or item.name
+
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Field name → default (None for a field without one) of a dataclass's init fields."""
+    defaults = {}
+    for item in dataclasses.fields(cls):
+        if not item.init:
+            continue
+        if item.default is not dataclasses.MISSING:
+            defaults[item.name] = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            defaults[item.name] = item.default_factory()
+        else:
+            defaults[item.name] = None
+    return defaults

@@ -1,0 +1,290 @@
+"""SFT, DPO and SFT→DPO with TRL's trainers plus OGPSACallback: assembly only, no math.
+
+A command validates every input before it writes anything, trains in `OUTPUT.partial/` (kept on failure, so
+`--resume` can continue from its last checkpoint) and renames it to OUTPUT when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from lora_ogpsa.callback.router import OGPSACallback
+from lora_ogpsa.core.subspace import Subspace
+from lora_ogpsa.data.rows import DataKind, Rows, check_rows_fit, read_rows
+from lora_ogpsa.export.adapter import save_adapter, save_subspace
+from lora_ogpsa.export.card import write_model_card
+from lora_ogpsa.models.loading import (
+    attach_lora,
+    check_adapter_dir,
+    is_hub_id,
+    keep_lora_float32_,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    resolve_model_dir,
+)
+from lora_ogpsa.signals import distributed
+from lora_ogpsa.signals.reference import ReferenceSet, build_reference_set
+from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
+from lora_ogpsa.train.stage_files import StageFilesCallback
+from lora_ogpsa.utils import files
+from lora_ogpsa.utils.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["sft", "dpo"]
+"""A training stage: `align` runs one of each."""
+
+
+
+def run_sft(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """`lora-ogpsa sft`: train a fresh adapter on SFT data; returns the output directory."""
+    settings = dataclasses.replace(settings, output=files.output_path(settings.output))
+    with _locked(settings):
+        return _run_single("sft", settings, settings.data, callbacks)
+
+
+def run_dpo(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """`lora-ogpsa dpo`: train a fresh adapter, or continue `settings.adapter`, on preference data."""
+    settings = dataclasses.replace(settings, output=files.output_path(settings.output))
+    with _locked(settings):
+        return _run_single("dpo", settings, settings.data, callbacks)
+
+
+def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """`lora-ogpsa align`: SFT, then DPO on the same adapter with base + frozen SFT adapter as the DPO
+    reference model. Writes `sft/`, `dpo/` and the final adapter at the top of the output directory."""
+    settings = dataclasses.replace(settings, output=files.output_path(settings.output))
+    with _locked(settings):
+        return _run_align(settings, callbacks)
+
+
+def _locked(settings: TrainSettings):
+    """The output's lock, held by rank 0 for the whole run (other ranks write nothing)."""
+    return files.output_lock(settings.output) if distributed.is_main() else contextlib.nullcontext()
+
+
+def _run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback]) -> Path:
+    settings = resolve_model(settings)
+    tokenizer, reference = _validate_common(settings)
+    sft_rows = _read_checked(settings.sft_data, "sft", "--sft-data", tokenizer, settings)
+    dpo_rows = _read_checked(settings.dpo_data, "preference", "--dpo-data", tokenizer, settings)
+    work = _prepare_work_dir(settings)
+    sft_dir, dpo_dir = work / "sft", work / "dpo"
+    if not _stage_complete(sft_dir):
+        _train_stage("sft", settings, sft_dir, sft_rows, reference, tokenizer, None, callbacks)
+    if not _stage_complete(dpo_dir):
+        dpo_settings = settings.for_dpo_stage()
+        _train_stage("dpo", dpo_settings, dpo_dir, dpo_rows, reference, tokenizer, sft_dir, callbacks)
+    if distributed.is_main():
+        _promote_final_stage(work, sft_dir, dpo_dir, tokenizer)
+        files.finalize_directory(work, settings.output)
+        logger.info("aligned adapter written to %s", settings.output)
+    distributed.barrier()
+    return settings.output
+
+
+def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
+                callbacks: Sequence[TrainerCallback]) -> Path:
+    settings = resolve_model(settings)
+    tokenizer, reference = _validate_common(settings)
+    rows = _read_checked(data, "sft" if stage == "sft" else "preference", "--data", tokenizer, settings)
+    adapter = check_adapter_dir(settings.adapter) if stage == "dpo" and settings.adapter is not None else None
+    work = _prepare_work_dir(settings)
+    _train_stage(stage, settings, work, rows, reference, tokenizer, adapter, callbacks)
+    if distributed.is_main():
+        files.finalize_directory(work, settings.output)
+        logger.info("adapter written to %s", settings.output)
+    distributed.barrier()
+    return settings.output
+
+
+def _read_checked(source, kind: DataKind, flag: str, tokenizer, settings: TrainSettings) -> Rows:
+    """Every row read, validated, and rendered through the chat template within --max-length."""
+    rows = read_rows(source, kind, flag=flag)
+    keeps_end = settings.training_arguments.get("truncation_mode") == "keep_end"  # then no response is cut off
+    return check_rows_fit(rows, tokenizer, max_length=None if keeps_end else settings.max_length, kind=kind,
+                          flag=flag)
+
+
+def resolve_model(settings: TrainSettings) -> TrainSettings:
+    """The settings with `model` a local directory (a Hub ID is looked up in the local cache) and
+    `base_model_id` what the adapter will name as its base: the Hub ID, or the directory's absolute path."""
+    directory = resolve_model_dir(settings.model, settings.model_revision)
+    base_id = settings.base_model_id or (str(settings.model) if is_hub_id(settings.model)
+                                         else str(directory.resolve()))
+    return dataclasses.replace(settings, model=directory, base_model_id=base_id)
+
+
+def _validate_common(settings: TrainSettings):
+    """Every check that needs no training, before anything is written."""
+    files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
+    finished = settings.output.is_dir() and any(settings.output.iterdir())
+    if settings.resume and not files.partial_path(settings.output).exists() and not finished:
+        raise InputError(f"--resume: nothing to resume in {settings.output} (no {files.partial_path(settings.output).name} "
+                         "and no finished run); check --output, or drop --resume to start a fresh run")
+    tokenizer = load_tokenizer(settings.model)  # the model directory was checked by resolve_model
+    reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
+    if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
+        _read_checked(settings.replay, "sft", "--replay", tokenizer, settings)
+    return tokenizer, reference
+
+
+def _replay(settings: TrainSettings, tokenizer) -> dict:
+    """The replay set and weight for OGPSACallback (every replay row, cycled in micro-batches)."""
+    if settings.replay is None:
+        return {}
+    share = settings.replay_fraction / (1 - settings.replay_fraction)
+    config = dataclasses.replace(settings.ogpsa, reference_examples=10**9,
+                                 reference_batch_size=max(1, round(share * settings.batch_size)),
+                                 opening_tokens=0, later_token_weight=1.0)
+    replay = build_reference_set(settings.replay, tokenizer, config, max_length=settings.max_length,
+                                 seed=settings.seed, flag="--replay")
+    return {"replay": replay, "replay_weight": share}
+
+
+def _load_reference(settings: TrainSettings, tokenizer) -> ReferenceSet:
+    if settings.reference is None:
+        raise InputError("--reference is required unless --project none: give general-capability examples "
+                         "(JSONL of messages or prompt/completion rows)")
+    return build_reference_set(settings.reference, tokenizer, settings.ogpsa, max_length=settings.max_length,
+                               seed=settings.seed)
+
+
+def _prepare_work_dir(settings: TrainSettings) -> Path:
+    """The directory training writes into: `OUTPUT.partial`, continued with --resume, fresh otherwise.
+
+    Every input has been checked by now; with several processes this is where they first meet, and only
+    rank 0 touches the file system.
+    """
+    distributed.start(settings.ddp_timeout)
+    output, work = settings.output, files.partial_path(settings.output)
+    if distributed.is_main():
+        if settings.resume and not work.exists() and output.is_dir() and any(output.iterdir()):
+            # Continue a finished run (e.g. with more steps) in a copy: the finished one stays untouched until
+            # the continued one is complete, whatever happens meanwhile.
+            shutil.copytree(output, work, symlinks=True)
+        elif not settings.resume and work.exists():
+            logger.warning("removing %s, left by an earlier run that did not finish (use --resume to continue "
+                           "one)", work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return work
+
+
+def _stage_complete(directory: Path) -> bool:
+    return (directory / files.RUN_CONFIG).is_file() and (directory / files.ADAPTER_FILE).is_file()
+
+
+def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: Rows, reference: ReferenceSet | None,
+                 tokenizer, adapter: Path | None, callbacks: Sequence[TrainerCallback]) -> None:
+    """Train one stage into `directory` and write its outputs there (the run config last: the stage marker)."""
+    from lora_ogpsa.train.trainers import build_trainer
+
+    if distributed.is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    model = _load_model(settings, adapter)
+    run_config = settings.to_run_config(stage, rows, reference, adapter)
+    ogpsa = None
+    if settings.ogpsa.project != "none":
+        ogpsa = OGPSACallback(settings.ogpsa, reference, **_replay(settings, tokenizer))
+    stage_files = StageFilesCallback(directory, run_config, stage=stage, subspace_fn=lambda: ogpsa and ogpsa.subspace)
+    trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
+                            [cb for cb in (ogpsa, stage_files) if cb is not None] + list(callbacks))
+    checkpoint = files.last_complete_checkpoint(directory) if settings.resume else None
+    newest = get_last_checkpoint(str(directory)) if settings.resume else None
+    if newest and (checkpoint is None or Path(newest) != checkpoint):
+        logger.warning("--resume: %s is incomplete (a save cut short); passing over it", newest)
+    if checkpoint:
+        _check_resume_settings(run_config, checkpoint)
+        logger.info("resuming %s from %s, the newest complete checkpoint", stage, checkpoint)
+        checkpoint = str(checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if distributed.is_main():
+        save_adapter(trainer.model, directory)
+        tokenizer.save_pretrained(str(directory))  # with the chat template, as TRL's save_model does
+        save_subspace(ogpsa.subspace if ogpsa else None, directory)
+        write_model_card(directory / files.CARD_FILE, run_config=run_config, subspace=ogpsa.subspace if ogpsa else None,
+                         metrics=files.read_jsonl(directory / files.METRICS_FILE))
+        files.write_json(directory / files.RUN_CONFIG, run_config)
+    distributed.barrier()  # the next stage (align's DPO) reads what rank 0 wrote
+    del trainer, model
+    gc.collect()
+
+
+# What `--resume` may change: it affects how a run is logged, saved or how long it goes, not its result.
+_RESUMABLE_TRAINER = {"report_to", "logging_dir", "run_name", "disable_tqdm", "save_total_limit", "project"}
+
+
+def _check_resume_settings(run_config: dict, checkpoint: Path) -> None:
+    """Refuse to resume with settings that change the result (they would be silently ignored or mixed in).
+
+    Raises:
+        InputError: listing every setting that differs from the checkpoint's recorded run config.
+    """
+    recorded_path = checkpoint / files.RUN_CONFIG
+    if not recorded_path.is_file():
+        return  # a checkpoint written by another tool: nothing recorded to compare with
+    recorded = files.read_json(recorded_path)
+    current = {**run_config, "training_arguments": {key: value for key, value in
+                                                    run_config.get("training_arguments", {}).items()
+                                                    if key not in _RESUMABLE_TRAINER}}
+    before = {**recorded, "training_arguments": {key: value for key, value in
+                                                  recorded.get("training_arguments", {}).items()
+                                                  if key not in _RESUMABLE_TRAINER}}
+    changed = sorted(key for key in set(current) | set(before) if key not in RESUMABLE
+                     and json.dumps(current.get(key), sort_keys=True, default=str)
+                     != json.dumps(before.get(key), sort_keys=True, default=str))
+    if changed:
+        details = "; ".join(f"{key}: {before.get(key)!r} -> {current.get(key)!r}" for key in changed[:4])
+        raise InputError(f"--resume: {checkpoint.name} was trained with other settings ({details}"
+                         f"{'; ...' if len(changed) > 4 else ''}); resume with the same settings (only logging, "
+                         "checkpointing and the number of steps may change), or start a new --output")
+
+
+def _load_model(settings: TrainSettings, adapter: Path | None) -> torch.nn.Module:
+    """The base with a trainable adapter that names `base_model_id` as its base in every file saved."""
+    base = load_base_model(settings.model, quantize=settings.quantize)
+    if adapter is not None:
+        model = load_adapter(base, adapter, trainable=True, gradient_checkpointing=settings.use_gradient_checkpointing)
+    else:
+        config = lora_config(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+                             target_modules=settings.lora_target_modules or "all-linear",
+                             use_rslora=settings.use_rslora, use_dora=settings.use_dora)
+        model = attach_lora(base, config, seed=settings.seed,
+                            gradient_checkpointing=settings.use_gradient_checkpointing)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = settings.base_model_id or str(settings.model)
+    return model
+
+
+def _promote_final_stage(work: Path, sft_dir: Path, dpo_dir: Path, tokenizer) -> None:
+    """The DPO stage's adapter becomes the top-level one, with a card describing both stages; metrics of both
+    stages are concatenated."""
+    for name in (files.ADAPTER_FILE, files.ADAPTER_CONFIG, files.SUBSPACE_FILE, files.RUN_CONFIG):
+        if (dpo_dir / name).is_file():
+            shutil.copy2(dpo_dir / name, work / name)
+    tokenizer.save_pretrained(str(work))
+    metrics = files.read_jsonl(sft_dir / files.METRICS_FILE) + files.read_jsonl(dpo_dir / files.METRICS_FILE)
+    files.write_jsonl(work / files.METRICS_FILE, metrics)
+    subspace = Subspace.load(work / files.SUBSPACE_FILE) if (work / files.SUBSPACE_FILE).is_file() else None
+    write_model_card(work / files.CARD_FILE, run_config=files.read_json(dpo_dir / files.RUN_CONFIG), subspace=subspace,
+                     metrics=metrics, earlier_stages=[files.read_json(sft_dir / files.RUN_CONFIG)])
+
+
+__all__ = ["ReferenceSet", "keep_lora_float32_", "run_align", "run_dpo", "run_sft"]

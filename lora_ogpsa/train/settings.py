@@ -1,0 +1,174 @@
+"""`TrainSettings`: the settings of one `sft|dpo|align` run, generated from the fields of `train.arguments`.
+
+Its fields are the held fields of the argument dataclasses (named by their `setting`, e.g. `output` for
+`output_dir`), plus `training_arguments` (every other TRL field the user set) and `ogpsa`; defaults and help
+come from those declarations, so nothing is declared twice. The checks below name each flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+from lora_ogpsa.callback.guards import check_modes
+from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.models.loading import is_hub_id
+from lora_ogpsa.train.arguments import (
+    TRAINING_ARGUMENTS,
+    DPOArguments,
+    ModelArguments,
+    RunArguments,
+    field_defaults,
+    held_fields,
+    ours,
+    setting_name,
+)
+from lora_ogpsa.utils.errors import InputError
+
+TRAINER_FIELDS = frozenset(field_defaults(DPOArguments))
+RESUMABLE = frozenset({"step", *(setting_name(item) for item in held_fields() if ours(item)["resumable"])})
+"""Run-config keys that may differ between a checkpoint and the run resuming it."""
+
+
+class _Checks:
+    """The validation and helpers of `TrainSettings` (its fields are generated below)."""
+
+    def __post_init__(self) -> None:
+        if self.model is None or self.output is None:
+            raise InputError("TrainSettings needs `model` and `output`")
+        self.output = Path(self.output)
+        self.model = self.model if is_hub_id(self.model) else Path(self.model)
+        self.adapter = Path(self.adapter) if self.adapter is not None else None
+        if self.max_steps != -1 and _not_int_at_least(self.max_steps, 1):
+            raise InputError(f"--max-steps must be -1 (train --num_train_epochs epochs) or an integer >= 1, got "
+                             f"{self.max_steps!r}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r"):
+            if _not_int_at_least(getattr(self, name), 1):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("save_steps", "ddp_timeout"):
+            if _not_int_at_least(getattr(self, name), 0):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("dpo_max_steps", "dpo_batch_size", "dpo_save_steps"):
+            value = getattr(self, name)
+            if value is not None and _not_int_at_least(value, 1):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        for name in ("learning_rate", "dpo_learning_rate", "beta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+        alpha = self.lora_alpha
+        if alpha is not None and not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+            raise InputError(f"--lora-alpha must be a positive number, got {alpha!r}")
+        if not (isinstance(self.logging_steps, int | float) and self.logging_steps > 0):
+            raise InputError(f"--logging-steps must be a positive number, got {self.logging_steps!r}")
+        if not (isinstance(self.replay_fraction, int | float) and 0 < self.replay_fraction < 1):
+            raise InputError(f"--replay-fraction must be in (0, 1), got {self.replay_fraction!r}")
+        if self.replay is not None:
+            try:
+                check_modes(self.ogpsa, replay=True)
+            except ValueError as error:
+                raise InputError(f"--replay adds its gradient after the gradient projection: it needs --project grad, "
+                                 f"got --project {self.ogpsa.project} (for plain replay mix the rows into --data)"
+                                 ) from error
+        if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
+            raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.resume and self.overwrite:
+            raise InputError("--resume and --overwrite contradict each other; give one of them")
+
+    @property
+    def use_gradient_checkpointing(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available() if self.gradient_checkpointing is None else self.gradient_checkpointing
+
+    def trainer_values(self) -> dict[str, Any]:
+        """The trainer fields held here, under TRL's names (`beta` only where the stage has it)."""
+        return {item.name: getattr(self, setting_name(item)) for item in held_fields() if item.name in TRAINER_FIELDS}
+
+    def for_dpo_stage(self) -> TrainSettings:
+        """The settings of `align`'s DPO stage: its own steps and learning rate where given."""
+        return dataclasses.replace(self, max_steps=self.dpo_max_steps or self.max_steps,
+                                   learning_rate=self.dpo_learning_rate or self.learning_rate,
+                                   batch_size=self.dpo_batch_size or self.batch_size,
+                                   save_steps=self.dpo_save_steps or self.save_steps)
+
+    def to_run_config(self, stage: str, rows: Any, reference: Any, adapter: Path | None) -> dict[str, Any]:
+        """What `ogpsa_config.json` records: every setting plus the data actually used."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "ogpsa"}
+        values = {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+        values.update(stage=stage, ogpsa=self.ogpsa.to_dict(), training_rows=len(rows), training_source=rows.source,
+                      skipped_rows=rows.skipped, continued_adapter=str(adapter) if adapter else None,
+                      gradient_checkpointing=self.use_gradient_checkpointing)
+        if reference is not None:
+            values.update(reference_rows=reference.rows, reference_hash=reference.fingerprint)
+        return values
+
+
+def _settings_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    types = {**typing.get_type_hints(RunArguments), **typing.get_type_hints(ModelArguments),
+             **typing.get_type_hints(DPOArguments)}
+    fields = [(setting_name(item), types[item.name], dataclasses.field(default=item.default,
+                                                                      default_factory=item.default_factory,
+                                                                      metadata=item.metadata))
+              for item in held_fields()]
+    return [*fields, ("training_arguments", dict[str, Any], dataclasses.field(default_factory=dict)),
+            ("ogpsa", OGPSAConfig, dataclasses.field(default_factory=OGPSAConfig))]
+
+
+TrainSettings = dataclasses.make_dataclass("TrainSettings", _settings_fields(), bases=(_Checks,))
+TrainSettings.__module__ = __name__
+TrainSettings.__doc__ = """One `lora-ogpsa sft|dpo|align` run: model, data, LoRA and trainer settings, and the OGPSA config.
+
+Every field is a command-line flag and a key of the `--config` YAML file (see `train.arguments`)."""
+
+
+def to_train_settings(command: str, values: dict[str, Any], defaults: dict[str, Any]) -> TrainSettings:
+    """The `TrainSettings` of one run from the parsed flag values (flat dicts: field name → value).
+
+    Trainer fields equal to their parsed default (`defaults`: the values of an empty command line) stay out of
+    `training_arguments`, so the run config records what the user chose and TRL's own defaults apply to the
+    rest.
+
+    Raises:
+        InputError: a required flag is missing, or a value is out of range (naming the flag).
+    """
+    from lora_ogpsa.train.arguments import REQUIRED
+
+    for name in REQUIRED[command]:
+        if values.get(name) is None:
+            shown = {"model_name_or_path": "model", "output_dir": "output"}.get(name, name)
+            raise InputError(f"{command}: --{shown} is required (flag or --config key '{shown}' / '{name}')")
+    if not values["use_peft"]:
+        raise InputError("--use_peft false: lora-ogpsa trains LoRA adapters only; drop the flag")
+    ogpsa = _ogpsa_config(values)
+    if values["use_dora"] and ogpsa.project != "none":
+        raise InputError("--use_dora: OGPSA projects lora_A/lora_B only and would leave DoRA's magnitude vectors "
+                         "unprotected; use it with --project none, or drop --use_dora")
+    held = {item.name: item for item in held_fields()}
+    trainer_fields = field_defaults(TRAINING_ARGUMENTS[command])
+    extra = {name: value for name, value in values.items()
+             if name in trainer_fields and name not in held and value != defaults.get(name)}
+    if "trackio_project" in extra:
+        extra["project"] = extra.pop("trackio_project")
+    own = {setting_name(item): _integral(values[name]) if name in TRAINER_FIELDS else values[name]
+           for name, item in held.items() if name in values}
+    return TrainSettings(**own, training_arguments=extra, ogpsa=ogpsa)
+
+
+def _integral(value: Any) -> Any:
+    """TrainingArguments types steps as floats (a value < 1 is a share of the run); 5.0 is the step count 5."""
+    return int(value) if isinstance(value, float) and value.is_integer() and value >= 1 else value
+
+
+def _ogpsa_config(values: dict[str, Any]) -> OGPSAConfig:
+    try:
+        return OGPSAConfig(**{name: values[name] for name in field_defaults(OGPSAConfig)})
+    except ValueError as error:  # the config names the field as `name`; the CLI's flag is --name
+        raise InputError(str(error).replace("`", "--", 1).replace("`", "", 1)) from error
+
+
+def _not_int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int) or value < low
