@@ -37,8 +37,8 @@ from lora_ogpsa.demo.dangerous_sounding import BANK
 from lora_ogpsa.demo.data import trim_to_sentence
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS_FLAT
 from lora_ogpsa.eval.generation import generate
-from lora_ogpsa.eval.refusal import pick_refusal
 from lora_ogpsa.models.loading import load_adapter, load_base_model, load_tokenizer
+from lora_ogpsa.refusal import pick_refusal
 from lora_ogpsa.utils.files import read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from lora_ogpsa.demo.assets import ensure_default_model
-from lora_ogpsa.eval.refusal import is_refusal
 from lora_ogpsa.models.loading import load_tokenizer
+from lora_ogpsa.refusal import is_refusal
 
 LABELS = Path(__file__).resolve().parents[1] / "tests" / "data" / "refusal_labels.jsonl"
 

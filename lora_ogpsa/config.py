@@ -16,6 +16,8 @@ PROJECT_MODES: tuple[str, ...] = get_args(ProjectMode)
 ProtectKind = Literal["gradients", "activations", "both"]
 PROTECT_KINDS: tuple[str, ...] = get_args(ProtectKind)
 ActivationPositions = Literal["all", "opening"]
+ReferenceObjective = Literal["nll", "refusal_margin", "both"]
+REFERENCE_OBJECTIVES: tuple[str, ...] = get_args(ReferenceObjective)
 
 
 @dataclass
@@ -75,7 +77,30 @@ class OGPSAConfig:
     one_sided: bool = False
     """`update` mode only: remove a protected direction's component only when it would raise the reference
     loss (its sign is that of the mean reference gradient along the direction), keep it when it lowers it.
-    The reference loss then does not rise to first order, instead of not moving."""
+    The reference loss then does not rise to first order, instead of not moving. With
+    `reference_objective='refusal_margin'` the protected quantity is the margin, which must not *decrease*:
+    its samples are gradients of −m, so the same rule keeps the mean margin from falling to first order."""
+
+    reference_objective: ReferenceObjective = "nll"
+    """What the reference-gradient subspace protects (`protect='gradients'`/`both`). `nll`: the reference
+    answers' likelihood (the paper's). `refusal_margin`: the margin m = log p(a₁..ₜ | b) − log mean_j
+    p(r_j,₁..ₜ | b) between each reference answer's opening and the refusal openings r_j
+    (`margin_refusals`) over t = `margin_tokens` tokens — an update that raises a refusal logit by δ moves m
+    by about −δ, while the answer's own log-likelihood moves by only −p(r | b)·δ, near zero while refusing is
+    unlikely; use look-alike benign prompts as the reference. One sample per reference row (∇ of −m),
+    computed as the NLL's are (`lora_ogpsa.signals.margin`). `both`: the NLL samples and the margin samples of every
+    row stacked into the same subspace computation as they are (2 S samples, no rescaling; one-sided then
+    keeps mean NLL − mean margin from rising). Cost (`python -m benchmarks.refusal_margin --rows 32`,
+    SmolLM2-135M 4-bit, 96-token rows, 24 refusals, t = 4, 1 thread of a shared 2-core CPU): a margin row is
+    the 48-token prompt + 27 prefix-tree tokens, and its collection took 0.77 × the NLL's; `both` 1.79 ×."""
+
+    margin_tokens: int = 4
+    """t: opening tokens of the answer and of each refusal whose log-probability the margin compares."""
+
+    margin_refusals: list[str] | None = None
+    """The refusal texts r_j of the margin, each rendered as the assistant turn after every reference prompt
+    (chat template) and averaged in probability; None: `lora_ogpsa.refusal.GENERIC_REFUSALS` (the refusals
+    the default safety data teaches). Refusals with the same t opening tokens share their computation."""
 
     protect: ProtectKind = "gradients"
     """What the updates must not move. `gradients`: the reference-gradient subspace of every LoRA tensor (the
@@ -123,6 +148,15 @@ class OGPSAConfig:
         if self.activation_positions not in get_args(ActivationPositions):
             raise ValueError(f"`activation_positions` must be all or opening, got {self.activation_positions!r}")
         _check_int(self, "activation_opening_tokens", low=1)
+        if self.reference_objective not in REFERENCE_OBJECTIVES:
+            raise ValueError(f"`reference_objective` must be one of {', '.join(REFERENCE_OBJECTIVES)}, got "
+                             f"{self.reference_objective!r}")
+        _check_int(self, "margin_tokens", low=1)
+        refusals = self.margin_refusals
+        if refusals is not None and (not isinstance(refusals, list | tuple) or not refusals or not all(
+                isinstance(text, str) and text.strip() for text in refusals)):
+            raise ValueError(f"`margin_refusals` must be a non-empty list of non-empty texts (or None for the "
+                             f"built-in refusals), got {refusals!r}")
         weight = self.later_token_weight
         if not (isinstance(weight, int | float) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
             raise ValueError(f"`later_token_weight` must be in [0, 1], got {weight!r}")

@@ -20,8 +20,8 @@ from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOU
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
-from lora_ogpsa.eval.refusal import is_refusal
 from lora_ogpsa.models.loading import model_fingerprint
+from lora_ogpsa.refusal import is_refusal
 from lora_ogpsa.testing.tiny import save_tiny_model
 from lora_ogpsa.utils.errors import InputError
 

@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(lora_ogpsa.__file__).parent
 # Lowest first. A name is a subpackage or a top-level module of lora_ogpsa; "" is the package itself (the
 # public API of `from lora_ogpsa import ...`, over the callback and the signals).
 LAYERS: dict[str, int] = {"utils": 0, "core": 0, "config": 1, "data": 2, "models": 2, "signals": 3, "callback": 4,
-                          "eval": 4, "refusal": 4, "export": 4, "": 5, "train": 6, "demo": 7, "experiment": 8,
+                          "eval": 4, "refusal": 1, "export": 4, "": 5, "train": 6, "demo": 7, "experiment": 8,
                           "cli": 9, "__main__": 9, "testing": 10}
 CORE_ALLOWED = {"torch", "safetensors", "__future__"}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_ogpsa.eval.refusal import (
+from lora_ogpsa.refusal import (
     GENERIC_REFUSALS,
     OPENING_CHARS,
     SELF_HARM_REFUSALS,

@@ -13,31 +13,39 @@ from lora_ogpsa.core.sketch import GradientSketch
 from lora_ogpsa.core.subspace import Subspace
 from lora_ogpsa.signals import distributed
 from lora_ogpsa.signals.activations import collect_input_moments, compute_input_basis
+from lora_ogpsa.signals.margin import MarginBatch
 from lora_ogpsa.signals.reference import ReferenceBatch, collect_reference_sketch
 
 
 def estimate_subspace(model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter],
-                      batches: Sequence[ReferenceBatch], config: OGPSAConfig, *, progress: bool) -> Subspace:
+                      batches: Sequence[ReferenceBatch], config: OGPSAConfig, *, progress: bool,
+                      margin_batches: Sequence[MarginBatch] = ()) -> Subspace:
     """The bases to protect, from the current weights: gradient bases (`protect` ≠ activations; empty ones
-    otherwise) plus input bases (`protect` ≠ gradients). Metadata: `reference_loss` and `config`."""
+    otherwise) of the `reference_objective` (NLL samples from `batches`, refusal-margin samples from
+    `margin_batches`, or both) plus input bases of `batches` (`protect` ≠ gradients). Metadata:
+    `reference_loss`, `reference_objective`, `reference_margin` (margin objectives) and `config`."""
     if config.protect == "activations":
         subspace = Subspace({name: p.new_zeros(0, p.numel(), dtype=torch.float32) for name, p in parameters.items()},
                             metadata={"reference_loss": "nan"})
     else:
-        subspace = _gradient_subspace(model, parameters, batches, config, progress=progress)
+        gradient_batches = [*(batches if config.reference_objective != "refusal_margin" else []),
+                            *(margin_batches if config.reference_objective != "nll" else [])]
+        subspace = _gradient_subspace(model, parameters, gradient_batches, config, progress=progress,
+                                      nll_batches=batches)
     subspace.metadata["config"] = json.dumps(config.to_dict(), sort_keys=True)
     if config.protect != "gradients":
         _add_input_bases(model, parameters, batches, config, subspace)
     return subspace
 
 
-def _gradient_subspace(model, parameters, batches, config: OGPSAConfig, *, progress: bool) -> Subspace:
+def _gradient_subspace(model, parameters, batches, config: OGPSAConfig, *, progress: bool,
+                       nll_batches: Sequence[ReferenceBatch]) -> Subspace:
     subspace = None
     sketch, losses = _collect(model, parameters, batches, config, progress=progress)
     if sketch is not None:  # rank 0 (or the only process) computes the subspace
         subspace = sketch.subspace(max_directions=config.max_directions, energy=config.energy)
         del sketch
-        subspace.metadata["reference_loss"] = f"{float(losses.mean()):.6f}"
+        subspace.metadata.update(_objective_summary(losses, nll_batches, config))
     if distributed.active():
         shapes = {name: parameter.shape for name, parameter in parameters.items()}
         device = next(iter(parameters.values())).device
@@ -68,3 +76,15 @@ def _add_input_bases(model, parameters, batches, config: OGPSAConfig, subspace: 
         distributed.sum_across_ranks_(list({id(m): m for m in moments.values()}.values()))
     subspace.input_basis_by_name, subspace.input_energy_by_name = compute_input_basis(
         moments, energy=config.activation_energy)
+
+
+def _objective_summary(losses: torch.Tensor, batches: Sequence[ReferenceBatch], config: OGPSAConfig) -> dict[str, str]:
+    """Mean reference NLL ("nan" when not an objective) and mean refusal margin, from the losses `(S,)` in
+    gradient-batch order (NLL rows first; a margin row's loss is −m)."""
+    objective = config.reference_objective
+    count = sum(batch.input_ids.shape[0] for batch in batches) if objective != "refusal_margin" else 0
+    summary = {"reference_loss": f"{float(losses[:count].mean()):.6f}" if count else "nan",
+               "reference_objective": objective}
+    if objective != "nll":
+        summary["reference_margin"] = f"{float(-losses[count:].mean()):.6f}"
+    return summary

@@ -40,6 +40,7 @@ from lora_ogpsa.callback.telemetry import METRIC_PREFIX, Telemetry
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.core.subspace import Subspace
 from lora_ogpsa.signals import distributed
+from lora_ogpsa.signals.margin import MarginBatch
 from lora_ogpsa.signals.reference import ReferenceBatch, ReferenceSet
 from lora_ogpsa.utils.files import checkpoint_dir
 
@@ -59,7 +60,8 @@ class OGPSACallback(TrainerCallback):
     Args:
         config: the OGPSA settings (mode, k, energy, refresh interval).
         reference_batches: a `ReferenceSet` (`build_reference_set`: its hash and source are recorded with
-            the subspace) or padded reference micro-batches (`reference.make_batches`).
+            the subspace) or padded reference micro-batches (`reference.make_batches`, and for a
+            `reference_objective` other than `nll` also `margin.make_margin_batches`).
         parameters_fn: maps the trainer's model to its trainable LoRA weights keyed as in the adapter file
             (default: `lora_ogpsa.models.loading.lora_parameters`).
         metadata: strings saved with every subspace file (e.g. the reference-set hash).
@@ -81,8 +83,13 @@ class OGPSACallback(TrainerCallback):
         self.config = config
         if isinstance(reference_batches, ReferenceSet):
             metadata = {**reference_batches.metadata, **(metadata or {})}
-            reference_batches = reference_batches.batches
-        self.reference_batches = list(reference_batches)
+            reference_batches = [*reference_batches.batches, *reference_batches.margin_batches]
+        self.reference_batches = [batch for batch in reference_batches if not isinstance(batch, MarginBatch)]
+        self.margin_batches = [batch for batch in reference_batches if isinstance(batch, MarginBatch)]
+        if config.reference_objective != "nll" and config.protect != "activations" and not self.margin_batches:
+            raise ValueError(f"OGPSACallback: reference_objective={config.reference_objective!r} needs the "
+                             "reference rows packed for the refusal margin: pass build_reference_set(..., config) "
+                             "built with this config (or signals.margin.make_margin_batches)")
         self.parameters_fn = parameters_fn or lora_parameters
         self.metadata = dict(metadata or {})
         self.progress = progress
@@ -154,7 +161,7 @@ class OGPSACallback(TrainerCallback):
         # parameters × 4 bytes, 149 MB at k 8 on SmolLM2-135M), so the refresh peak holds one set, not two.
         self.subspace = self.projection = None
         subspace = estimate_subspace(model, self._parameters, self.reference_batches, self.config,
-                                     progress=self.progress)
+                                     progress=self.progress, margin_batches=self.margin_batches)
         subspace.metadata = {**self.metadata, **subspace.metadata, "step": str(step)}
         self._install(subspace)
         if self.config.project == "update" and optimizer is not None:

@@ -53,6 +53,8 @@ class Telemetry:
         reference_loss = float(subspace.metadata.get("reference_loss", "nan"))
         self.add("refresh_seconds", seconds)
         self.set("reference_loss", reference_loss)
+        if "reference_margin" in subspace.metadata:
+            self.set("reference_margin", float(subspace.metadata["reference_margin"]))
         if config.protect != "activations":
             summary = subspace.summary()
             logger.info("OGPSA refresh at step %d: k min/median/max %d/%g/%d over %d tensors (%d with k=0), "

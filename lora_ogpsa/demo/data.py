@@ -61,8 +61,8 @@ from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, sp
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.eval.generation import EvalSuites, generate
 from lora_ogpsa.eval.prompts import UtilityItem
-from lora_ogpsa.eval.refusal import is_refusal, pick_refusal
 from lora_ogpsa.models.loading import load_base_model, load_tokenizer, model_fingerprint
+from lora_ogpsa.refusal import is_refusal, pick_refusal
 from lora_ogpsa.utils.errors import InputError
 from lora_ogpsa.utils.files import atomic_directory, read_jsonl, write_json, write_jsonl
 

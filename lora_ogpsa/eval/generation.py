@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from lora_ogpsa.data.rows import tokenize_prompt_completion
 from lora_ogpsa.eval.prompts import Prompt, UtilityItem
-from lora_ogpsa.eval.refusal import OPENING_CHARS, is_refusal
 from lora_ogpsa.eval.stats import bootstrap_ci
+from lora_ogpsa.refusal import OPENING_CHARS, is_refusal
 
 logger = logging.getLogger(__name__)
 

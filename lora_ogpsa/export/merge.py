@@ -51,6 +51,7 @@ from lora_ogpsa.utils.files import (
 logger = logging.getLogger(__name__)
 
 MergeBase = Literal["original", "dequantized"]
+"""What the adapter is merged into: the original full-precision weights, or the dequantized 4-bit ones."""
 OutputDtype = Literal["float32", "bfloat16", "float16"]
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Copied verbatim from the base, when present: what `AutoTokenizer` and `generate` read.

@@ -13,6 +13,8 @@ so this works with gradient checkpointing (reentrant or not) and on a 4-bit base
 
 `collect_reference_samples` holds all S samples of every tensor; `collect_reference_sketch` (what a refresh
 uses) adds each micro-batch's samples into a bounded Frequent Directions sketch (`sketch.GradientSketch`).
+A micro-batch may also be a `margin.MarginBatch`: its rows' samples are then gradients of the negated refusal
+margin −m (`OGPSAConfig.reference_objective`), from the same hooks and the same one backward per micro-batch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import itertools
 import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lora_ogpsa.core.sketch import GradientSketch
 from lora_ogpsa.data.rows import TokenizedExample, fingerprint, read_rows, tokenize_rows
+from lora_ogpsa.signals.margin import MarginBatch, example_margins, make_margin_batches, tokenize_margin_row
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class ReferenceSet:
     rows: int
     source: str
     fingerprint: str
+    margin_batches: list[MarginBatch] = field(default_factory=list)
+    """The same rows packed for the refusal margin (built when `reference_objective` is not `nll`)."""
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -67,8 +72,10 @@ def build_reference_set(source: Any, tokenizer: Any, config: Any = None, *, max_
     Rows are TRL's SFT formats (`messages`, or `prompt`/`completion`), validated as `data.read_rows` does.
     `config` (an `OGPSAConfig`; default settings when None) decides how many rows are used
     (`reference_examples`, a seeded sample when there are more), the micro-batch size
-    (`reference_batch_size`) and the token weighting (`opening_tokens`, `later_token_weight`). Tokenization
-    is exactly TRL's SFTTrainer's (loss on the response only); rows whose prompt fills `max_length` are dropped.
+    (`reference_batch_size`) and the token weighting (`opening_tokens`, `later_token_weight`); with
+    `reference_objective` `refusal_margin` or `both` the same rows are also packed for the refusal margin
+    (`margin_tokens`, `margin_refusals`). Tokenization is exactly TRL's SFTTrainer's (loss on the response
+    only); rows whose prompt fills `max_length` are dropped.
 
     Raises:
         InputError: unreadable or invalid rows, or none left after truncation.
@@ -86,7 +93,20 @@ def build_reference_set(source: Any, tokenizer: Any, config: Any = None, *, max_
     examples = tokenize_rows(tokenizer, chosen, max_length=max_length, source=f"{flag} {rows.source}")
     batches = make_batches(examples, batch_size=config.reference_batch_size, pad_token_id=tokenizer.pad_token_id,
                            opening_tokens=config.opening_tokens, later_token_weight=config.later_token_weight)
-    return ReferenceSet(batches, len(examples), rows.source, fingerprint(examples))
+    reference = ReferenceSet(batches, len(examples), rows.source, fingerprint(examples))
+    if config.reference_objective != "nll":
+        reference.margin_batches = _margin_batches(tokenizer, chosen, config, max_length)
+    return reference
+
+
+def _margin_batches(tokenizer: Any, rows: Sequence[dict], config: Any, max_length: int | None) -> list[MarginBatch]:
+    from lora_ogpsa.refusal import GENERIC_REFUSALS
+
+    refusals = list(config.margin_refusals or GENERIC_REFUSALS)
+    examples = [tokenize_margin_row(tokenizer, row, refusals, tokens=config.margin_tokens, max_length=max_length)
+                for row in rows]
+    return make_margin_batches([example for example in examples if example is not None],
+                               batch_size=config.reference_batch_size, pad_token_id=tokenizer.pad_token_id)
 
 
 def make_batches(examples: Sequence[TokenizedExample], *, batch_size: int, pad_token_id: int,
@@ -210,7 +230,7 @@ class _PerExampleGradients:
 
 def collect_reference_samples(
     model: nn.Module,
-    batches: Sequence[ReferenceBatch],
+    batches: Sequence[ReferenceBatch | MarginBatch],
     parameters: Mapping[str, torch.nn.Parameter],
     *,
     adapter_name: str = "default",
@@ -221,7 +241,8 @@ def collect_reference_samples(
 
     Args:
         model: the PEFT model (any base: full precision or 4-bit; gradient checkpointing on or off).
-        batches: padded reference micro-batches (`make_batches`); may be empty.
+        batches: padded reference micro-batches (`make_batches`; or `margin.make_margin_batches`, whose
+            samples are ∇(−m) and losses −m); may be empty.
         parameters: the trainable LoRA weights, keyed as in the adapter file (`model.lora_parameters`).
         adapter_name: the adapter whose lora_A / lora_B modules the parameters belong to.
         progress: show a progress bar.
@@ -249,7 +270,7 @@ def collect_reference_samples(
 
 def collect_reference_sketch(
     model: nn.Module,
-    batches: Sequence[ReferenceBatch],
+    batches: Sequence[ReferenceBatch | MarginBatch],
     parameters: Mapping[str, torch.nn.Parameter],
     *,
     rows: int,
@@ -273,7 +294,7 @@ def collect_reference_sketch(
     return sketch, losses
 
 
-def _per_example_backward(model: nn.Module, batches: Sequence[ReferenceBatch],
+def _per_example_backward(model: nn.Module, batches: Sequence[ReferenceBatch | MarginBatch],
                           parameters: Mapping[str, torch.nn.Parameter], rows_for, done=None, *,
                           adapter_name: str, progress: bool) -> torch.Tensor:
     """For each micro-batch: `rows_for(B)` gives zeroed `(B, *shape)` rows per name, one forward/backward adds
@@ -293,10 +314,14 @@ def _per_example_backward(model: nn.Module, batches: Sequence[ReferenceBatch],
     return torch.cat(losses)
 
 
-def _backward(model: nn.Module, batch: ReferenceBatch) -> torch.Tensor:
+def _backward(model: nn.Module, batch: ReferenceBatch | MarginBatch) -> torch.Tensor:
     """One micro-batch's forward/backward; its own function so that the graph, and the layer inputs the hooks
-    hold in it, are freed before the next micro-batch's forward (measured: +300 MiB at SmolLM2-135M scale)."""
-    example_loss = example_losses(model, batch)  # (B,)
+    hold in it, are freed before the next micro-batch's forward (measured: +300 MiB at SmolLM2-135M scale).
+    A margin batch's loss is −m: a sample points the way the margin falls, as an NLL sample does the loss."""
+    if isinstance(batch, MarginBatch):
+        example_loss = -example_margins(model, batch)  # (B,)
+    else:
+        example_loss = example_losses(model, batch)  # (B,)
     example_loss.sum().backward()
     return example_loss.detach().float().cpu()
 

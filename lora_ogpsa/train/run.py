@@ -25,17 +25,7 @@ from lora_ogpsa.core.subspace import Subspace
 from lora_ogpsa.data.rows import DataKind, Rows, check_rows_fit, read_rows
 from lora_ogpsa.export.adapter import save_adapter, save_subspace
 from lora_ogpsa.export.card import write_model_card
-from lora_ogpsa.models.loading import (
-    attach_lora,
-    check_adapter_dir,
-    is_hub_id,
-    keep_lora_float32_,
-    load_adapter,
-    load_base_model,
-    load_tokenizer,
-    lora_config,
-    resolve_model_dir,
-)
+from lora_ogpsa.models import loading
 from lora_ogpsa.signals import distributed
 from lora_ogpsa.signals.reference import ReferenceSet, build_reference_set
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
@@ -102,7 +92,7 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
     settings = resolve_model(settings)
     tokenizer, reference = _validate_common(settings)
     rows = _read_checked(data, "sft" if stage == "sft" else "preference", "--data", tokenizer, settings)
-    adapter = check_adapter_dir(settings.adapter) if stage == "dpo" and settings.adapter is not None else None
+    adapter = loading.check_adapter_dir(settings.adapter) if stage == "dpo" and settings.adapter is not None else None
     work = _prepare_work_dir(settings)
     _train_stage(stage, settings, work, rows, reference, tokenizer, adapter, callbacks)
     if distributed.is_main():
@@ -123,8 +113,8 @@ def _read_checked(source, kind: DataKind, flag: str, tokenizer, settings: TrainS
 def resolve_model(settings: TrainSettings) -> TrainSettings:
     """The settings with `model` a local directory (a Hub ID is looked up in the local cache) and
     `base_model_id` what the adapter will name as its base: the Hub ID, or the directory's absolute path."""
-    directory = resolve_model_dir(settings.model, settings.model_revision)
-    base_id = settings.base_model_id or (str(settings.model) if is_hub_id(settings.model)
+    directory = loading.resolve_model_dir(settings.model, settings.model_revision)
+    base_id = settings.base_model_id or (str(settings.model) if loading.is_hub_id(settings.model)
                                          else str(directory.resolve()))
     return dataclasses.replace(settings, model=directory, base_model_id=base_id)
 
@@ -136,7 +126,7 @@ def _validate_common(settings: TrainSettings):
     if settings.resume and not files.partial_path(settings.output).exists() and not finished:
         raise InputError(f"--resume: nothing to resume in {settings.output} (no {files.partial_path(settings.output).name} "
                          "and no finished run); check --output, or drop --resume to start a fresh run")
-    tokenizer = load_tokenizer(settings.model)  # the model directory was checked by resolve_model
+    tokenizer = loading.load_tokenizer(settings.model)  # the model directory was checked by resolve_model
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
     if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
         _read_checked(settings.replay, "sft", "--replay", tokenizer, settings)
@@ -259,14 +249,14 @@ def _check_resume_settings(run_config: dict, checkpoint: Path) -> None:
 
 def _load_model(settings: TrainSettings, adapter: Path | None) -> torch.nn.Module:
     """The base with a trainable adapter that names `base_model_id` as its base in every file saved."""
-    base = load_base_model(settings.model, quantize=settings.quantize)
+    base = loading.load_base_model(settings.model, quantize=settings.quantize)
     if adapter is not None:
-        model = load_adapter(base, adapter, trainable=True, gradient_checkpointing=settings.use_gradient_checkpointing)
+        model = loading.load_adapter(base, adapter, trainable=True, gradient_checkpointing=settings.use_gradient_checkpointing)
     else:
-        config = lora_config(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
+        config = loading.lora_config(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                              target_modules=settings.lora_target_modules or "all-linear",
                              use_rslora=settings.use_rslora, use_dora=settings.use_dora)
-        model = attach_lora(base, config, seed=settings.seed,
+        model = loading.attach_lora(base, config, seed=settings.seed,
                             gradient_checkpointing=settings.use_gradient_checkpointing)
     for config in model.peft_config.values():
         config.base_model_name_or_path = settings.base_model_id or str(settings.model)
@@ -287,4 +277,4 @@ def _promote_final_stage(work: Path, sft_dir: Path, dpo_dir: Path, tokenizer) ->
                      metrics=metrics, earlier_stages=[files.read_json(sft_dir / files.RUN_CONFIG)])
 
 
-__all__ = ["ReferenceSet", "keep_lora_float32_", "run_align", "run_dpo", "run_sft"]
+__all__ = ["ReferenceSet", "run_align", "run_dpo", "run_sft"]
