@@ -1,0 +1,1 @@
+"""Pure math: the subspace, its streaming sketch and the projection (torch and safetensors only)."""

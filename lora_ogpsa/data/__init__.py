@@ -1,0 +1,1 @@
+"""Reading and validating rows in TRL's data formats."""

@@ -1,0 +1,1 @@
+"""Evaluation: generation, metrics, prompt sets, intervals and `lora-ogpsa eval`."""

@@ -1,0 +1,1 @@
+"""Adapters out of a run: export, model cards, and the streamed, audited merge."""

@@ -1,0 +1,1 @@
+"""Test helpers (tiny models and tokenizers); no runtime module imports this package."""

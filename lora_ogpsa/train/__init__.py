@@ -1,0 +1,1 @@
+"""Training runs: settings (declared once), TRL trainers, checkpoint files, sft / dpo / align."""

@@ -1,0 +1,1 @@
+"""Errors and file handling shared by every layer."""
