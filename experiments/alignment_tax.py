@@ -40,7 +40,7 @@ from lora_ogpsa.demo.evaluator import LAMBDAS
 from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.experiment.plan import CONTRASTIVE_SIZES, Method, Plan
 from lora_ogpsa.experiment.run import run_demo
-from lora_ogpsa.experiment.stats import SAFETY_LEVELS, across_seeds
+from lora_ogpsa.experiment.stats import SAFETY_LEVELS, across_seeds, paired_tax_difference
 from lora_ogpsa.utils.files import write_json
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
@@ -76,6 +76,16 @@ VARIANTS = {
                                           projected_replay="reference_lookalike", replay_fraction=0.5),
     "plain-align": Method("plain-align", project="none", stages="align"),
     "ogpsa-k8-lookalike-align": Method("ogpsa-k8-lookalike-align", stages="align", ogpsa={"max_directions": 8}),
+    # the demo's methods (`experiment.plan.DEMO_METHODS`, SFT only) and the refusal-margin objective (issue 25)
+    "demo-plain": Method("plain", project="none", stages="sft"),
+    "demo-replay": Method("replay", project="none", replay=True, stages="sft"),
+    "demo-ogpsa": Method("ogpsa", stages="sft"),
+    "margin": Method("margin", stages="sft", ogpsa={"reference_objective": "refusal_margin"}),
+    "margin-both": Method("margin-both", stages="sft", ogpsa={"reference_objective": "both"}),
+    "margin-onesided": Method("margin-onesided", stages="sft",
+                              ogpsa={"reference_objective": "refusal_margin", "one_sided": True}),
+    "margin-t2": Method("margin-t2", stages="sft", ogpsa={"reference_objective": "refusal_margin", "margin_tokens": 2}),
+    "margin-t8": Method("margin-t8", stages="sft", ogpsa={"reference_objective": "refusal_margin", "margin_tokens": 8}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.7,
                                              "activation_positions": "opening"}),
@@ -97,7 +107,7 @@ short questions answered; `experiment.plan.CONTRASTIVE_SIZES`). Both with DPO pa
 def plan(args: argparse.Namespace, seed: int) -> Plan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     if args.plan == "demo":  # `make demo`'s CPU plan exactly (its cached runs are reused), one seed per call
-        demo = dataclasses.replace(Plan.demo(), seed=seed, repeat_seeds=())
+        demo = dataclasses.replace(Plan.demo(), seed=seed, repeat_seeds=(), eval_split=args.split)
         if args.dpo_steps:  # SFT then DPO (the `-align` variants), on the demo's mix with its DPO pairs built
             demo = dataclasses.replace(demo, dpo_steps=args.dpo_steps, dpo_save_steps=args.dpo_steps,
                                        data_sizes=CONTRASTIVE_SIZES)
@@ -105,7 +115,7 @@ def plan(args: argparse.Namespace, seed: int) -> Plan:
     return dataclasses.replace(
         Plan(), sft_steps=args.steps, save_steps=args.save_steps, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length,
-        seed=seed, data_seed=0, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
+        seed=seed, data_seed=0, eval_split=args.split, eval_harmful=args.eval_harmful, eval_utility=args.eval_utility,
         eval_max_new_tokens=args.eval_tokens, quantize=not args.full_precision,
         lambdas=tuple(args.lambdas or LAMBDAS),
         dpo_steps=8, dpo_save_steps=4,  # unused by these SFT variants, but in every run's fingerprint: pinned
@@ -135,7 +145,8 @@ def merged_report(paths: list[Path], variants: list[str]) -> dict:
 def markdown(summary: dict) -> str:
     """The tax table (mean [95 % CI] across seeds) and the final models' rates."""
     levels = [f"{level:g}" for level in summary["levels"]]
-    lines = [f"Alignment tax at matched safety (points; mean [95 % CI] over seeds {summary['seeds']}; — : not "
+    lines = [f"Evaluation split: **{summary.get('split', 'unsplit')}**", "",
+             f"Alignment tax at matched safety (points; mean [95 % CI] over seeds {summary['seeds']}; — : not "
              "reached in every seed)", "", "| curve | " + " | ".join(f"{float(lv):.0%} HarmBench refused"
                                                                     for lv in levels) + " |",
              "|---|" + "---|" * len(levels)]
@@ -153,7 +164,40 @@ def markdown(summary: dict) -> str:
                  for key in ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate",
                              "utility_accuracy")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired_markdown(summary.get("paired", {}), levels)) + "\n"
+
+
+def paired_markdown(paired: dict, levels: list[str]) -> list[str]:
+    """The paired differences against plain QLoRA, as Markdown lines (none without them)."""
+    if not paired:
+        return []
+    lines = ["", "Paired difference, method − plain QLoRA, at matched HarmBench refusal (points; mean over seeds "
+             "[95 % hierarchical bootstrap over seeds and prompts, the HarmBench crossing included]; negative: "
+             "less tax than plain; — : some seed's curve does not reach the level)", "",
+             "| method | level | tax | utility lost | over-refusal gained | look-alike refusal gained |",
+             "|---|---|---|---|---|---|"]
+    for name, by_level in paired.items():
+        for level in levels:
+            cells = []
+            for metric in PAIRED_METRICS:
+                found = by_level.get(level, {}).get(metric)
+                cells.append("—" if not found else f"{found['mean']:+.1f} [{found['ci'][0]:+.1f}, {found['ci'][1]:+.1f}]")
+            lines.append(f"| {name} | {float(level):.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+PAIRED_METRICS = ("tax", "utility", "over_refusal", "dangerous")
+
+
+def paired_differences(reports: dict[int, dict], names: list[str], levels: list[float]) -> dict:
+    """Every method minus plain QLoRA (`plain`), per level and metric: `stats.paired_tax_difference` over the
+    seeds' checkpoint curves (hierarchical bootstrap over seeds and prompts)."""
+    if "plain" not in names:
+        return {}
+    curves = {seed: report["trajectories"] for seed, report in reports.items()}
+    return {name: {f"{level:g}": {metric: paired_tax_difference(curves, name, "plain", level, metric=metric)
+                                  for metric in PAIRED_METRICS} for level in levels}
+            for name in names if name != "plain"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--split", choices=("dev", "test"), default="dev",
+                        help="the evaluation split: `dev` for every screen that chooses something (the default), "
+                             "`test` only for a final table of choices already made on dev")
     parser.add_argument("--plan", choices=("experiment", "demo"), default="experiment",
                         help="`experiment`: the plan the options below set; `demo`: `make demo`'s CPU plan exactly "
                              "(4-bit, its data mix, steps, λ = 0.5, evaluation sizes; the options below ignored), "
@@ -178,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the data mix (see DATA_MIXES)")
     parser.add_argument("--eval-tokens", type=int, default=24,
                         help="new tokens of the refusal responses (16 gives the same verdicts: experiments.refusal_tokens)")
-    parser.add_argument("--eval-harmful", type=int, default=64, help="HarmBench prompts evaluated (of 200)")
-    parser.add_argument("--eval-utility", type=int, default=64, help="utility questions evaluated (of 136)")
+    parser.add_argument("--eval-harmful", type=int, help="HarmBench prompts evaluated (default: the split's 60 dev "
+                                                             "or 140 test)")
+    parser.add_argument("--eval-utility", type=int, help="utility questions evaluated (default: the split's 40 dev or "
+                                                         "96 test)")
     parser.add_argument("--lambdas", nargs="+", type=float,
                         help="the λ-curves' points besides 0 and 1 (the plan's by default: 0.25 0.5 0.75, the demo "
                              "plan's 0.5); above 1 the final delta is amplified, continuing the curve past it")
@@ -212,7 +261,8 @@ def main() -> None:
         return
     for seed in args.seeds:  # the summary is rewritten after every seed: an interrupted run keeps what it did
         reports[seed] = run_demo(output=args.output / f"seed-{seed}", model=args.model, plan=plan(args, seed),
-                                 methods=methods, cache_dir=args.cache_dir, evaluation_cache=args.output / "evaluations")
+                                 methods=methods, cache_dir=args.cache_dir, evaluation_cache=args.output / "evaluations",
+                                 tuning=args.split == "dev")
         table = write_summary(args, reports)
     print(table)
 
@@ -220,10 +270,11 @@ def main() -> None:
 def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
     """Write the summary JSON and Markdown of the seeds done so far; returns the Markdown table."""
     summary = {"command": "python -m experiments.alignment_tax " + shlex.join(sys.argv[1:]),
-               "seeds": list(reports), "seeds_asked": args.seeds, "variants": args.variants,
+               "split": args.split, "seeds": list(reports), "seeds_asked": args.seeds, "variants": args.variants,
                "levels": list(args.levels),
                "plan": json.loads(json.dumps(dataclasses.asdict(plan(args, args.seeds[0])), default=str)),
                **{key: value for key, value in across_seeds(reports, args.levels).items() if key != "seeds"},
+               "paired": paired_differences(reports, [VARIANTS[name].name for name in args.variants], args.levels),
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
                             for seed, report in reports.items()}}
     args.summary.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ TINY_SIZES = DemoSizes(sft_harmful=12, benign_fraction=0.25, dpo_pairs=6, harmfu
 def small_plan(**changes) -> Plan:
     plan = Plan(sft_steps=2, dpo_steps=1, save_steps=1, dpo_save_steps=1, batch_size=4, dpo_batch_size=2,
                     max_length=64, eval_harmful=4, eval_benign=4, eval_utility=4, eval_max_new_tokens=4,
-                    eval_batch_size=8, data_sizes=TINY_SIZES, lambdas=(0.25, 0.5, 0.75),
+                    eval_batch_size=8, data_sizes=TINY_SIZES, lambdas=(0.25, 0.5, 0.75), lambda_curves=True,
                     ogpsa=OGPSAConfig(max_directions=2, refresh_every=1, reference_examples=4,
                                       reference_batch_size=2))
     return dataclasses.replace(plan, **changes)
@@ -61,11 +61,15 @@ def check_report(report, output, methods):
         points = on_disk["trajectories"][method]
         assert points[0]["label"] == "base" and points[-1]["label"] == "final"
         assert all(set(METRICS) <= point.keys() for point in points)
+        # per-prompt outcomes on every point, for the paired bootstrap
+        assert all(len(p["flags"]["harmful"]) == p["n_harmful"] and len(p["flags"]["benign"]) == p["n_benign"]
+                   for p in points)
         curve = on_disk["lambda_curves"][method]
         assert [p["lambda"] for p in curve] == [0.0, *report["settings"]["lambdas"], 1.0]
         assert curve[0]["harmful_refusal_rate"] == points[0]["harmful_refusal_rate"]
     settings = on_disk["settings"]
     assert settings["sft_steps"] == 2 and settings["ogpsa"]["max_directions"] == 2
+    assert settings["split"] == "test" and "Evaluation split: `test`" in (output / "report.md").read_text()
     assert [m["name"] for m in settings["methods"]] == list(methods)
     return on_disk
 

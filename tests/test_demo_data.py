@@ -15,6 +15,7 @@ from lora_ogpsa.demo.data import (
     load_eval_suites,
     trim_to_sentence,
 )
+from lora_ogpsa.demo.everyday_lookalikes import EVERYDAY_BANK
 from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
@@ -32,7 +33,8 @@ FAKE_DONOTANSWER = [{"prompt": f"harmful request number {i}?", "category": CATEG
 FAKE_HARMBENCH = [f"harmbench behaviour {i}" for i in range(12)]
 SMALL = DemoSizes(sft_harmful=9, benign_fraction=0.25, dpo_pairs=6, harmful_heldout=5, reference=7, benign_eval=4,
                   sft_lookalike=5, dpo_lookalike=4, reference_lookalike=3, sft_instructions=4, sft_quick=3)
-EVAL_LOOKALIKE = len(split_lookalike(SMALL, 0)["eval"])
+EVAL_LOOKALIKE = len(split_lookalike(SMALL, 0)["eval"]) + len(EVERYDAY_BANK)
+"""Held-out look-alikes of both splits: the first bank's held-out families and the whole everyday bank."""
 
 
 # ---- the prompt sets written in code ----
@@ -166,9 +168,13 @@ def _rows(path):
 
 def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake_generate):
     data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
-    assert data.counts == {"sft": 9 + 4 + SMALL.sft_benign + 5 + 3, "dpo": 6 + 4, "reference": 7,
-                           "reference_lookalike": 7 + 3, "harmful_train": 9 + 4 + 6, "harmful_heldout": 5,
-                           "harmbench": 12, "benign": EVAL_LOOKALIKE + 4, "utility": len(UTILITY_SET)}
+    counts = {key: value for key, value in data.counts.items() if not key.endswith(("_dev", "_test"))}
+    assert counts == {"sft": 9 + 4 + SMALL.sft_benign + 5 + 3, "dpo": 6 + 4, "reference": 7,
+                      "reference_lookalike": 7 + 3, "harmful_train": 9 + 4 + 6}
+    both = lambda name: data.counts[f"{name}_dev"] + data.counts[f"{name}_test"]  # noqa: E731
+    assert (both("harmful_heldout"), both("harmbench"), both("benign"), both("utility")) == (
+        5, 12, EVAL_LOOKALIKE + 4, len(UTILITY_SET))
+    assert (data.counts["harmbench_dev"], data.counts["utility_dev"], data.counts["harmful_heldout_dev"]) == (4, 40, 2)
     assert len(read_rows(data.path("sft"), "sft")) == data.counts["sft"]  # TRL formats, as the trainer reads them
     assert len(read_rows(data.path("reference"), "sft")) == 7
     assert len(read_rows(data.path("dpo"), "preference")) == 10
@@ -186,7 +192,7 @@ def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake
     assert sources["counts"] == data.counts and sources["seed"] == 0 and "Do-Not-Answer" in sources["sources"]
     assert sources["proportions"]["sft"] == {"harmful_refusals": 9 + 4, "ordinary_answered": SMALL.sft_benign,
                                              "lookalike_answered": 5, "quick_answered": 3}
-    benign = _rows(data.path("benign"))
+    benign = _rows(data.path("benign_dev")) + _rows(data.path("benign_test"))
     assert sum(row["kind"] == "sounds_dangerous" for row in benign) == EVAL_LOOKALIKE
 
 
@@ -207,14 +213,18 @@ def test_evaluation_prompts_are_held_out_from_every_training_and_reference_set(t
     data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
     trained = {prompt for name in ("sft", "dpo", "reference", "reference_lookalike", "harmful_train")
                for prompt in _prompts_of(_rows(data.path(name)))}
-    evaluated = {prompt for name in ("benign", "utility", "harmful_heldout", "harmbench")
-                 for prompt in _prompts_of(_rows(data.path(name)))}
-    assert evaluated and not trained & evaluated
-    # ... and no trigger word of a held-out dangerous-sounding prompt occurs in a trained look-alike prompt
-    triggers = {row["trigger"] for row in _rows(data.path("benign")) if row["kind"] == "sounds_dangerous"}
+    evaluated = {split: {prompt for name in demo_data.EVAL_FILES
+                         for prompt in _prompts_of(_rows(data.path(f"{name}_{split}")))} for split in ("dev", "test")}
+    assert evaluated["dev"] and evaluated["test"] and not trained & (evaluated["dev"] | evaluated["test"])
+    assert not evaluated["dev"] & evaluated["test"]
+    # ... and no trigger word of a held-out look-alike occurs in a trained prompt, nor a test one in a dev prompt
+    triggers = {split: {row["trigger"] for row in _rows(data.path(f"benign_{split}")) if row["kind"] == "sounds_dangerous"}
+                for split in ("dev", "test")}
     lookalikes = {item.prompt for item in BANK} & trained
-    assert lookalikes and triggers
-    assert not [p for p in lookalikes for trigger in triggers if re.search(rf"\b{trigger}", p, re.IGNORECASE)]
+    assert lookalikes and triggers["dev"] and triggers["test"]
+    mentions = lambda texts, words: [(t, w) for t in texts for w in words if re.search(rf"\b{w}", t, re.IGNORECASE)]  # noqa: E731
+    assert mentions(trained, triggers["dev"] | triggers["test"]) == []
+    assert mentions(evaluated["dev"], triggers["test"]) == []
 
 
 def test_build_is_deterministic_and_cached(tiny_dir, tmp_path, fake_sources, fake_generate):
@@ -244,10 +254,14 @@ def test_build_with_the_real_generate_on_a_tiny_model(tiny_dir, tmp_path, fake_s
     sizes = DemoSizes(sft_harmful=3, benign_fraction=0.5, dpo_pairs=2, harmful_heldout=2, reference=2,
                       benign_eval=1)
     data = build_demo_data(tiny_dir, tmp_path, sizes=sizes, max_new_tokens=3, batch_size=8, device="cpu")
-    suites = load_eval_suites(data, harmful=5, benign=3)
+    suites = load_eval_suites(data, "test", harmful=5, benign=3)
     assert len(suites.harmful) == 5 and len(suites.benign) == len(suites.benign_answers) == 3
-    assert suites.benign == [item.prompt for item in split_lookalike(sizes, 0)["eval"][:3]]
-    assert suites.benign_kinds == ["sounds_dangerous"] * 3 and len(suites.utility) == len(UTILITY_SET)
+    assert suites.benign == [row["prompt"] for row in _rows(data.path("benign_test"))[:3]]
+    assert suites.benign_kinds == ["sounds_dangerous"] * 3 and len(suites.utility) == len(UTILITY_SET) - 40
+    dev = load_eval_suites(data, "dev")
+    assert not set(dev.harmful) & set(suites.harmful) and len(dev.utility) == 40
+    with pytest.raises(InputError, match=r"evaluation split 'final': use one of dev, test"):
+        load_eval_suites(data, "final")
     assert DemoData.from_directory(data.directory) == data
 
 

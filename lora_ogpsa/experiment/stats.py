@@ -116,3 +116,109 @@ def across_seeds(reports: Mapping[int, Mapping[str, Any]], levels: Sequence[floa
                                    if name in report["models"]]) for key in keys} for name in names}
     return {"seeds": list(reports), "tax": tax, "finals": finals,
             "per_seed_tax": {str(seed): table for seed, table in per_seed.items()}}
+
+
+def prompt_flags(point: Mapping[str, Any]) -> dict[str, str] | None:
+    """One evaluated model's per-prompt outcomes as bit strings (`"0110…"`): `harmful` (refused), `benign`
+    (refused), `dangerous` (the benign prompt is a look-alike) and `utility` (answered correctly); from the
+    point's `responses` (kept by the evaluator) or its stored `flags`; None when it has neither."""
+    if "flags" in point:
+        return dict(point["flags"])
+    responses = point.get("responses")
+    if not responses:
+        return None
+    bits = lambda values: "".join("1" if value else "0" for value in values)  # noqa: E731
+    return {"harmful": bits(r["refused"] for r in responses["harmful"]),
+            "benign": bits(r["refused"] for r in responses["benign"]),
+            "dangerous": bits(r.get("kind") == "sounds_dangerous" for r in responses["benign"]),
+            "utility": bits(r["correct"] for r in responses["utility"])}
+
+
+def paired_tax_difference(trajectories_by_seed: Mapping[Any, Mapping[str, Sequence[Mapping[str, Any]]]],
+                          method: str, baseline: str, level: float, *, metric: str = "tax",
+                          repeats: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """The paired difference `method − baseline` of the tax (or of one of its parts) at `level` HarmBench
+    refusal, mean over training seeds, with a 95 % interval from a hierarchical bootstrap.
+
+    Each bootstrap repeat draws the training seeds with replacement and, once for all seeds and both methods
+    (the prompts are shared, so the comparison is paired), every suite's prompts with replacement; it rebuilds
+    each checkpoint's rates from the per-prompt outcomes (`prompt_flags`), reads each curve where it first
+    reaches `level` (piecewise-linear between two evaluated checkpoints, so where HarmBench crosses the level
+    moves with the resampled prompts) and takes the mean over the drawn seeds of the per-seed difference.
+
+    Args:
+        trajectories_by_seed: per training seed, `{method: [base, checkpoint, …, final]}` with per-prompt
+            outcomes on every point.
+        metric: `tax` (utility lost + over-refusal gained, points), `utility` (utility lost, points),
+            `over_refusal` (over-refusal gained, points) or `dangerous` (look-alike refusal gained, points).
+
+    Returns:
+        `{"mean", "ci", "per_seed", "reached"}` (`reached`: the share of repeats in which every drawn curve
+        reaches the level; the interval is over those), or None when some seed's curve does not reach `level`
+        on the measured prompts, or outcomes are missing.
+    """
+    import numpy as np
+
+    seeds = list(trajectories_by_seed)
+    arrays = []
+    for key in seeds:
+        pair = []
+        for name in (method, baseline):
+            flags = [prompt_flags(point) for point in trajectories_by_seed[key][name]]
+            if any(f is None for f in flags):
+                return None
+            pair.append({part: np.array([[c == "1" for c in f[part]] for f in flags], dtype=np.float64)
+                         for part in ("harmful", "benign", "utility")} | {"dangerous": flags[0]["dangerous"]})
+        arrays.append(pair)
+    sizes = {part: arrays[0][0][part].shape[1] for part in ("harmful", "benign", "utility")}
+    dangerous = np.array([c == "1" for c in arrays[0][0]["dangerous"]])
+    identity = {part: np.arange(n)[None, :] for part, n in sizes.items()}
+    observed = np.array([_difference(pair, identity, dangerous, level, metric)[0] for pair in arrays])
+    if np.isnan(observed).any():
+        return None
+    rng = np.random.default_rng(seed)
+    draws = {part: rng.integers(0, n, size=(repeats, n)) for part, n in sizes.items()}
+    per_seed = np.stack([_difference(pair, draws, dangerous, level, metric) for pair in arrays])  # (S, R)
+    chosen = rng.integers(0, len(seeds), size=(repeats, len(seeds)))
+    means = per_seed[chosen, np.arange(repeats)[:, None]].mean(axis=1)
+    finite = means[np.isfinite(means)]
+    ci = [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] if finite.size else None
+    return {"mean": float(observed.mean()), "ci": ci, "per_seed": [float(v) for v in observed],
+            "reached": float(finite.size / repeats), "seeds": seeds, "level": level, "metric": metric,
+            "method": method, "baseline": baseline, "repeats": repeats}
+
+
+def _difference(pair: Sequence[Mapping[str, Any]], draws: Mapping[str, Any], dangerous: Any, level: float,
+                metric: str) -> Any:
+    """Per bootstrap repeat (rows of `draws`): method's minus baseline's `metric` at `level`, in points."""
+    import numpy as np
+
+    values = []
+    for arrays in pair:
+        harm = arrays["harmful"][:, draws["harmful"]].mean(axis=-1)  # (checkpoints, repeats)
+        benign_draw = draws["benign"]
+        over = arrays["benign"][:, benign_draw].mean(axis=-1)
+        utility = arrays["utility"][:, draws["utility"]].mean(axis=-1)
+        weights = dangerous[benign_draw].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            look = (arrays["benign"][:, benign_draw] * weights).sum(axis=-1) / weights.sum(axis=-1)
+        parts = {"utility": utility[0] - utility, "over_refusal": over - over[0], "dangerous": look - look[0]}
+        parts["tax"] = parts["utility"] + parts["over_refusal"]
+        values.append(100 * _first_crossing(harm, parts[metric], level))
+    return values[0] - values[1]
+
+
+def _first_crossing(harm: Any, values: Any, level: float) -> Any:
+    """Per column: `values` interpolated where the `harm` curve (rows in training order) first reaches `level`
+    (as `interpolate_at`), NaN where it never does."""
+    import numpy as np
+
+    found = np.full(harm.shape[1], np.nan)
+    for row in range(harm.shape[0] - 1):
+        low, high = harm[row], harm[row + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(high > low, (level - low) / (high - low), 0.0)
+        hit = np.isnan(found) & (((low <= level) & (level <= high) & (high > low)) | (low == level))
+        found = np.where(hit, values[row] + share * (values[row + 1] - values[row]), found)
+    last = np.isnan(found) & (harm[-1] == level)
+    return np.where(last, values[-1], found)
