@@ -6,7 +6,14 @@ import logging
 import pytest
 from datasets import Dataset
 
-from lora_ogpsa.data.rows import fingerprint, read_rows, tokenize_prompt_completion, tokenize_rows
+from lora_ogpsa.data.rows import (
+    as_prompt_completion,
+    fingerprint,
+    read_rows,
+    tokenize_prompt_completion,
+    tokenize_rows,
+    tokenize_sft_row,
+)
 from lora_ogpsa.testing.tiny import build_tokenizer
 from lora_ogpsa.utils.errors import InputError
 
@@ -24,8 +31,9 @@ def test_reads_messages_and_prompt_completion_rows(tmp_path):
         {"role": "system", "content": "Be brief."}, USER, ASSISTANT]}])
     rows = read_rows(path, "sft")
     assert len(rows) == 2 and rows.source == str(path)
-    assert rows.rows[0] == {"prompt": [USER], "completion": [ASSISTANT]}
-    assert rows.rows[1]["prompt"][0]["role"] == "system"
+    assert rows.rows[0] == {"messages": [USER, ASSISTANT]}
+    assert as_prompt_completion(rows.rows[0]) == {"prompt": [USER], "completion": [ASSISTANT]}
+    assert as_prompt_completion(rows.rows[1])["prompt"][0]["role"] == "system"
     plain = read_rows(_write(tmp_path / "p.jsonl", [{"prompt": "2+2=", "completion": "4"}]), "sft")
     assert plain.rows == [{"prompt": "2+2=", "completion": "4"}]
 
@@ -56,16 +64,15 @@ def test_preference_rows_with_equal_chosen_and_rejected_are_skipped_and_counted(
     ([{"messages": [USER, ASSISTANT]}, "[1, 2]"], "sft", r"d.jsonl:2: each row must be a JSON object"),
     ([{"text": "hello"}], "sft", r"d.jsonl:1: missing field 'messages' \(or 'prompt' and 'completion'\)"),
     ([{"messages": "hello"}], "sft", r"field 'messages' must be a non-empty list of messages, got str"),
-    ([{"messages": [USER]}], "sft", "must end with an assistant message"),
+    ([{"messages": [USER]}], "sft", "needs an assistant message after at least one other message"),
     ([{"messages": [USER, {"role": "assistant", "content": 4}]}], "sft", r"'messages'\[1\].content must be a string"),
     ([{"messages": [{"role": "robot", "content": "x"}, ASSISTANT]}], "sft", r"'messages'\[0\].role must be one of"),
     ([{"prompt": "x", "completion": 3}], "sft", "field 'completion' must be a string or a list of messages, got int"),
     ([{"prompt": "x", "completion": [ASSISTANT]}], "sft", "must both be strings or both message lists"),
     ([{"prompt": " ", "completion": "y"}], "sft", "field 'prompt' is empty"),
     ([{"prompt": "x", "chosen": "y"}], "preference", "missing field 'rejected'"),
-    ([{"prompt": "x", "chosen": "y", "rejected": None}], "preference", "field 'rejected' must be a string"),
+    ([{"prompt": "x", "chosen": "y", "rejected": None}], "preference", "missing field 'rejected'"),
     ([{"prompt": "x", "chosen": "y", "rejected": "y"}], "preference", "no usable rows"),
-    ([{"prompt": "x", "completion": "y"}, {"messages": [USER, ASSISTANT]}], "sft", "d.jsonl:2: .*conversational"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, lines, kind, message):
     path = _write(tmp_path / "d.jsonl", lines) if lines else (tmp_path / "d.jsonl")
@@ -74,6 +81,63 @@ def test_bad_rows_name_file_line_and_field(tmp_path, lines, kind, message):
     with pytest.raises(InputError, match=message) as error:
         read_rows(path, kind)
     assert "\n" not in str(error.value)
+
+
+THREE_TURNS = {"messages": [{"role": "user", "content": "Hi, what is two plus two?"}, {"role": "assistant", "content": "Four."},
+                             {"role": "user", "content": "And three plus three?"}, {"role": "assistant", "content": "Six."},
+                             {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]}
+
+
+def test_mixed_formats_in_one_file_and_a_mixed_save_to_disk_dataset_are_read(tmp_path):
+    """The README's example rows, saved as one file (issue 23, finding 2): each row in its own format."""
+    lines = [{"messages": [USER, ASSISTANT]}, {"prompt": "2+2=", "completion": "4"},
+             {"prompt": [USER], "completion": [ASSISTANT]}]
+    rows = read_rows(_write(tmp_path / "mixed.jsonl", lines), "sft")
+    assert rows.rows == lines
+    saved = [lines[0], lines[2]]  # (Arrow holds no column of both strings and lists)
+    columns = {"messages": None, "prompt": None, "completion": None}  # a dataset gives every row every column
+    Dataset.from_list([{**columns, **row} for row in saved]).save_to_disk(str(tmp_path / "saved"))
+    assert read_rows(tmp_path / "saved", "sft").rows == saved
+    tokenizer = build_tokenizer()
+    assert all(any(tokenize_sft_row(tokenizer, row, max_length=None).completion_mask) for row in rows.rows)
+
+
+GENERATION_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['role'] == "
+                       "'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>\n{% endgeneration %}{% else %}"
+                       "{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+                       "<|im_start|>assistant\n{% endif %}")
+"""The tiny model's template with TRL's `{% generation %}` markers around each assistant turn."""
+
+
+@pytest.mark.parametrize("case", ["messages", "messages-assistant-only", "completion-all-tokens"])
+def test_sft_loss_masks_match_trl_sft_trainer(tmp_path, case):
+    """TRL's meanings of completion_only_loss / assistant_only_loss: same ids and same loss mask as SFTTrainer
+    (issue 23, finding 3); a 3-turn row trains every assistant turn."""
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_ogpsa.testing.tiny import save_tiny_model
+
+    save_tiny_model(tmp_path / "model")
+    tokenizer = build_tokenizer()
+    if case == "messages-assistant-only":  # TRL needs `{% generation %}` markers; ours works without them
+        tokenizer.chat_template = GENERATION_TEMPLATE
+    rows = [THREE_TURNS] if case.startswith("messages") else [{"prompt": "Question? ", "completion": "Answer."}]
+    flags = {"messages": {}, "messages-assistant-only": {"assistant_only_loss": True},
+             "completion-all-tokens": {"completion_only_loss": False}}[case]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False, **flags)
+    trainer = SFTTrainer(model=str(tmp_path / "model"), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    theirs = list(trainer.train_dataset)[0]
+    if "labels" not in theirs:  # TRL builds labels in the collator for some formats
+        theirs = {key: value[0].tolist() for key, value in trainer.data_collator([theirs]).items()}
+    if case == "messages-assistant-only":
+        tokenizer.chat_template = build_tokenizer().chat_template
+    mine = tokenize_sft_row(tokenizer, rows[0], max_length=None, **flags)
+    assert theirs["input_ids"] == mine.input_ids
+    assert [label != -100 for label in theirs["labels"]] == [bool(bit) for bit in mine.completion_mask]
+    if case == "messages-assistant-only":  # every assistant turn, not only the last
+        trained = tokenizer.decode([t for t, bit in zip(mine.input_ids, mine.completion_mask, strict=True) if bit])
+        assert "Four." in trained and "Six." in trained and "welcome" in trained and "Thanks" not in trained
 
 
 def test_missing_source_is_an_input_error(tmp_path):

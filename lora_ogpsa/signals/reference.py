@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora_ogpsa.core.sketch import GradientSketch
-from lora_ogpsa.data.rows import TokenizedExample, fingerprint, read_rows, tokenize_rows
+from lora_ogpsa.data.rows import TokenizedExample, as_prompt_completion, fingerprint, read_rows, tokenize_rows
 from lora_ogpsa.signals.margin import MarginBatch, example_margins, make_margin_batches, tokenize_margin_row
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _margin_batches(tokenizer: Any, rows: Sequence[dict], config: Any, max_lengt
     from lora_ogpsa.refusal import GENERIC_REFUSALS
 
     refusals = list(config.margin_refusals or GENERIC_REFUSALS)
-    examples = [tokenize_margin_row(tokenizer, row, refusals, tokens=config.margin_tokens, max_length=max_length)
+    examples = [tokenize_margin_row(tokenizer, as_prompt_completion(row), refusals, tokens=config.margin_tokens, max_length=max_length)
                 for row in rows]
     return make_margin_batches([example for example in examples if example is not None],
                                batch_size=config.reference_batch_size, pad_token_id=tokenizer.pad_token_id)

@@ -82,6 +82,10 @@ class _OurTrainingDefaults:
                                 "or 'no'.", held=False)
     save_steps: float = option(0, "Save a checkpoint every this many optimizer steps (0: no checkpoints, only the "
                                "final adapter).", resumable=True)
+    resume_from_checkpoint: str | None = option(
+        None, "TRL's resume: a checkpoint-N directory of this run (in --output, OUTPUT.partial, or a stage's "
+        "folder of either) to continue from, or 'true' for the newest complete one; implies --resume, with its "
+        "guarantees (the same settings, the subspace in force restored).", resumable=True)
     seed: int = option(0, "Seed of the LoRA init, data order and reference sampling.")
     ddp_timeout: int = option(600, "Several processes: seconds a rank waits for the others before the run fails.",
                               resumable=True)

@@ -30,6 +30,7 @@ from lora_ogpsa.signals import distributed
 from lora_ogpsa.signals.reference import ReferenceSet, build_reference_set
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
 from lora_ogpsa.train.stage_files import StageFilesCallback
+from lora_ogpsa.train.trainers import loss_masking
 from lora_ogpsa.utils import files
 from lora_ogpsa.utils.errors import InputError
 
@@ -107,7 +108,7 @@ def _read_checked(source, kind: DataKind, flag: str, tokenizer, settings: TrainS
     rows = read_rows(source, kind, flag=flag)
     keeps_end = settings.training_arguments.get("truncation_mode") == "keep_end"  # then no response is cut off
     return check_rows_fit(rows, tokenizer, max_length=None if keeps_end else settings.max_length, kind=kind,
-                          flag=flag)
+                          flag=flag, **loss_masking(settings))
 
 
 def resolve_model(settings: TrainSettings) -> TrainSettings:
@@ -126,11 +127,36 @@ def _validate_common(settings: TrainSettings):
     if settings.resume and not files.partial_path(settings.output).exists() and not finished:
         raise InputError(f"--resume: nothing to resume in {settings.output} (no {files.partial_path(settings.output).name} "
                          "and no finished run); check --output, or drop --resume to start a fresh run")
+    resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
     tokenizer = loading.load_tokenizer(settings.model)  # the model directory was checked by resolve_model
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
     if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
         _read_checked(settings.replay, "sft", "--replay", tokenizer, settings)
     return tokenizer, reference
+
+
+def resume_checkpoint(settings: TrainSettings) -> Path | None:
+    """`--resume_from_checkpoint PATH` as a path relative to the run's output (e.g. `sft/checkpoint-2`), the
+    same inside `OUTPUT` and `OUTPUT.partial`; None without one, or with `true` (the newest complete one).
+
+    Raises:
+        InputError: the path is not a complete `checkpoint-N` directory of this run.
+    """
+    given = settings.resume_from_checkpoint
+    if given is None or str(given).lower() == "true":
+        return None
+    path, flag = Path(given).resolve(), f"--resume_from_checkpoint {given}"
+    roots = [settings.output.resolve(), files.partial_path(settings.output).resolve()]
+    root = next((root for root in roots if path.is_relative_to(root)), None)
+    if root is None:
+        raise InputError(f"{flag}: not inside --output {settings.output} or its {roots[1].name}; give a "
+                         "checkpoint-N directory of this run")
+    if not (path.name.startswith("checkpoint-") and path.name.split("-", 1)[1].isdigit()) or not path.is_dir():
+        raise InputError(f"{flag}: not a checkpoint-N directory; give one of the run's checkpoints")
+    if not (path / files.COMPLETE_MARKER).is_file():
+        raise InputError(f"{flag}: incomplete checkpoint (a save cut short); give an earlier one, or 'true' for the "
+                         "newest complete one")
+    return path.relative_to(root)
 
 
 def _replay(settings: TrainSettings, tokenizer) -> dict:
@@ -196,8 +222,12 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     stage_files = StageFilesCallback(directory, run_config, stage=stage, subspace_fn=lambda: ogpsa and ogpsa.subspace)
     trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
                             [cb for cb in (ogpsa, stage_files) if cb is not None] + list(callbacks))
+    chosen = resume_checkpoint(settings)
+    chosen = files.partial_path(settings.output) / chosen if chosen else None
     checkpoint = files.last_complete_checkpoint(directory) if settings.resume else None
     newest = get_last_checkpoint(str(directory)) if settings.resume else None
+    if chosen is not None and chosen.parent.resolve() == directory.resolve():
+        checkpoint = newest = chosen  # the user's choice, checked complete before anything was written
     if newest and (checkpoint is None or Path(newest) != checkpoint):
         logger.warning("--resume: %s is incomplete (a save cut short); passing over it", newest)
     if checkpoint:

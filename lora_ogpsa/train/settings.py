@@ -75,6 +75,13 @@ class _Checks:
                                  ) from error
         if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.resume_from_checkpoint is not None:
+            if str(self.resume_from_checkpoint).lower() in ("false", ""):
+                self.resume_from_checkpoint = None
+            else:
+                if self.overwrite:
+                    raise InputError("--resume_from_checkpoint and --overwrite contradict each other; give one of them")
+                self.resume = True
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite contradict each other; give one of them")
 
@@ -159,8 +166,9 @@ def to_train_settings(command: str, values: dict[str, Any], defaults: dict[str, 
 
 
 def _integral(value: Any) -> Any:
-    """TrainingArguments types steps as floats (a value < 1 is a share of the run); 5.0 is the step count 5."""
-    return int(value) if isinstance(value, float) and value.is_integer() and value >= 1 else value
+    """TrainingArguments types steps as floats (a value in (0, 1) is a share of the run); 5.0 is the step count
+    5, and 0.0 is 0."""
+    return int(value) if isinstance(value, float) and value.is_integer() and value >= 0 else value
 
 
 def _ogpsa_config(values: dict[str, Any]) -> OGPSAConfig:

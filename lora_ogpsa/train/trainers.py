@@ -48,7 +48,10 @@ def trainer_config(stage: str, settings: TrainSettings, directory: Path):
                          "checkpoints with `lora-ogpsa eval` instead")
     try:
         if stage == "sft":
-            return SFTConfig(**common_arguments(settings, directory), completion_only_loss=True)
+            # the loss masks are in the tokenized rows (`data.rows.tokenize_sft_row`), so TRL's own switches stay off
+            masking = ("completion_only_loss", "assistant_only_loss")
+            return SFTConfig(**{key: value for key, value in common_arguments(settings, directory).items()
+                                if key not in masking})
         return DPOConfig(**common_arguments(settings, directory), beta=settings.beta)
     except (ValueError, TypeError) as error:
         raise InputError(f"training arguments: {first_line(error)}") from error
@@ -63,8 +66,8 @@ def build_trainer(stage: str, model: torch.nn.Module, tokenizer: Any, rows: Sequ
     """
     trainable = {name: parameter.detach().clone() for name, parameter in model.named_parameters()
                  if parameter.requires_grad}
-    dataset = Dataset.from_list(list(rows))
     args = trainer_config(stage, settings, directory)
+    dataset = Dataset.from_list(sft_examples(rows, tokenizer, settings) if stage == "sft" else list(rows))
     if stage == "sft":
         from trl import SFTTrainer
 
@@ -82,6 +85,27 @@ def build_trainer(stage: str, model: torch.nn.Module, tokenizer: Any, rows: Sequ
         if trainer.pop_callback(noisy) is not None:
             trainer.add_callback(ConsoleLogCallback)
     return trainer
+
+
+def loss_masking(settings: TrainSettings) -> dict[str, Any]:
+    """TRL's `completion_only_loss` and `assistant_only_loss` as given (TRL's defaults otherwise)."""
+    values = settings.training_arguments
+    return {"completion_only_loss": values.get("completion_only_loss"),
+            "assistant_only_loss": bool(values.get("assistant_only_loss", False))}
+
+
+def sft_examples(rows: Sequence[dict], tokenizer: Any, settings: TrainSettings) -> list[dict[str, list[int]]]:
+    """SFT rows as TRL's pre-tokenized examples (`input_ids`, `labels` with -100 off the loss), each row masked
+    by its own format (`data.rows.tokenize_sft_row`); TRL truncates them to `max_length` as it truncates its own."""
+    from lora_ogpsa.data.rows import tokenize_sft_row
+
+    examples = []
+    for row in rows:
+        example = tokenize_sft_row(tokenizer, row, max_length=None, **loss_masking(settings))
+        examples.append({"input_ids": example.input_ids,
+                         "labels": [token if keep else -100
+                                    for token, keep in zip(example.input_ids, example.completion_mask, strict=True)]})
+    return examples
 
 
 def console_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
