@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import itertools
 import logging
 import sys
 import types
@@ -37,16 +38,53 @@ class _Parser(TrlParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        """A help text that states its own default keeps it, without argparse's "(default: None)" after it."""
+        text = kwargs.get("help")
+        if isinstance(text, str) and "(default:" in text and "%(default)" not in text:
+            kwargs["help"] = text + "%(default).0s"
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise InputError(f"{message} (see `{self.prog} --help`)")
 
+    def _add_dataclass_arguments(self, dtype: Any) -> None:
+        _Parser._docs = {**getattr(_Parser, "_docs", {}), **attribute_docs(dtype)}
+        super()._add_dataclass_arguments(dtype)
+
     @staticmethod
     def _parse_dataclass_field(parser: argparse.ArgumentParser, item: dataclasses.Field) -> None:
-        """argparse gets every metadata key as a keyword; ours (`train.arguments.option`) stays out."""
-        if OURS in item.metadata:
+        """argparse gets every metadata key as a keyword; ours (`train.arguments.option`) stays out. A field
+        without help text gets its attribute docstring's first sentence (OGPSAConfig documents its fields so)."""
+        metadata = {k: v for k, v in item.metadata.items() if k != OURS}
+        if not metadata.get("help") and item.name in getattr(_Parser, "_docs", {}):
+            metadata["help"] = _Parser._docs[item.name]
+        if metadata != dict(item.metadata):
             item = copy.copy(item)
-            item.metadata = types.MappingProxyType({k: v for k, v in item.metadata.items() if k != OURS})
+            item.metadata = types.MappingProxyType(metadata)
         TrlParser._parse_dataclass_field(parser, item)
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field name → the first sentence of the string literal right after its declaration, for a dataclass and
+    its bases (our own classes; a class whose source cannot be read gives none)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not klass.__module__.startswith("lora_ogpsa"):
+            continue
+        try:
+            body = ast.parse(inspect.getsource(klass)).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError):
+            continue
+        for node, after in itertools.pairwise(body):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                text = " ".join(after.value.value.split())
+                docs[node.target.id] = text.split(". ")[0].rstrip(".").replace("%", "%%") + "."
+    return docs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +115,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     checkpointing = next(action for action in parser._actions if action.dest == "gradient_checkpointing")
     checkpointing.nargs, checkpointing.const = "?", True  # a bare --gradient-checkpointing means true
     parser.add_argument("--no-gradient-checkpointing", "--no_gradient_checkpointing", action="store_false",
-                        dest="gradient_checkpointing", help="turn gradient checkpointing off")
+                        dest="gradient_checkpointing", default=argparse.SUPPRESS,
+                        help="turn gradient checkpointing off (the same as --gradient_checkpointing false)")
 
 
 def _add_export_flags(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +124,7 @@ def _add_export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="a training output or checkpoint-N directory")
     parser.add_argument("--output", help="where the standalone adapter goes")
     parser.add_argument("--no-subspace", action="store_true", help="leave out ogpsa_subspace.safetensors")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output once the export is done")
 
 
 def _add_merge_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +134,8 @@ def _add_merge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="directory for the merged model")
     parser.add_argument("--base", choices=["original", "dequantized"], default="original",
                         help="original: add the delta to the full-precision weights; dequantized: to dequant(NF4(W))")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the merged weights")
     parser.add_argument("--no-audit", action="store_true",
                         help="skip comparing the merged model with base + adapter (it loads a full model)")
 
@@ -105,10 +145,11 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model directory (a base, or a merged model)")
     parser.add_argument("--adapter", help="adapter directory to apply on top of --model")
     parser.add_argument("--prompts", help="a .txt (one prompt per line) or .jsonl (`prompt` field) file, or a "
-                                          "built-in suite: harmbench, benign, utility, donotanswer-heldout")
+                                          "built-in suite: harmbench-test, benign-test, utility-test, "
+                                          "donotanswer-heldout-test (and each -dev split), harmbench, utility")
     parser.add_argument("--output", help="JSON file for the results")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="greedy new tokens per response")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     parser.add_argument("--quantize", action="store_true", help="load the base in 4-bit NF4")
     parser.add_argument("--limit", type=int, help="evaluate only the first N prompts")
     parser.add_argument("--system-prompt", help="a system message put before every prompt")
@@ -118,15 +159,16 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_demo_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of flag values")
-    parser.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--output", default="runs/demo", help="output directory")
     parser.add_argument("--compare", action="store_true", help="also train plain QLoRA and the replay baseline")
     parser.add_argument("--max-steps", type=int, help="optimizer steps per stage (default: sized for the machine)")
     parser.add_argument("--seeds", type=int, help="training seeds: every method trained and evaluated per seed, the "
                                                   "report adds means and 95%% intervals across them (default: 1 "
                                                   "on the CPU, 3 on a GPU)")
     parser.add_argument("--model", help="a local model directory instead of the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--cache-dir", help="where the converted model and built data are cached")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--cache-dir", help="where the converted model and built data are cached (default: "
+                                            "$LORA_OGPSA_CACHE, else ~/.cache/lora_ogpsa)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output once the new demo is done")
 
 
 # ---- parsing with --config ----

@@ -127,7 +127,7 @@ def test_sft_loss_masks_match_trl_sft_trainer(tmp_path, case):
     args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False, **flags)
     trainer = SFTTrainer(model=str(tmp_path / "model"), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
-    theirs = list(trainer.train_dataset)[0]
+    theirs = next(iter(trainer.train_dataset))
     if "labels" not in theirs:  # TRL builds labels in the collator for some formats
         theirs = {key: value[0].tolist() for key, value in trainer.data_collator([theirs]).items()}
     if case == "messages-assistant-only":

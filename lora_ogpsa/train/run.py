@@ -123,11 +123,11 @@ def resolve_model(settings: TrainSettings) -> TrainSettings:
 def _validate_common(settings: TrainSettings):
     """Every check that needs no training, before anything is written."""
     files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
+    resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
     finished = settings.output.is_dir() and any(settings.output.iterdir())
     if settings.resume and not files.partial_path(settings.output).exists() and not finished:
         raise InputError(f"--resume: nothing to resume in {settings.output} (no {files.partial_path(settings.output).name} "
                          "and no finished run); check --output, or drop --resume to start a fresh run")
-    resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
     tokenizer = loading.load_tokenizer(settings.model)  # the model directory was checked by resolve_model
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
     if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work

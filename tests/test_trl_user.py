@@ -1,0 +1,105 @@
+"""What a TRL/PEFT user hits first (issue 23): help text, TRL's flags with TRL's meanings, resume, provenance."""
+
+import argparse
+import json
+
+import pytest
+
+from lora_ogpsa.cli import _subparser, build_parser, main
+
+COMMANDS = ("sft", "dpo", "align", "export", "merge", "eval", "demo")
+
+
+def _help_actions(command):
+    parser = _subparser(build_parser(), command)
+    return parser, [action for action in parser._actions if action.option_strings
+                    and not isinstance(action, argparse._HelpAction)]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_has_help_text_and_shows_its_default(command):
+    parser, actions = _help_actions(command)
+    assert [action.option_strings[0] for action in actions if not (action.help or "").strip()] == []
+    text = parser.format_help()
+    assert "(default: True)" not in text.split("--no-gradient-checkpointing")[-1].split("\n  --")[0]
+    for action in actions:
+        if action.default is argparse.SUPPRESS or isinstance(action, argparse._StoreConstAction):
+            continue
+        formatted = parser._get_formatter()._expand_help(action) if action.help else ""
+        assert "default" in formatted.lower(), (command, action.option_strings[0], formatted)
+        assert formatted.lower().count("default:") <= 1, (command, action.option_strings[0], formatted)
+
+
+def _sft(tiny_model_dir, data_files, output, *extra):
+    return main([str(arg) for arg in ["sft", "--model", tiny_model_dir, "--data", data_files["sft"], "--reference",
+                                      data_files["reference"], "--output", output, "--no-quantize", "--lora-r", "2",
+                                      "--max-length", "64", "--batch-size", "4", "--reference-examples", "4", *extra]])
+
+
+def _adapter(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def test_resume_from_checkpoint_resumes_like_resume(tiny_model_dir, data_files, tmp_path, caplog):
+    """Finding 1: `--resume_from_checkpoint out/checkpoint-N` was accepted and ignored (training began at step 1)."""
+    import logging
+    import shutil
+
+    first = tmp_path / "a"
+    assert _sft(tiny_model_dir, data_files, first, "--max-steps", "2", "--save-steps", "1", "--logging-steps", "1") == 0
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    assert _sft(tiny_model_dir, data_files, first, "--max-steps", "3", "--save-steps", "1", "--logging-steps", "1", "--resume") == 0
+    with caplog.at_level(logging.INFO, logger="lora_ogpsa"):
+        assert _sft(tiny_model_dir, data_files, second, "--max-steps", "3", "--save-steps", "1", "--logging-steps", "1",
+                    "--resume_from_checkpoint", second / "checkpoint-2") == 0
+    assert any("checkpoint-2" in record.getMessage() and "resuming" in record.getMessage() for record in caplog.records)
+    ours, theirs = _adapter(first), _adapter(second)
+    assert all(bool((ours[name] == theirs[name]).all()) for name in ours)  # bit for bit
+    steps = [json.loads(line)["step"] for line in (second / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]
+
+
+def test_resume_from_a_checkpoint_of_another_run_is_refused(tiny_model_dir, data_files, tmp_path, capsys):
+    other = tmp_path / "other" / "checkpoint-1"
+    other.mkdir(parents=True)
+    assert _sft(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "1",
+                "--resume_from_checkpoint", other) == 2
+    assert "not inside --output" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_save_steps_zero_and_completion_only_loss_false_on_the_command_line(tiny_model_dir, data_files, tmp_path):
+    """Findings 6 and 3: `--save_steps 0` was refused as 0.0; `--completion_only_loss false` crashed SFTConfig."""
+    assert _sft(tiny_model_dir, data_files, tmp_path / "a", "--max-steps", "1", "--save_steps", "0") == 0
+    assert not list((tmp_path / "a").glob("checkpoint-*"))
+    assert _sft(tiny_model_dir, data_files, tmp_path / "b", "--max-steps", "1", "--completion_only_loss",
+                "false") == 0
+    config = json.loads((tmp_path / "b" / "ogpsa_config.json").read_text())
+    assert config["training_arguments"]["completion_only_loss"] is False
+
+
+def test_a_three_turn_row_trains_every_assistant_turn(tiny_model_dir, tmp_path):
+    """Finding 3: a `messages` row trained only its last reply; TRL's meaning trains every turn (all tokens by
+    default; every assistant turn with --assistant_only_loss)."""
+    from lora_ogpsa.data.rows import read_rows
+    from lora_ogpsa.models.loading import load_tokenizer
+    from lora_ogpsa.train.settings import TrainSettings
+    from lora_ogpsa.train.trainers import sft_examples
+
+    turns = [{"role": "user", "content": "Hi there, what is two plus two?"}, {"role": "assistant", "content": "Four."},
+             {"role": "user", "content": "And three plus three?"}, {"role": "assistant", "content": "Six."},
+             {"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = read_rows(path, "sft").rows
+    for extra, wanted, unwanted in (({}, ("Four.", "Thanks"), ()), ({"assistant_only_loss": True}, ("Four.", "Six."),
+                                                                     ("Thanks",))):
+        settings = TrainSettings(model=tiny_model_dir, output=tmp_path / "o", data=str(path), reference=str(path),
+                                 training_arguments=extra)
+        [example] = sft_examples(rows, tokenizer, settings)
+        trained = tokenizer.decode([label for label in example["labels"] if label != -100])
+        assert all(text in trained for text in wanted) and not any(text in trained for text in unwanted), trained
