@@ -20,9 +20,10 @@ from lora_ogpsa.eval.generation import (
 )
 from lora_ogpsa.eval.prompts import UtilityItem, load_prompts
 from lora_ogpsa.eval.run import prompt_id, run_eval
-from lora_ogpsa.models.loading import load_base_model, load_tokenizer, lora_config
+from lora_ogpsa.models.loading import load_base_model, load_tokenizer, lora_config, model_fingerprint
 from lora_ogpsa.testing.tiny import save_tiny_model
 from lora_ogpsa.utils.errors import InputError
+from lora_ogpsa.utils.files import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +252,11 @@ def test_run_eval_with_an_adapter(tiny_dir, tmp_path):
     result = run_eval(tiny_dir, prompts, tmp_path / "eval.json", adapter_dir=adapter_dir, max_new_tokens=2,
                       device="cpu")
     assert result["adapter"] == str(adapter_dir) and result["n"] == 1
+    # provenance (issue 23, finding 7): versions, UTC time, content hashes of model and adapter, split
+    on_disk = json.loads((tmp_path / "eval.json").read_text())["provenance"]
+    assert on_disk["versions"]["torch"] and on_disk["versions"]["transformers"] and on_disk["utc"].endswith("+00:00")
+    assert on_disk["adapter_sha256"] == file_sha256(adapter_dir / "adapter_model.safetensors")
+    assert on_disk["model_sha256"] == model_fingerprint(tiny_dir) and on_disk["split"] is None
 
 
 def test_run_eval_bad_inputs_write_nothing(tiny_dir, tmp_path):

@@ -67,6 +67,16 @@ def test_model_card_describes_the_run(trained):
     for expected in ("base model", "OGPSA, `update` mode", "reference data", "hash `", "k per tensor min/median/max",
                      "AutoPeftModelForCausalLM.from_pretrained", "| lora_r | `4` |"):
         assert expected in card, expected
+    # the settings table shows the alpha in force, not `None` (issue 23, finding 8)
+    assert "| lora_alpha | `8` |" in card and "| lora_alpha | `None` |" not in card
+
+
+def test_a_dpo_stage_card_names_the_adapter_it_continued():
+    from lora_ogpsa.export.card import _stage
+
+    text = _stage({"stage": "dpo", "lora_r": 4, "lora_alpha": None, "max_steps": 2, "beta": 0.1,
+                   "ogpsa": {"project": "none"}, "continued_adapter": "/runs/out.partial/sft"})
+    assert "continues the adapter `/runs/out/sft`" in text
 
 
 def test_export_a_checkpoint_as_a_standalone_adapter(trained, tmp_path, capsys):

@@ -88,12 +88,36 @@ def _run_eval(model_path, prompts, output: Path, *, adapter_dir, quantize: bool,
     result.update(decoding={"do_sample": False, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                             "system_prompt": system_prompt, "limit": limit},
                   chat_template_sha256=hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
-                  seed=seed, samples_file=samples_path(output).name)
+                  seed=seed, samples_file=samples_path(output).name,
+                  provenance=provenance(model_path, adapter_dir, prompt_set.source))
     output.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(samples_path(output), result["responses"])
     write_json(output, result)
     logger.info("wrote %s: %d responses, refusal rate %.3f", output, result["n"], result["refusal_rate"])
     return result
+
+
+def provenance(model_path: str | Path, adapter_dir: str | Path | None, source: str) -> dict[str, Any]:
+    """What an evaluation was made with: package versions, UTC time, content hashes of the model's weights and
+    the adapter's, and the split of a built-in suite (`harmbench-test` → `test`; None for a file)."""
+    import datetime
+    import importlib.metadata
+
+    from lora_ogpsa.models.loading import model_fingerprint, resolve_model_dir
+    from lora_ogpsa.utils.files import ADAPTER_FILE, file_sha256
+
+    versions = {}
+    for package in ("lora-ogpsa", "torch", "transformers", "peft", "trl", "bitsandbytes", "safetensors", "accelerate"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    directory = resolve_model_dir(model_path)
+    split = source.rpartition("-")[2] if source.endswith(("-dev", "-test")) and not Path(source).exists() else None
+    return {"versions": versions, "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "model_dir": str(Path(directory).resolve()), "model_sha256": model_fingerprint(directory),
+            "adapter_sha256": file_sha256(Path(adapter_dir) / ADAPTER_FILE) if adapter_dir is not None else None,
+            "split": split}
 
 
 def _check_settings(output: Path, *, max_new_tokens: int, batch_size: int, limit: int | None,

@@ -102,13 +102,24 @@ def _stage(run_config: Mapping[str, Any]) -> str:
                       f"- learning rate {run_config.get('learning_rate')}, batch {run_config.get('batch_size')}, "
                       f"{'epochs' if steps == -1 else 'steps'} "
                       f"{run_config.get('training_arguments', {}).get('num_train_epochs', 3) if steps == -1 else steps}"
-                      + (f", DPO beta {run_config.get('beta')}" if run_config.get("stage") == "dpo" else "")])
+                      + (f", DPO beta {run_config.get('beta')}" if run_config.get("stage") == "dpo" else ""),
+                      *([f"- continues the adapter `{_final_path(run_config['continued_adapter'])}` (DPO's reference "
+                         "model: the base with that adapter, frozen)"] if run_config.get("continued_adapter") else [])])
+
+
+def _final_path(path: str) -> str:
+    """An adapter path as it reads once its run is finished (`OUT.partial/sft` → `OUT/sft`)."""
+    from pathlib import PurePath
+
+    return str(PurePath(*(part.removesuffix(".partial") for part in PurePath(path).parts)))
 
 
 def _settings(run_config: Mapping[str, Any]) -> str:
     if not run_config:
         return ""
-    rows = [(key, value) for key, value in sorted(run_config.items()) if not isinstance(value, dict)]
+    resolved = {**run_config, **{key: value for key, value in effective_lora(run_config).items()
+                                 if key in run_config and run_config[key] is None}}  # lora_alpha None → 2·r
+    rows = [(key, value) for key, value in sorted(resolved.items()) if not isinstance(value, dict)]
     rows += [(f"{group}.{key}", value) for group in ("ogpsa", "training_arguments")
              for key, value in sorted(run_config.get(group, {}).items())]
     body = "\n".join(f"| {key} | `{value}` |" for key, value in rows)
