@@ -247,11 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def chosen_methods(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Method, ...]:
+    """The `--variants`' methods; two variants whose runs would share a directory are refused (`replay` and
+    `demo-replay` are both run as `replay`, with different reference sets)."""
+    methods = tuple(VARIANTS[name] for name in args.variants)
+    runs: dict[str, str] = {}
+    for name, method in zip(args.variants, methods, strict=True):
+        if runs.setdefault(method.name, name) != name:
+            parser.error(f"--variants {runs[method.name]} and {name} both run as {method.name!r} in one --output; "
+                         "run them into separate --output directories")
+    return methods
+
+
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    methods = tuple(VARIANTS[name] for name in args.variants)
+    methods = chosen_methods(parser, args)
     reports: dict[int, dict] = {}
     if args.summarise_only:  # e.g. seeds or variants trained by several processes side by side
         reports = {seed: merged_report([output / f"seed-{seed}" / "report.json"

@@ -99,7 +99,7 @@ def write_sft_data(path: Path, harmful: list[dict], benign: list[str], benign_an
 def train_adapter(model_path: Path, data: Path, output: Path, seed: int) -> None:
     """Plain LoRA SFT through the command line (full precision, no projection)."""
     command = [sys.executable, "-m", "lora_ogpsa", "sft", "--model", str(model_path), "--data", str(data),
-               "--project", "none", "--output", str(output), "--max-steps", str(STEPS),
+               "--ogpsa_project", "none", "--output", str(output), "--max-steps", str(STEPS),
                "--save-steps", str(WEAK_STEPS), "--learning-rate", "3e-4", "--batch-size", "8",
                "--max-length", "192", "--seed", str(seed), "--no-quantize"]
     subprocess.run(command, check=True)

@@ -11,7 +11,6 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import itertools
 import logging
 import sys
 import types
@@ -22,7 +21,7 @@ from typing import Any
 
 from trl import TrlParser
 
-from lora_ogpsa.train.arguments import OURS, dataclass_types
+from lora_ogpsa.train.arguments import OURS, attribute_docs, dataclass_types
 from lora_ogpsa.utils.errors import InputError
 
 logger = logging.getLogger("lora_ogpsa")
@@ -63,28 +62,6 @@ class _Parser(TrlParser):
             item = copy.copy(item)
             item.metadata = types.MappingProxyType(metadata)
         TrlParser._parse_dataclass_field(parser, item)
-
-
-def attribute_docs(cls: type) -> dict[str, str]:
-    """Field name → the first sentence of the string literal right after its declaration, for a dataclass and
-    its bases (our own classes; a class whose source cannot be read gives none)."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not klass.__module__.startswith("lora_ogpsa"):
-            continue
-        try:
-            body = ast.parse(inspect.getsource(klass)).body[0].body
-        except (OSError, TypeError, IndexError, AttributeError):
-            continue
-        for node, after in itertools.pairwise(body):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-                text = " ".join(after.value.value.split())
-                docs[node.target.id] = text.split(". ")[0].rstrip(".").replace("%", "%%") + "."
-    return docs
 
 
 def build_parser() -> argparse.ArgumentParser:

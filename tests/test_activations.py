@@ -118,7 +118,7 @@ def test_without_activation_protection_the_bound_does_not_hold(tiny_model_dir, d
     assert main([str(arg) for arg in args]) == 0
     # Replace the constrained adapter by a plain run's (same settings, no projection), keep the bases.
     plain = tmp_path / "none"
-    assert main([str(arg) for arg in [*args[:args.index("--output")], "--output", plain, "--project", "none",
+    assert main([str(arg) for arg in [*args[:args.index("--output")], "--output", plain, "--ogpsa_project", "none",
                                       *args[args.index("--protect"):]]]) == 0
     (output / "checkpoint-3" / "adapter_model.safetensors").write_bytes(
         (plain / "adapter_model.safetensors").read_bytes())

@@ -17,10 +17,10 @@ def test_help_lists_every_training_arguments_field(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     shown = capsys.readouterr().out
-    names = [field.name for field in dataclasses.fields(TrainingArguments) if field.init and field.name != "project"]
+    names = [field.name for field in dataclasses.fields(TrainingArguments) if field.init]
     missing = [name for name in names if f"--{name}" not in shown]
     assert missing == []
-    for flag in ("--trackio_project", "--project", "--lora_target_modules", "--use_rslora", "--max_directions",
+    for flag in ("--ogpsa_project", "--project", "--lora_target_modules", "--use_rslora", "--max_directions",
                  "--reference", "--no-quantize", "--batch-size", "--output"):
         assert flag in shown
     assert "AdamW learning rate" in shown  # each field's help is shown

@@ -13,16 +13,26 @@ from lora_ogpsa.experiment.plan import Plan
 @pytest.mark.parametrize("name", sorted(alignment_tax.VARIANTS))
 def test_every_variant_is_a_valid_configuration(name):
     method = alignment_tax.VARIANTS[name]
-    assert method.name == name  # the run's directory, and the summary's row
+    assert method.name == name.removeprefix("demo-")  # the run's directory, and the summary's row (the demo's own)
     args = alignment_tax.build_parser().parse_args(["--variants", name])
     ogpsa = dataclasses.replace(alignment_tax.plan(args, 0).ogpsa, project=method.project, **method.ogpsa)
     OGPSAConfig.from_dict(ogpsa.to_dict())  # raises on a field or value the config refuses
 
 
+def test_variants_sharing_a_run_directory_are_refused_together():
+    parser = alignment_tax.build_parser()
+    assert alignment_tax.chosen_methods(parser, parser.parse_args(["--variants", "plain", "demo-ogpsa"]))[1].name == "ogpsa"
+    with pytest.raises(SystemExit) as refused:
+        alignment_tax.chosen_methods(parser, parser.parse_args(["--variants", "replay", "demo-replay"]))
+    assert refused.value.code == 2
+
+
 def test_demo_plan_is_make_demos_cpu_plan_with_the_seed():
     args = alignment_tax.build_parser().parse_args(["--plan", "demo", "--steps", "5", "--full-precision"])
     got = alignment_tax.plan(args, 2)
-    assert got == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=())
+    assert got == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=(), eval_split="dev")  # dev unless asked
+    test = alignment_tax.plan(alignment_tax.build_parser().parse_args(["--plan", "demo", "--split", "test"]), 2)
+    assert test == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=())
     assert got.quantize and got.sft_steps == Plan().sft_steps  # the experiment's own options are ignored
 
 

@@ -166,7 +166,7 @@ def test_base_model_id_names_what_users_will_load(tiny_model_dir, data_files, tm
     from huggingface_hub import ModelCard
 
     output = tmp_path / "out"
-    assert main(["sft", "--model", str(tiny_model_dir), "--data", str(data_files["sft"]), "--project", "none",
+    assert main(["sft", "--model", str(tiny_model_dir), "--data", str(data_files["sft"]), "--ogpsa_project", "none",
                  "--output", str(output), "--max-steps", "1", "--no-quantize", "--lora-r", "2", "--max-length",
                  "64", "--base-model-id", "my-org/my-base"]) == 0
     assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-org/my-base"

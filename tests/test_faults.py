@@ -210,12 +210,12 @@ BAD = {
     "roles out of order": lambda t, m, a: (
         {"--data": _write(t / "d.jsonl", _row(("user", "a"), ("assistant", "b")) + "\n"
                           + _row(("user", "a"), ("user", "b"), ("assistant", "c"))),
-         "--model": _changed_copy(m, t / "model", _strict), "--project": "none"},
+         "--model": _changed_copy(m, t / "model", _strict), "--ogpsa_project": "none"},
         [], r"d.jsonl:2: the model's chat template rejects this row \(Conversation roles must alternate"),
     "row over the size limit": lambda t, m, a: (
         {"--data": _write(t / "d.jsonl", _row(("user", "x" * (1 << 20)), ("assistant", "y")))}, [],
         r"d.jsonl:1: the row is 1.0 MiB, over the 1 MiB limit per row"),
-    "every prompt fills --max-length": lambda t, m, a: ({"--project": "none"}, ["--max-length", "6"],
+    "every prompt fills --max-length": lambda t, m, a: ({"--ogpsa_project": "none"}, ["--max-length", "6", "--assistant_only_loss", "true"],
                                                         r"every row's prompt fills --max-length 6"),
     "non-UTF-8 data": lambda t, m, a: ({"--data": _write(t / "d.jsonl", b'{"prompt": "\xff\xfe"}\n')}, [],
                                        r"d.jsonl:1: not UTF-8 text"),
@@ -290,7 +290,8 @@ def test_a_failed_json_write_leaves_the_old_file_and_no_temporary(tmp_path, monk
 
 def test_a_refused_run_leaves_no_parent_directories(tiny_model_dir, data_files, tmp_path):
     output = tmp_path / "new" / "deeper" / "run"
-    assert main(_sft(tiny_model_dir, data_files, output, "--max-length", "6", "--project", "none")) == 2
+    assert main(_sft(tiny_model_dir, data_files, output, "--max-length", "6", "--assistant_only_loss", "true",
+                     "--ogpsa_project", "none")) == 2
     assert sorted(tmp_path.iterdir()) == []
 
 

@@ -38,7 +38,7 @@ def test_update_mode_applied_change_is_orthogonal_to_the_basis_in_force(tiny_mod
     output = tmp_path / "out"
     # lr 1e-3: at 1e-4 the float32 rounding of θ itself (≈ sqrt(k/n)·eps·‖θ‖/‖Δθ‖) nears 1e-5 on a model this
     # small; the projection is exact, the storage is not.
-    flags = ["--project", "update", "--save-steps", "1", "--max-steps", "6", "--refresh-every", "3",
+    flags = ["--ogpsa_project", "update", "--save-steps", "1", "--max-steps", "6", "--refresh-every", "3",
              "--learning-rate", "1e-3"] + ([] if quantize else ["--no-quantize"])
     assert _sft(tiny_model_dir, data_files, output, *flags) == 0
     for name in ("adapter_model.safetensors", "adapter_config.json", "ogpsa_subspace.safetensors",
@@ -111,7 +111,7 @@ def test_none_mode_equals_plain_trl_and_peft(tiny_model_dir, data_files, tmp_pat
     prompt_completion = tmp_path / "pc.jsonl"
     prompt_completion.write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = {**data_files, "sft": prompt_completion}
-    assert _sft(tiny_model_dir, data, tmp_path / "ours", "--project", "none", "--no-quantize", "--max-steps", "4",
+    assert _sft(tiny_model_dir, data, tmp_path / "ours", "--ogpsa_project", "none", "--no-quantize", "--max-steps", "4",
                 "--learning-rate", "1e-3", "--seed", "3") == 0
     assert not (tmp_path / "ours" / "ogpsa_subspace.safetensors").exists()
 
@@ -177,7 +177,7 @@ def test_continuing_a_finished_run_performs_the_refresh_skipped_at_its_end(tiny_
 def test_align_runs_sft_then_dpo_on_the_same_adapter(tiny_model_dir, data_files, tmp_path, mode):
     output = tmp_path / "aligned"
     assert _run(["align", "--model", tiny_model_dir, "--sft-data", data_files["sft"], "--dpo-data", data_files["dpo"],
-                 "--reference", data_files["reference"], "--output", output, "--project", mode, "--max-steps", "3",
+                 "--reference", data_files["reference"], "--output", output, "--ogpsa_project", mode, "--max-steps", "3",
                  "--learning-rate", "1e-3", "--no-quantize", *COMMON]) == 0
     for stage in ("sft", "dpo"):
         assert (output / stage / "adapter_model.safetensors").is_file()

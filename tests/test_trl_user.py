@@ -103,3 +103,20 @@ def test_a_three_turn_row_trains_every_assistant_turn(tiny_model_dir, tmp_path):
         [example] = sft_examples(rows, tokenizer, settings)
         trained = tokenizer.decode([label for label in example["labels"] if label != -100])
         assert all(text in trained for text in wanted) and not any(text in trained for text in unwanted), trained
+
+
+def test_project_is_trls_trackio_project_and_the_old_mode_spelling_still_works(caplog):
+    """Finding 4: `project:` of a `trl sft` config collided with OGPSA's mode."""
+    import logging
+
+    from lora_ogpsa.cli import _training_settings, parse_args
+
+    base = ["sft", "--model", "m", "--data", "d.jsonl", "--output", "o", "--reference", "r.jsonl"]
+    settings = _training_settings(parse_args([*base, "--project", "my-trackio"]))
+    assert settings.training_arguments["project"] == "my-trackio" and settings.ogpsa.project == "update"
+    assert _training_settings(parse_args([*base, "--ogpsa_project", "grad"])).ogpsa.project == "grad"
+    with caplog.at_level(logging.WARNING):
+        old = _training_settings(parse_args([*base, "--project", "none"]))
+    assert old.ogpsa.project == "none" and "project" not in old.training_arguments
+    assert any("deprecated" in record.getMessage() and "--ogpsa_project none" in record.getMessage()
+               for record in caplog.records)

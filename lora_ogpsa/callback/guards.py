@@ -81,4 +81,4 @@ def refuse_sharded_training(args) -> None:
     kind = str(getattr(state, "distributed_type", ""))
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or "DEEPSPEED" in kind or "FSDP" in kind:
         raise ValueError("OGPSA projection does not support DeepSpeed or FSDP (the optimizer steps on sharded "
-                         "tensors inside their engines); use DDP (torchrun) or --project none")
+                         "tensors inside their engines); use DDP (torchrun) or --ogpsa_project none")

@@ -2,8 +2,8 @@
 write the report. `run_demo` is `lora-ogpsa demo`: the demo's plan on the embedded model and data.
 
 base eval → OGPSA SFT→DPO (`align`) → eval at several checkpoints → merged model → report; with `--compare`
-also plain QLoRA (`--project none`) and the replay baseline (the reference examples mixed into the SFT data,
-`--project none`, the paper's "General Data"), same seed, data and steps.
+also plain QLoRA (`--ogpsa_project none`) and the replay baseline (the reference examples mixed into the SFT data,
+`--ogpsa_project none`, the paper's "General Data"), same seed, data and steps.
 
 Layout of `--output OUT`: `OUT/ogpsa/` (a training output directory), `OUT/plain/`, `OUT/replay/` (with
 --compare), `OUT/merged/`, `OUT/evaluations/` (cached per adapter), `OUT/report.{md,json,png}`. A rerun reuses

@@ -89,10 +89,6 @@ class _OurTrainingDefaults:
     seed: int = option(0, "Seed of the LoRA init, data order and reference sampling.")
     ddp_timeout: int = option(600, "Several processes: seconds a rank waits for the others before the run fails.",
                               resumable=True)
-    # `--project` is OGPSA's (update|grad|none); TrainingArguments' trackio project is `--trackio_project`.
-    project: str = field(default="huggingface", init=False)
-    trackio_project: str | None = option(None, "The trackio project to log to (TrainingArguments' `project`; "
-                                         "`--project` is OGPSA's mode).", held=False)
 
 
 @dataclass
@@ -129,7 +125,7 @@ class ModelArguments:
     lora_target_modules: list[str] | None = option(None, "Module names to adapt, e.g. q_proj v_proj (default: every "
                                                    "linear layer but the output head).")
     use_rslora: bool = option(False, "Rank-stabilised LoRA: scaling alpha/sqrt(r).")
-    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA). Only with --project none: OGPSA projects "
+    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA). Only with --ogpsa_project none: OGPSA projects "
                             "lora_A/lora_B and would leave DoRA's magnitude vectors unprotected.")
 
 
@@ -146,7 +142,7 @@ class RunArguments:
     adapter: str | None = option(None, "Continue this adapter (DPO reference model = base + this adapter, frozen).",
                                  commands=("dpo",))
     reference: str | None = option(None, "Reference (general-capability) rows whose loss the updates must not move "
-                                   "(JSONL of messages or prompt/completion); required unless --project none.")
+                                   "(JSONL of messages or prompt/completion); required unless --ogpsa_project none.")
     resume: bool = option(False, "Continue from the last checkpoint in --output.", resumable=True)
     overwrite: bool = option(False, "Replace an existing --output once the new run has finished.", resumable=True)
     replay: str | None = option(None, "Contrastive replay rows (e.g. dangerous-sounding benign prompts with the base "
@@ -181,9 +177,57 @@ REQUIRED = {"sft": ("model_name_or_path", "data", "output_dir"), "dpo": ("model_
             "align": ("model_name_or_path", "sft_data", "dpo_data", "output_dir")}
 
 
+OGPSA_PREFIXED = {"project": "ogpsa_project"}
+"""OGPSAConfig fields whose flag carries the `ogpsa_` prefix, because TRL has a field of the same name
+(TrainingArguments' `project` is the trackio project). `--project update|grad|none` still sets the OGPSA mode,
+with a deprecation line (`train.settings`)."""
+
+
+def _ogpsa_arguments() -> type:
+    """`OGPSAConfig`'s fields as flags: the same defaults and types, the colliding names prefixed."""
+    types = typing.get_type_hints(OGPSAConfig)
+    kept = [(OGPSA_PREFIXED.get(item.name, item.name), types[item.name],
+             field(default=item.default, metadata={"help": help_of(OGPSAConfig, item.name)})
+             if item.default_factory is dataclasses.MISSING else
+             field(default_factory=item.default_factory, metadata={"help": help_of(OGPSAConfig, item.name)}))
+            for item in dataclasses.fields(OGPSAConfig) if item.init]
+    return dataclasses.make_dataclass("OGPSAArguments", kept)
+
+
+def help_of(cls: type, name: str) -> str:
+    """The first sentence of the string literal right after a field's declaration (how our dataclasses
+    document their fields); empty when there is none."""
+    return attribute_docs(cls).get(name, "")
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field name → the first sentence of its attribute docstring, for a class and its bases of this package."""
+    import ast
+    import inspect
+    import itertools
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not klass.__module__.startswith("lora_ogpsa"):
+            continue
+        try:
+            body = ast.parse(inspect.getsource(klass)).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError):
+            continue
+        for node, after in itertools.pairwise(body):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                text = " ".join(after.value.value.split())
+                docs[node.target.id] = text.split(". ")[0].rstrip(".").replace("%", "%%") + "."
+    return docs
+
+
+OGPSA_ARGUMENTS = _ogpsa_arguments()
+
+
 def dataclass_types(command: str) -> tuple[type, ...]:
     """The dataclasses a training command's flags come from, in parsing order."""
-    return SCRIPT_ARGUMENTS[command], TRAINING_ARGUMENTS[command], ModelArguments, OGPSAConfig
+    return SCRIPT_ARGUMENTS[command], TRAINING_ARGUMENTS[command], ModelArguments, OGPSA_ARGUMENTS
 
 
 def held_fields() -> list[dataclasses.Field]:

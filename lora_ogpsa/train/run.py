@@ -174,7 +174,7 @@ def _replay(settings: TrainSettings, tokenizer) -> dict:
 
 def _load_reference(settings: TrainSettings, tokenizer) -> ReferenceSet:
     if settings.reference is None:
-        raise InputError("--reference is required unless --project none: give general-capability examples "
+        raise InputError("--reference is required unless --ogpsa_project none: give general-capability examples "
                          "(JSONL of messages or prompt/completion rows)")
     return build_reference_set(settings.reference, tokenizer, settings.ogpsa, max_length=settings.max_length,
                                seed=settings.seed)

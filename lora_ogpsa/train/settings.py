@@ -8,6 +8,7 @@ come from those declarations, so nothing is declared twice. The checks below nam
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import typing
 from pathlib import Path
@@ -29,6 +30,7 @@ from lora_ogpsa.train.arguments import (
 from lora_ogpsa.utils.errors import InputError
 
 TRAINER_FIELDS = frozenset(field_defaults(DPOArguments))
+logger = logging.getLogger(__name__)
 RESUMABLE = frozenset({"step", *(setting_name(item) for item in held_fields() if ours(item)["resumable"])})
 """Run-config keys that may differ between a checkpoint and the run resuming it."""
 
@@ -70,8 +72,8 @@ class _Checks:
             try:
                 check_modes(self.ogpsa, replay=True)
             except ValueError as error:
-                raise InputError(f"--replay adds its gradient after the gradient projection: it needs --project grad, "
-                                 f"got --project {self.ogpsa.project} (for plain replay mix the rows into --data)"
+                raise InputError(f"--replay adds its gradient after the gradient projection: it needs --ogpsa_project grad, "
+                                 f"got --ogpsa_project {self.ogpsa.project} (for plain replay mix the rows into --data)"
                                  ) from error
         if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -153,13 +155,13 @@ def to_train_settings(command: str, values: dict[str, Any], defaults: dict[str, 
     ogpsa = _ogpsa_config(values)
     if values["use_dora"] and ogpsa.project != "none":
         raise InputError("--use_dora: OGPSA projects lora_A/lora_B only and would leave DoRA's magnitude vectors "
-                         "unprotected; use it with --project none, or drop --use_dora")
+                         "unprotected; use it with --ogpsa_project none, or drop --use_dora")
     held = {item.name: item for item in held_fields()}
     trainer_fields = field_defaults(TRAINING_ARGUMENTS[command])
     extra = {name: value for name, value in values.items()
              if name in trainer_fields and name not in held and value != defaults.get(name)}
-    if "trackio_project" in extra:
-        extra["project"] = extra.pop("trackio_project")
+    if values.get("project") in PROJECT_MODES:  # the OGPSA mode under its old flag, not a trackio project
+        extra.pop("project", None)
     own = {setting_name(item): _integral(values[name]) if name in TRAINER_FIELDS else values[name]
            for name, item in held.items() if name in values}
     return TrainSettings(**own, training_arguments=extra, ogpsa=ogpsa)
@@ -171,7 +173,22 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() and value >= 0 else value
 
 
+PROJECT_MODES = ("update", "grad", "none")
+
+
 def _ogpsa_config(values: dict[str, Any]) -> OGPSAConfig:
+    """The OGPSAConfig of the parsed flags; `--project update|grad|none` (the old spelling of `--ogpsa_project`,
+    now TRL's trackio project) still sets the mode, with a deprecation line."""
+    default = field_defaults(OGPSAConfig)["project"]
+    mode = values.get("ogpsa_project", default)
+    if values.get("project") in PROJECT_MODES:
+        if mode != default and mode != values["project"]:
+            raise InputError(f"--project {values['project']} and --ogpsa_project {mode} disagree; give --ogpsa_project "
+                             "alone (--project is TRL's trackio project)")
+        logger.warning("--project %s is deprecated for the OGPSA mode: use --ogpsa_project %s (--project is TRL's "
+                       "trackio project)", values["project"], values["project"])
+        mode = values["project"]
+    values = {**values, "project": mode}
     try:
         return OGPSAConfig(**{name: values[name] for name in field_defaults(OGPSAConfig)})
     except ValueError as error:  # the config names the field as `name`; the CLI's flag is --name
