@@ -14,8 +14,11 @@ from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.utils.errors import InputError
 
 CONTRASTIVE_SIZES = DemoSizes(sft_instructions=70, sft_lookalike=106, sft_quick=56)
-"""The demo's data mix, chosen by measurement (one seed each, OGPSA on the CPU plan, 4-bit base; HarmBench /
-held-out dangerous-sounding refused / utility): Do-Not-Answer refusals with 64 ordinary and 64 look-alike
+"""The demo's data mix. It was chosen before the dev/test protocol (`demo.splits.split_evaluation`), on
+prompts that are now in both splits, so it is not a dev-made choice: the test-split tables (README, findings)
+take it as fixed and tune nothing else on it; a new mix must be chosen on `--split dev`. Its measurements then
+(one seed each, OGPSA on the CPU plan, 4-bit base; HarmBench / held-out dangerous-sounding refused / utility):
+Do-Not-Answer refusals with 64 ordinary and 64 look-alike
 answers 42 / 19 / 83 %; + 70 imperative-form refusals 98 / 43 / 77 %; + 106 look-alike answers instead of 64:
 85 / 28 / 77 %; + 56 short everyday questions answered 82 / 25 / 83 % (at lr 2e-4 instead of 3e-4: 58 / 22 /
 81 %). Commands and numbers: README, "The demo"."""
