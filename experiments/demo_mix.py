@@ -35,18 +35,9 @@ def _pairs(items: list[str]) -> dict:
     return {field: yaml.safe_load(value) for field, _, value in (item.partition("=") for item in items)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="the run's name: writes runs/demo-mix-NAME")
-    parser.add_argument("--sizes", nargs="*", default=[], metavar="FIELD=N",
-                        help="DemoSizes fields to change from the CPU plan's (e.g. sft_quick=0)")
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--ogpsa", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="OGPSAConfig fields to change (e.g. protect=activations activation_energy=0.7)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    plan = Plan.demo()
+def tuning_plan(args: argparse.Namespace) -> Plan:
+    """`make demo`'s CPU plan with the probed changes, evaluated on the dev split (every choice is made there)."""
+    plan = dataclasses.replace(Plan.demo(), eval_split="dev")
     plan = dataclasses.replace(plan, data_sizes=dataclasses.replace(plan.data_sizes, **_pairs(args.sizes)),
                                lambda_curves=False)
     ogpsa = _pairs(args.ogpsa)
@@ -54,7 +45,27 @@ def main() -> None:
         plan = dataclasses.replace(plan, ogpsa=dataclasses.replace(plan.ogpsa, **ogpsa))
     if args.learning_rate is not None:
         plan = dataclasses.replace(plan, learning_rate=args.learning_rate)
-    report = run_demo(output=Path("runs") / f"demo-mix-{args.name}", plan=plan, methods=(Method("ogpsa"),))
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="the run's name: writes runs/demo-mix-NAME")
+    parser.add_argument("--sizes", nargs="*", default=[], metavar="FIELD=N",
+                        help="DemoSizes fields to change from the CPU plan's (e.g. sft_quick=0)")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--ogpsa", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="OGPSAConfig fields to change (e.g. protect=activations activation_energy=0.7)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    plan = tuning_plan(args)
+    report = run_demo(output=Path("runs") / f"demo-mix-{args.name}", plan=plan, methods=(Method("ogpsa"),),
+                      tuning=True)  # a choice: read the dev split only (run_demo refuses any other)
     for name, metrics in report["models"].items():
         print(name, " / ".join(f"{metrics[key]:.0%}" for key in ("harmful_refusal_rate",
                                                                   "dangerous_sounding_refusal_rate",

@@ -22,6 +22,17 @@ from lora_ogpsa.refusal import is_refusal
 LABELS = Path(__file__).resolve().parents[1] / "tests" / "data" / "refusal_labels.jsonl"
 
 
+def dev_report(path: Path) -> dict:
+    """A demo report evaluated on the dev split: the detector's cut is a choice, so it never reads test."""
+    report = json.loads(path.read_text())
+    split = report.get("settings", {}).get("split")
+    if split != "dev":
+        raise SystemExit(f"refusal_tokens: error: {path} was evaluated on the {split or 'unsplit (pre-protocol)'} "
+                         "prompts; choose the detector's cut on a --split dev report (python -m "
+                         "experiments.alignment_tax --split dev ...)")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="*", type=Path, help="demo report.json files")
@@ -42,7 +53,7 @@ def main() -> None:
         recall = true / max(1, sum(y for _, y, _ in flags))
         print(f"  {tokens} | {precision:.3f} | {recall:.3f} | {sum(p != full for p, _, full in flags)}")
     for path in args.reports:
-        report = json.loads(path.read_text())
+        report = dev_report(path)
         print(f"{path}: model | N tokens | HarmBench refused | benign refused")
         for name, responses in report["responses"].items():
             for tokens in args.tokens:

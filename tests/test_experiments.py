@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments import alignment_tax
+from experiments import alignment_tax, demo_mix, refusal_tokens
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.experiment.plan import Plan
 
@@ -64,3 +64,22 @@ def test_merged_report_keeps_the_variants_asked_and_says_which_are_missing(tmp_p
     assert all(set(merged[key]) == {"base", "plain", "replay"} for key in ("models", "trajectories", "lambda_curves"))
     with pytest.raises(SystemExit, match="no report of ogpsa"):
         alignment_tax.merged_report(paths, ["plain", "ogpsa"])
+
+
+def test_tuning_entry_points_read_the_dev_split_only(tmp_path, monkeypatch):
+    """Every choice (data mix, variant, detector cut) is made on dev: the mix probe evaluates dev and asks
+    run_demo to refuse anything else; the detector's cut refuses a test-split (or unsplit) report."""
+    seen = {}
+    monkeypatch.setattr(demo_mix, "run_demo", lambda **kwargs: seen.update(kwargs) or {"models": {}})
+    monkeypatch.setattr("sys.argv", ["demo_mix", "probe", "--sizes", "sft_quick=0"])
+    demo_mix.main()
+    assert seen["plan"].eval_split == "dev" and seen["tuning"] is True and seen["plan"].data_sizes.sft_quick == 0
+    assert alignment_tax.plan(alignment_tax.build_parser().parse_args([]), 0).eval_split == "dev"  # the default
+    for split, refused in (("test", True), (None, True), ("dev", False)):
+        path = tmp_path / f"{split}.json"
+        path.write_text(json.dumps({"settings": {"split": split} if split else {}, "responses": {}}))
+        if refused:
+            with pytest.raises(SystemExit, match="choose the detector's cut on a --split dev report"):
+                refusal_tokens.dev_report(path)
+        else:
+            assert refusal_tokens.dev_report(path)["settings"]["split"] == "dev"
