@@ -186,3 +186,17 @@ def test_fingerprint_changes_with_content():
     one = tokenize_prompt_completion(tokenizer, {"prompt": "a", "completion": "b"}, max_length=None)
     two = tokenize_prompt_completion(tokenizer, {"prompt": "a", "completion": "c"}, max_length=None)
     assert fingerprint([one]) == fingerprint([one]) != fingerprint([two])
+
+
+def test_a_folder_of_data_files_is_read_as_trl_reads_dataset_name(tmp_path):
+    """Finding 4: `trl sft --dataset_name FOLDER` loads a local folder of data files; so does --data."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(4)]
+    for name, part in (("part-0.jsonl", rows[:2]), ("part-1.jsonl", rows[2:])):
+        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in part))
+    read = read_rows(folder, "sft")
+    assert sorted(row["prompt"] for row in read.rows) == [row["prompt"] for row in rows]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="neither a datasets.save_to_disk directory nor a folder of data files"):
+        read_rows(tmp_path / "empty", "sft")

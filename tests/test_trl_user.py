@@ -2,8 +2,10 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from lora_ogpsa.cli import _subparser, build_parser, main
 
@@ -120,3 +122,51 @@ def test_project_is_trls_trackio_project_and_the_old_mode_spelling_still_works(c
     assert old.ogpsa.project == "none" and "project" not in old.training_arguments
     assert any("deprecated" in record.getMessage() and "--ogpsa_project none" in record.getMessage()
                for record in caplog.records)
+
+
+TRL_CONFIGS = Path(__file__).parent / "data" / "trl_configs"
+COMPARED = ("learning_rate", "lr_scheduler_type", "num_train_epochs", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "logging_steps", "report_to", "project", "beta", "max_length")
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_trls_own_config_parses_to_the_same_training_arguments(command, tmp_path):
+    """Finding 4: a `trl sft|dpo --config` YAML with only `reference:` added runs through `lora-ogpsa`, and the
+    TrainingArguments both build agree on every key the file sets."""
+    import yaml
+    from trl.scripts.dpo import make_parser as trl_dpo_parser
+    from trl.scripts.sft import make_parser as trl_sft_parser
+
+    from lora_ogpsa.cli import _training_settings, parse_args
+    from lora_ogpsa.train.trainers import trainer_config
+
+    source = TRL_CONFIGS / f"{command}.yaml"
+    keys = yaml.safe_load(source.read_text())
+    ours_file = tmp_path / "ours.yaml"
+    ours_file.write_text(source.read_text() + "reference: examples/data/reference.jsonl\n")
+    settings = _training_settings(parse_args([command, "--config", str(ours_file)]))
+    ours = trainer_config(command, settings, tmp_path / "out")
+    parser = (trl_sft_parser if command == "sft" else trl_dpo_parser)()
+    on_cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]  # TRL's bf16 default needs a GPU
+    _, theirs, model_config = parser.parse_args_and_config(["--config", str(source), *on_cpu])[:3]
+    for key in COMPARED:
+        if key in keys:
+            assert getattr(ours, key) == getattr(theirs, key), key
+    assert (settings.lora_r, settings.lora_alpha) == (model_config.lora_r, model_config.lora_alpha)
+    assert settings.model == model_config.model_name_or_path and settings.data == keys["dataset_name"]
+
+
+@pytest.mark.parametrize(("key", "value", "reason"), [
+    ("dtype", "bfloat16", "loads the base in float32"), ("attn_implementation", "flash_attention_2", "its own attention"),
+    ("lora_task_type", "SEQ_CLS", "causal language models only"), ("bnb_4bit_quant_type", "fp4", "is NF4"),
+    ("dataset_train_split", "validation", "reads the 'train' split"), ("load_in_8bit", "true", "NF4 or full"),
+    ("lora_modules_to_save", "[lm_head]", "outside OGPSA's projection"), ("use_bnb_nested_quant", "false", "double")])
+def test_a_trl_key_at_a_value_we_do_not_run_is_refused_saying_why(key, value, reason, tmp_path, capsys):
+    """Finding 4: every ModelConfig/ScriptArguments key is accepted with TRL's meaning or refused on one line."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: m\ndataset_name: d.jsonl\noutput_dir: {tmp_path / 'out'}\n"
+                      f"ogpsa_project: none\n{key}: {value}\n")
+    assert main(["sft", "--config", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"--{key} " in error and reason in error, error
+    assert not (tmp_path / "out").exists()

@@ -133,6 +133,8 @@ def _load_tabular(path: Path, suffix: str, flag: str) -> list[Any]:
 def _load_dataset_dir(path: Path, flag: str) -> list[Any]:
     import datasets
 
+    if not any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return _load_data_folder(path, flag)
     try:
         dataset = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as error:
@@ -141,6 +143,20 @@ def _load_dataset_dir(path: Path, flag: str) -> list[Any]:
         if "train" not in dataset:
             raise InputError(f"{flag} {path}: a DatasetDict without a 'train' split (has {list(dataset)})")
         dataset = dataset["train"]
+    return list(dataset)
+
+
+def _load_data_folder(path: Path, flag: str) -> list[Any]:
+    """A folder of data files, read as `trl sft --dataset_name FOLDER` reads it (`datasets.load_dataset` on a
+    local directory: one format, files named by split or all in `train`); its train split."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(str(path), split="train")
+    except Exception as error:  # datasets raises many types for an unreadable folder
+        raise InputError(f"{flag} {path}: neither a datasets.save_to_disk directory nor a folder of data files "
+                         f"datasets can read ({first_line(error)}); give one JSONL/JSON/Parquet/CSV file or such "
+                         "a folder") from error
     return list(dataset)
 
 

@@ -29,7 +29,8 @@ OURS = "lora_ogpsa"
 
 
 def option(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = (), commands=TRAINING_COMMANDS,
-           setting: str | None = None, resumable: bool = False, held: bool = True, factory=None) -> Any:
+           setting: str | None = None, resumable: bool = False, held: bool = True, factory=None,
+           accepts: tuple | None = None, why: str = "") -> Any:
     """A dataclass field with its CLI metadata.
 
     Args:
@@ -39,9 +40,13 @@ def option(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = ()
         commands: the training commands that have this flag.
         setting: its name in `TrainSettings` when it differs from the field's (the README's short names).
         resumable: whether `--resume` may continue a run whose checkpoint recorded another value.
-        held: trainer fields only: whether `TrainSettings` holds it (else it travels in `training_arguments`).
+        held: whether `TrainSettings` holds it (else a trainer field travels in `training_arguments`; another
+            field is only checked).
+        accepts: a TRL field we take only at these values (`check_accepted` refuses the others, with `why`).
+        why: the reason a value outside `accepts` is refused, and what to do instead.
     """
-    ours = {"commands": tuple(commands), "setting": setting, "resumable": resumable, "held": held}
+    ours = {"commands": tuple(commands), "setting": setting, "resumable": resumable, "held": held,
+            "accepts": accepts, "why": why}
     metadata = {"help": help, "aliases": _spellings(*aliases), OURS: ours}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -51,7 +56,7 @@ def option(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = ()
 def ours(item: dataclasses.Field) -> dict[str, Any]:
     """Our metadata of a field (`option`'s keywords); TRL's own fields have the defaults."""
     return item.metadata.get(OURS, {"commands": TRAINING_COMMANDS, "setting": None, "resumable": False,
-                                    "held": True})
+                                    "held": True, "accepts": None, "why": ""})
 
 
 def _spellings(*names: str) -> list[str]:
@@ -127,6 +132,43 @@ class ModelArguments:
     use_rslora: bool = option(False, "Rank-stabilised LoRA: scaling alpha/sqrt(r).")
     use_dora: bool = option(False, "DoRA (weight-decomposed LoRA). Only with --ogpsa_project none: OGPSA projects "
                             "lora_A/lora_B and would leave DoRA's magnitude vectors unprotected.")
+    # TRL's ModelConfig fields that lora-ogpsa takes at the values it runs with (a `trl sft` YAML runs unchanged
+    # when it asks for what we do, and fails on one line saying why when it asks for something else)
+    dtype: str | None = option(None, "TRL's model dtype: float32 or auto (the base is loaded in float32; a 4-bit "
+                               "base computes in bf16 on CUDA) (default: float32).", held=False,
+                               accepts=(None, "auto", "float32"),
+                               why="lora-ogpsa loads the base in float32 (4-bit: NF4, bf16 compute on CUDA); "
+                                   "drop the key or set float32")
+    attn_implementation: str | None = option(None, "TRL's attention implementation: only the model's own (its "
+                                             "config's) is used (default: the model's).", held=False,
+                                             accepts=(None,),
+                                             why="lora-ogpsa loads the model with its own attention "
+                                                 "implementation; drop the key")
+    lora_task_type: str = option("CAUSAL_LM", "PEFT task type: CAUSAL_LM, the only one lora-ogpsa trains.",
+                                 held=False, accepts=("CAUSAL_LM",),
+                                 why="lora-ogpsa trains causal language models only; use CAUSAL_LM")
+    lora_target_parameters: list[str] | None = option(None, "PEFT target parameters: not supported (default: "
+                                                      "none).", held=False, accepts=(None,),
+                                                      why="OGPSA projects the lora_A/lora_B of target modules "
+                                                          "only; use --lora_target_modules")
+    lora_modules_to_save: list[str] | None = option(None, "PEFT modules trained in full: not supported (default: "
+                                                    "none).", held=False, accepts=(None,),
+                                                    why="fully trained modules would move outside OGPSA's "
+                                                        "projection; adapt them with --lora_target_modules")
+    load_in_8bit: bool = option(False, "8-bit base: not supported; the base is 4-bit NF4 (--load_in_4bit) or full "
+                                "precision (--no-quantize).", held=False, accepts=(False,),
+                                why="the base is 4-bit NF4 or full precision; use --load_in_4bit or --no-quantize")
+    bnb_4bit_quant_type: str = option("nf4", "4-bit quantization type: nf4, the only one (the merge audit "
+                                      "reproduces NF4).", held=False, accepts=("nf4",),
+                                      why="lora-ogpsa's 4-bit base is NF4 (its merge audit requantizes NF4); use nf4")
+    use_bnb_nested_quant: bool | None = option(None, "Nested (double) quantization of the 4-bit base: always on "
+                                               "(default: true).", held=False, accepts=(None, True),
+                                               why="lora-ogpsa always double-quantizes its 4-bit base, as its merge "
+                                                   "audit assumes; drop the key")
+    bnb_4bit_quant_storage: str | None = option(None, "4-bit storage dtype: not supported (default: uint8).",
+                                                held=False, accepts=(None,),
+                                                why="lora-ogpsa stores NF4 in bitsandbytes' default uint8; drop "
+                                                    "the key")
 
 
 @dataclass
@@ -137,6 +179,22 @@ class RunArguments:
     data: str | None = option(None, "Training rows: SFT rows for sft (messages, or prompt/completion), preference "
                               "rows (prompt, chosen, rejected) for dpo; JSONL, JSON, Parquet, CSV or a save_to_disk "
                               "directory.", aliases=("dataset_name",), commands=("sft", "dpo"))
+    dataset_config: str | None = option(None, "TRL's dataset configuration: local data have none (default: none).",
+                                        held=False, accepts=(None,),
+                                        why="--data/--dataset_name is a local file or folder, which has no "
+                                            "configurations; drop the key", commands=("sft", "dpo"))
+    dataset_train_split: str = option("train", "The split read from a DatasetDict or a folder of split files: "
+                                      "train, as TRL's default.", held=False, accepts=("train",),
+                                      why="lora-ogpsa reads the 'train' split; save the split you want as its own "
+                                          "data set (or name it train)", commands=("sft", "dpo"))
+    dataset_test_split: str = option("test", "TRL's evaluation split: unused, as in TRL without --eval_strategy "
+                                     "(which lora-ogpsa refuses).", held=False, commands=("sft", "dpo"))
+    dataset_streaming: bool = option(False, "Streaming datasets: not supported (every row is checked before "
+                                     "training).", held=False, accepts=(False,),
+                                     why="every row is read and checked before training; drop the key")
+    ignore_bias_buffers: bool = option(False, "TRL's DDP switch for boolean buffers: not supported.", held=False,
+                                       accepts=(False,), why="not needed by the models lora-ogpsa trains; drop the "
+                                                             "key")
     sft_data: str | None = option(None, "SFT rows of the first stage.", commands=("align",))
     dpo_data: str | None = option(None, "Preference rows of the second stage.", commands=("align",))
     adapter: str | None = option(None, "Continue this adapter (DPO reference model = base + this adapter, frozen).",
@@ -235,6 +293,21 @@ def held_fields() -> list[dataclasses.Field]:
     trainer = [item for item in dataclasses.fields(_DPODefaults) if item.init]
     return [item for item in [*dataclasses.fields(RunArguments), *trainer, *dataclasses.fields(ModelArguments)]
             if ours(item)["held"]]
+
+
+def check_accepted(values: dict[str, Any]) -> None:
+    """Refuse a TRL field given at a value lora-ogpsa does not run with (an `option(..., accepts=...)`).
+
+    Raises:
+        InputError: naming the flag, the value and why.
+    """
+    from lora_ogpsa.utils.errors import InputError
+
+    for cls in (RunArguments, ModelArguments):
+        for item in dataclasses.fields(cls):
+            accepted = ours(item)["accepts"]
+            if accepted is not None and item.name in values and values[item.name] not in accepted:
+                raise InputError(f"--{item.name} {values[item.name]}: {ours(item)['why']}")
 
 
 def setting_name(item: dataclasses.Field) -> str:

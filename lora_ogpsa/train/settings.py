@@ -144,12 +144,13 @@ def to_train_settings(command: str, values: dict[str, Any], defaults: dict[str, 
     Raises:
         InputError: a required flag is missing, or a value is out of range (naming the flag).
     """
-    from lora_ogpsa.train.arguments import REQUIRED
+    from lora_ogpsa.train.arguments import REQUIRED, check_accepted
 
     for name in REQUIRED[command]:
         if values.get(name) is None:
             shown = {"model_name_or_path": "model", "output_dir": "output"}.get(name, name)
             raise InputError(f"{command}: --{shown} is required (flag or --config key '{shown}' / '{name}')")
+    check_accepted(values)
     if not values["use_peft"]:
         raise InputError("--use_peft false: lora-ogpsa trains LoRA adapters only; drop the flag")
     ogpsa = _ogpsa_config(values)
