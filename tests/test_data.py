@@ -198,5 +198,5 @@ def test_a_folder_of_data_files_is_read_as_trl_reads_dataset_name(tmp_path):
     read = read_rows(folder, "sft")
     assert sorted(row["prompt"] for row in read.rows) == [row["prompt"] for row in rows]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="neither a datasets.save_to_disk directory nor a folder of data files"):
+    with pytest.raises(InputError, match=r"neither a datasets\.save_to_disk directory nor a folder of data files"):
         read_rows(tmp_path / "empty", "sft")
