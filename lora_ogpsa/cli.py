@@ -241,10 +241,17 @@ def _run_training(args: argparse.Namespace) -> None:
         print(f"adapter written to {output}")
 
 
+def _check_apart(args: argparse.Namespace, *inputs: str) -> None:
+    from lora_ogpsa.utils.files import check_apart
+
+    check_apart(args.output, {f"--{name}": getattr(args, name, None) for name in inputs})
+
+
 def _run_export(args: argparse.Namespace) -> None:
     from lora_ogpsa.export.adapter import export_adapter
 
     _require(args, "adapter", "output")
+    _check_apart(args, "adapter")
     output = export_adapter(Path(args.adapter), Path(args.output), include_subspace=not args.no_subspace,
                             overwrite=args.overwrite)
     print(f"adapter exported to {output}")
@@ -252,6 +259,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
 def _run_merge(args: argparse.Namespace) -> None:
     _require(args, "model", "adapter", "output")
+    _check_apart(args, "model", "adapter")
     from lora_ogpsa.export.merge import merge_adapter
 
     report = merge_adapter(args.model, args.adapter, args.output, base=args.base, dtype=args.dtype,
@@ -264,6 +272,7 @@ def _run_merge(args: argparse.Namespace) -> None:
 
 def _run_eval(args: argparse.Namespace) -> None:
     _require(args, "model", "prompts", "output")
+    _check_apart(args, "model", "prompts", "adapter")
     from lora_ogpsa.demo.splits import BUILTIN_SUITES
     from lora_ogpsa.eval.prompts import load_prompts
     from lora_ogpsa.eval.run import run_eval, samples_path

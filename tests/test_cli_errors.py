@@ -74,8 +74,9 @@ def test_existing_output_is_refused_and_left_untouched(tiny_model_dir, data_file
 
 
 def test_dpo_adapter_without_config_is_refused(tiny_model_dir, data_files, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
     args = ["dpo", "--model", tiny_model_dir, "--data", data_files["dpo"], "--reference", data_files["reference"],
-            "--adapter", tmp_path, "--output", tmp_path / "out", "--no-quantize"]
+            "--adapter", tmp_path / "empty", "--output", tmp_path / "out", "--no-quantize"]
     assert main([str(arg) for arg in args]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -122,6 +122,10 @@ def resolve_model(settings: TrainSettings) -> TrainSettings:
 
 def _validate_common(settings: TrainSettings):
     """Every check that needs no training, before anything is written."""
+    files.check_apart(settings.output, {"--model": settings.model, "--data": settings.data,
+                                        "--sft_data": settings.sft_data, "--dpo_data": settings.dpo_data,
+                                        "--reference": settings.reference, "--replay": settings.replay,
+                                        "--adapter": settings.adapter})
     files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
     resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
     finished = settings.output.is_dir() and any(settings.output.iterdir())

@@ -57,6 +57,21 @@ def partial_path(output: Path) -> Path:
     return output.with_name(f"{output.name}.partial")
 
 
+def check_apart(output: str | Path, inputs: dict[str, str | Path | None], *, flag: str = "--output") -> None:
+    """Refuse an output that is, contains, or lies inside one of the inputs (flag → path; symlinks and `..`
+    resolved), before anything is written: `--overwrite` would otherwise delete the input, or the run would
+    write into it. A Hub ID (not an existing path) is not a local input and is skipped."""
+    out = Path(output).resolve()
+    for name, source in inputs.items():
+        if source is None or not Path(source).exists():
+            continue
+        given = Path(source).resolve()
+        if out == given or given.is_relative_to(out) or out.is_relative_to(given):
+            relation = "is" if out == given else "contains" if given.is_relative_to(out) else "lies inside"
+            raise InputError(f"{flag} {output} {relation} the input {name} {source}; write the output somewhere "
+                             "else (an output never replaces or enters an input)")
+
+
 def check_output_dir(output: Path, *, overwrite: bool, resume: bool = False, flag: str = "--output") -> None:
     """Refuse an existing non-empty output directory unless told to overwrite it (or to resume into it), and
     an output whose parent cannot be written."""
