@@ -160,7 +160,8 @@ def test_trls_own_config_parses_to_the_same_training_arguments(command, tmp_path
     ("dtype", "bfloat16", "loads the base in float32"), ("attn_implementation", "flash_attention_2", "its own attention"),
     ("lora_task_type", "SEQ_CLS", "causal language models only"), ("bnb_4bit_quant_type", "fp4", "is NF4"),
     ("dataset_train_split", "validation", "reads the 'train' split"), ("load_in_8bit", "true", "NF4 or full"),
-    ("lora_modules_to_save", "[lm_head]", "outside OGPSA's projection"), ("use_bnb_nested_quant", "false", "double")])
+    ("lora_modules_to_save", "[lm_head]", "outside OGPSA's projection"), ("use_bnb_nested_quant", "false", "double"),
+    ("use_peft", "false", "LoRA adapters only")])
 def test_a_trl_key_at_a_value_we_do_not_run_is_refused_saying_why(key, value, reason, tmp_path, capsys):
     """Finding 4: every ModelConfig/ScriptArguments key is accepted with TRL's meaning or refused on one line."""
     config = tmp_path / "c.yaml"

@@ -123,7 +123,8 @@ class ModelArguments:
     quantize: bool = option(True, "Load the base in 4-bit NF4 (QLoRA); --no-quantize loads it in full precision.",
                             aliases=("load_in_4bit",))
     use_peft: bool = option(True, "Always true: lora-ogpsa trains LoRA adapters (accepted so that TRL configs run "
-                            "unchanged).", held=False)
+                            "unchanged).", held=False,
+                            accepts=(True,), why="lora-ogpsa trains LoRA adapters only; drop the flag")
     lora_r: int = option(16, "LoRA rank r.")
     lora_alpha: float | None = option(None, "LoRA alpha (default: 2 * lora_r).")
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.")

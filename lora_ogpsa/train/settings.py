@@ -151,8 +151,6 @@ def to_train_settings(command: str, values: dict[str, Any], defaults: dict[str, 
             shown = {"model_name_or_path": "model", "output_dir": "output"}.get(name, name)
             raise InputError(f"{command}: --{shown} is required (flag or --config key '{shown}' / '{name}')")
     check_accepted(values)
-    if not values["use_peft"]:
-        raise InputError("--use_peft false: lora-ogpsa trains LoRA adapters only; drop the flag")
     ogpsa = _ogpsa_config(values)
     if values["use_dora"] and ogpsa.project != "none":
         raise InputError("--use_dora: OGPSA projects lora_A/lora_B only and would leave DoRA's magnitude vectors "
