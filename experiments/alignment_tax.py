@@ -268,7 +268,8 @@ def main() -> None:
     reports: dict[int, dict] = {}
     if args.summarise_only:  # e.g. seeds or variants trained by several processes side by side
         reports = {seed: merged_report([output / f"seed-{seed}" / "report.json"
-                                        for output in (args.output, *args.also)], args.variants)
+                                        for output in (args.output, *args.also)],
+                                       [VARIANTS[name].name for name in args.variants])
                    for seed in args.seeds}
         print(write_summary(args, reports))
         return
