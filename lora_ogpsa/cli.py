@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import re
 import sys
 import types
 import warnings
@@ -36,6 +37,9 @@ class _Parser(TrlParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # argparse reads `-1e-3` as a flag ("expected one argument"); take it, like `-0.001`, as a number, so
+        # the range check answers (argparse's own pattern plus an exponent).
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         """A help text that states its own default keeps it, without argparse's "(default: None)" after it."""

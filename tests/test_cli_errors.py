@@ -1,11 +1,17 @@
 """Bad input: exit 2, one clear line on stderr naming what is wrong, and nothing written."""
 
+import gzip
 import json
 import re
 
 import pytest
 
 from lora_ogpsa.cli import main
+
+
+def _gzipped(path):
+    path.write_bytes(gzip.compress((GOOD_LINE + "\n").encode()))
+    return path
 
 
 def _bad_file(tmp_path, name, content):
@@ -45,6 +51,19 @@ CASES = {
     "bad config key": (lambda t: {"--config": _bad_file(t, "c.yaml", "max_step: 3\n")}, [],
                        r"--config .*c.yaml: unknown key 'max_step'; did you mean 'max_steps'\?"),
     "resume and overwrite": (lambda t: {}, ["--resume", "--overwrite"], r"--resume and --overwrite contradict"),
+    # issue 26, causes B, C and F: numbers out of range, caught before OUT.partial exists
+    "negative seed": (lambda t: {}, ["--seed", "-1"], r"--seed must be an integer in \[0, 4294967295\], got -1"),
+    "beta1 over 1": (lambda t: {}, ["--adam_beta1", "2"], r"--adam_beta1 must be in \[0, 1\), got 2"),
+    "negative warmup": (lambda t: {}, ["--warmup_steps", "-1"], r"--warmup_steps must be >= 0, got -1"),
+    "zero epochs": (lambda t: {}, ["--num_train_epochs", "0"], r"--num_train_epochs must be > 0"),
+    "negative epochs": (lambda t: {}, ["--num_train_epochs", "-1"], r"--num_train_epochs must be > 0"),
+    "huge alpha": (lambda t: {}, ["--lora-alpha", "1e30"], r"the LoRA scale alpha/r .* is over 1024"),
+    "nan grad norm": (lambda t: {}, ["--max_grad_norm", "nan"], r"--max_grad_norm must be a finite number"),
+    "negative weight decay": (lambda t: {}, ["--weight_decay", "-1"], r"--weight_decay must be >= 0, got -1"),
+    "negative learning rate, exponent": (lambda t: {}, ["--learning-rate", "-1e-3"],
+                                         r"--learning-rate must be a positive number, got -0.001"),
+    "gzip data": (lambda t: {"--data": _gzipped(t / "d.jsonl")}, ["--max-steps", "1"],
+                  r"d.jsonl: a gzip archive, not JSON Lines text; decompress it first"),
 }
 
 

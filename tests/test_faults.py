@@ -60,12 +60,17 @@ def straight(tiny_model_dir, data_files, tmp_path_factory):
 
 
 def test_kill_9_during_a_checkpoint_save_then_resume_ends_equal(tiny_model_dir, data_files, straight, tmp_path,
-                                                                  caplog):
+                                                                  caplog, capsys):
     output = tmp_path / "run"
     process = _faulty(_sft(tiny_model_dir, data_files, output), f"{output}.partial/checkpoint-4/optimizer.pt")
     assert process.wait(timeout=300) == -9
     cut = tmp_path / "run.partial" / "checkpoint-4"
     assert (cut / "optimizer.pt").is_file() and not (cut / "lora_ogpsa_complete.json").exists()
+    left = file_digests(tmp_path / "run.partial")  # issue 26 E: a new run without --resume deletes nothing
+    assert main(_sft(tiny_model_dir, data_files, output)) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.count("\n") == 0 and "run.partial holds an earlier run that did not finish; pass --resume" in stderr
+    assert file_digests(tmp_path / "run.partial") == left and not output.exists()
     caplog.set_level(logging.INFO)
     assert main(_sft(tiny_model_dir, data_files, output, "--resume")) == 0
     assert "checkpoint-4 is incomplete" in caplog.text and "from " in caplog.text and "checkpoint-2" in caplog.text

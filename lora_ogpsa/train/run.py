@@ -128,6 +128,10 @@ def _validate_common(settings: TrainSettings):
                                         "--adapter": settings.adapter})
     files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
     resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
+    partial = files.partial_path(settings.output)
+    if partial.exists() and not (settings.resume or settings.overwrite):  # the lock is ours: no run is live there
+        raise InputError(f"--output {settings.output}: {partial.name} holds an earlier run that did not finish; "
+                         "pass --resume to continue it or --overwrite to discard it")
     finished = settings.output.is_dir() and any(settings.output.iterdir())
     if settings.resume and not files.partial_path(settings.output).exists() and not finished:
         raise InputError(f"--resume: nothing to resume in {settings.output} (no {files.partial_path(settings.output).name} "
@@ -185,7 +189,7 @@ def _load_reference(settings: TrainSettings, tokenizer) -> ReferenceSet:
 
 
 def _prepare_work_dir(settings: TrainSettings) -> Path:
-    """The directory training writes into: `OUTPUT.partial`, continued with --resume, fresh otherwise.
+    """The directory training writes into: `OUTPUT.partial`, continued with --resume, replaced with --overwrite.
 
     Every input has been checked by now; with several processes this is where they first meet, and only
     rank 0 touches the file system.
@@ -197,9 +201,8 @@ def _prepare_work_dir(settings: TrainSettings) -> Path:
             # Continue a finished run (e.g. with more steps) in a copy: the finished one stays untouched until
             # the continued one is complete, whatever happens meanwhile.
             shutil.copytree(output, work, symlinks=True)
-        elif not settings.resume and work.exists():
-            logger.warning("removing %s, left by an earlier run that did not finish (use --resume to continue "
-                           "one)", work)
+        elif not settings.resume and work.exists():  # --overwrite (_validate_common refused it otherwise)
+            logger.warning("--overwrite: removing %s, left by an earlier run that did not finish", work)
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
     distributed.barrier()

@@ -86,6 +86,13 @@ class _Checks:
                 self.resume = True
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite contradict each other; give one of them")
+        if _not_int_at_least(self.seed, 0) or self.seed > SEED_MAX:
+            raise InputError(f"--seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
+        if alpha is not None and alpha / self.lora_r > MAX_LORA_SCALE:
+            raise InputError(f"--lora_alpha {alpha:g} with --lora_r {self.lora_r}: the LoRA scale alpha/r "
+                             f"{alpha / self.lora_r:g} is over {MAX_LORA_SCALE}, where the adapter's output swamps the "
+                             "base's and training diverges; use an alpha near r (e.g. 2r)")
+        check_trainer_numbers(self.training_arguments, max_steps=self.max_steps)
 
     @property
     def use_gradient_checkpointing(self) -> bool:
@@ -192,6 +199,43 @@ def _ogpsa_config(values: dict[str, Any]) -> OGPSAConfig:
         return OGPSAConfig(**{name: values[name] for name in field_defaults(OGPSAConfig)})
     except ValueError as error:  # the config names the field as `name`; the CLI's flag is --name
         raise InputError(str(error).replace("`", "--", 1).replace("`", "", 1)) from error
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds (transformers' set_seed seeds numpy too)
+MAX_LORA_SCALE = 1024  # alpha/r; PEFT's defaults give 1-2, rsLoRA alpha/sqrt(r) stays far below this
+
+# TrainingArguments fields whose range transformers or torch only reject after work has started (or never):
+# name -> (check, the range in words).
+_TRAINER_RANGES: dict[str, tuple[Any, str]] = {
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "num_train_epochs": (lambda v: v > 0, "> 0 (fractions train part of an epoch), or give --max-steps"),
+    "data_seed": (lambda v: v == int(v) and 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]"),
+}
+
+
+def check_trainer_numbers(values: dict[str, Any], *, max_steps: int) -> None:
+    """Every number among the TRL/transformers fields the user set is finite, and those of `_TRAINER_RANGES`
+    within their range (`num_train_epochs` only counts without --max-steps).
+
+    Raises:
+        InputError: naming the flag, the value and the range.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value):
+            raise InputError(f"--{name} must be a finite number, got {value!r}")
+        check, words = _TRAINER_RANGES.get(name, (None, ""))
+        if name == "num_train_epochs" and max_steps != -1:
+            continue
+        if check is not None and not check(value):
+            raise InputError(f"--{name} must be {words}, got {value!r}")
 
 
 def _not_int_at_least(value: Any, low: int) -> bool:

@@ -72,14 +72,14 @@ def check_apart(output: str | Path, inputs: dict[str, str | Path | None], *, fla
                              "else (an output never replaces or enters an input)")
 
 
-def check_output_dir(output: Path, *, overwrite: bool, resume: bool = False, flag: str = "--output") -> None:
+def check_output_dir(output: Path, *, overwrite: bool, resume: bool | None = None, flag: str = "--output") -> None:
     """Refuse an existing non-empty output directory unless told to overwrite it (or to resume into it), and
-    an output whose parent cannot be written."""
+    an output whose parent cannot be written. `resume` None: the command has no --resume (none is suggested)."""
     if output.exists() and not output.is_dir():
         raise InputError(f"{flag} {output}: exists and is not a directory; choose another path")
     if output.is_dir() and any(output.iterdir()) and not (overwrite or resume):
         raise InputError(f"{flag} {output}: exists and is not empty; pass --overwrite to replace it"
-                         f"{' or --resume to continue it' if flag == '--output' else ''}, or choose another path")
+                         f"{' or --resume to continue it' if resume is not None else ''}, or choose another path")
     probe_writable(output, flag=flag)
 
 
@@ -262,6 +262,10 @@ def read_json(path: Path, *, flag: str | None = None) -> Any:
         raise InputError(f"{where}: JSON nested too deeply") from error
 
 
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+               (b"PK\x03\x04", "zip"))
+
+
 def iter_jsonl(path: Path, *, flag: str | None = None,
                max_line_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, value) for every non-blank line of a JSONL file.
@@ -272,6 +276,11 @@ def iter_jsonl(path: Path, *, flag: str | None = None,
     """
     where = f"{flag} {path}" if flag else str(path)
     with Path(path).open("rb") as handle:
+        head = handle.read(8)
+        handle.seek(0)
+        kind = next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
+        if kind is not None:
+            raise InputError(f"{where}: a {kind} archive, not JSON Lines text; decompress it first")
         for number, raw in enumerate(handle, start=1):
             if max_line_bytes is not None and len(raw) > max_line_bytes:
                 raise InputError(f"{where}:{number}: the row is {len(raw) / 2**20:.1f} MiB, over the "
