@@ -2,15 +2,12 @@
 
 The public API is small: the config, the subspace math, the trainer callback and the builder of its reference
 batches. Everything else is reached through the `lora-ogpsa` command. `OGPSACallback` and
-`build_reference_set` are imported lazily, so that the math needs only torch.
+everything is imported lazily: `import lora_ogpsa` loads no torch (the command's signal handling starts
+before the heavy imports, `lora_ogpsa.entry`), and the math needs only torch.
 """
 
 import logging
 from typing import Any
-
-from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.core.projector import project_out
-from lora_ogpsa.core.subspace import Subspace, compute_subspace
 
 __all__ = ["OGPSACallback", "OGPSAConfig", "ReferenceSet", "Subspace", "build_reference_set", "compute_subspace",
            "project_out"]
@@ -29,6 +26,18 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernel
 
 
 def __getattr__(name: str) -> Any:
+    if name == "OGPSAConfig":
+        from lora_ogpsa.config import OGPSAConfig
+
+        return OGPSAConfig
+    if name == "project_out":
+        from lora_ogpsa.core.projector import project_out
+
+        return project_out
+    if name in ("Subspace", "compute_subspace"):
+        from lora_ogpsa.core import subspace
+
+        return getattr(subspace, name)
     if name == "OGPSACallback":
         from lora_ogpsa.callback.router import OGPSACallback
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from lora_ogpsa.cli import main
+from lora_ogpsa.entry import main
 
 sys.exit(main())

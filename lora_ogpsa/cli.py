@@ -23,7 +23,7 @@ from typing import Any
 from trl import TrlParser
 
 from lora_ogpsa.train.arguments import OURS, attribute_docs, dataclass_types
-from lora_ogpsa.utils.errors import InputError
+from lora_ogpsa.utils.errors import InputError, interrupted
 
 logger = logging.getLogger("lora_ogpsa")
 
@@ -340,10 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (a training run keeps its checkpoints in OUTPUT.partial; rerun with --resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM under `lora_ogpsa.entry`: 130 / 143, one line
+        return interrupted(error)
     except Exception as error:  # the last line of defence: one line, the traceback in the debug log
         logger.debug("failure", exc_info=True)
         print(f"{PROG}: failed: {type(error).__name__}: {_one_line(error)} (--log-level DEBUG shows the "

@@ -91,9 +91,9 @@ def main() -> int:
     os.rename = _renamer(os.rename)
     os.replace = _renamer(os.replace)
 
-    from lora_ogpsa.cli import main as cli_main
+    from lora_ogpsa.entry import main as command  # the console script's entry: its signal handling too
 
-    return cli_main(sys.argv[1:])
+    return command(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -140,6 +141,51 @@ def test_a_concurrent_run_is_refused_and_the_live_run_finishes(tiny_model_dir, d
     flag.unlink()
     assert process.wait(timeout=300) == 0
     assert _same_adapter(straight, output)
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_run_ends_in_one_line_and_the_run_resumes(tiny_model_dir, data_files, straight, tmp_path,
+                                                               signum, status, word):
+    """Issue 26 D: SIGTERM / Ctrl-C mid-run exit 143 / 130 with one line, the lock removed, OUT.partial kept
+    and --resume ending equal to the uninterrupted run."""
+    output, flag = tmp_path / "run", tmp_path / "paused"
+    process = _faulty(_sft(tiny_model_dir, data_files, output), f"{output}.partial/checkpoint-2/optimizer.pt",
+                      fault="pause", FAULT_FLAG=str(flag))
+    deadline = time.monotonic() + 300
+    while not flag.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    said = [line for line in stderr.splitlines() if line.startswith("lora-ogpsa:")]
+    assert process.returncode == status and "Traceback" not in stderr, stderr
+    assert len(said) == 1 and said[0].startswith(f"lora-ogpsa: {word} ("), stderr
+    assert not (tmp_path / ".run.lock").exists() and (tmp_path / "run.partial").is_dir() and not output.exists()
+    assert main(_sft(tiny_model_dir, data_files, output, "--resume")) == 0
+    assert _same_adapter(straight, output)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_command_starts_is_one_line(tiny_model_dir, data_files, tmp_path, signum, status):
+    """A signal during the seconds of importing torch/TRL: no traceback (issue 26 D)."""
+    output = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "lora_ogpsa", *_sft(tiny_model_dir, data_files, output)],
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status and "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.strip()][-1].startswith("lora-ogpsa: "), stderr
+    assert not output.exists() and not (tmp_path / ".run.lock").exists()
+
+
+def test_the_entry_point_imports_no_torch_before_its_signal_handler():
+    code = "import sys, lora_ogpsa.entry; print(sorted({'torch', 'trl', 'transformers'} & set(sys.modules)))"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert shown.strip() == "[]", shown
 
 
 def test_export_into_an_output_in_use_is_refused(straight, tmp_path, capsys):

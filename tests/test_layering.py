@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(lora_ogpsa.__file__).parent
 # public API of `from lora_ogpsa import ...`, over the callback and the signals).
 LAYERS: dict[str, int] = {"utils": 0, "core": 0, "config": 1, "data": 2, "models": 2, "signals": 3, "callback": 4,
                           "eval": 4, "refusal": 1, "export": 4, "": 5, "train": 6, "demo": 7, "experiment": 8,
-                          "cli": 9, "__main__": 9, "testing": 10}
+                          "cli": 9, "entry": 10, "__main__": 11, "testing": 10}
 CORE_ALLOWED = {"torch", "safetensors", "__future__"}
 
 

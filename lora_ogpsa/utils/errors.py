@@ -1,4 +1,8 @@
-"""The one exception type that means "the user's input is wrong" (the command exits 2 on it)."""
+"""The exception that means "the user's input is wrong" (the command exits 2 on it), and the one that means
+"stopped by SIGTERM" (143), with the line a stopped command prints."""
+
+import signal
+import sys
 
 
 class InputError(ValueError):
@@ -10,3 +14,15 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (the type name when it has none): for one-line errors."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the process is, like Ctrl-C's KeyboardInterrupt."""
+
+
+def interrupted(error: KeyboardInterrupt) -> int:
+    """Say in one line that the command was stopped; returns the shell's status for the signal (130, 143)."""
+    terminated = isinstance(error, Terminated)
+    print(f"lora-ogpsa: {'terminated' if terminated else 'interrupted'} (a training run keeps its checkpoints in "
+          "OUTPUT.partial; rerun with --resume)", file=sys.stderr)
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
