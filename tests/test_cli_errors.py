@@ -62,6 +62,9 @@ CASES = {
     "negative weight decay": (lambda t: {}, ["--weight_decay", "-1"], r"--weight_decay must be >= 0, got -1"),
     "negative learning rate, exponent": (lambda t: {}, ["--learning-rate", "-1e-3"],
                                          r"--learning-rate must be a positive number, got -0.001"),
+    "absent target module": (lambda t: {}, ["--lora_target_modules", "nonexistent_proj"],
+                             r"--lora_target_modules nonexistent_proj: no such linear module in --model .*it has .*q_proj"),
+    "rank over the layer": (lambda t: {}, ["--lora-r", "4096"], r"--lora-r 4096 is over the smaller dimension of "),
     "gzip data": (lambda t: {"--data": _gzipped(t / "d.jsonl")}, ["--max-steps", "1"],
                   r"d.jsonl: a gzip archive, not JSON Lines text; decompress it first"),
 }

@@ -25,7 +25,7 @@ from lora_ogpsa.core.subspace import Subspace
 from lora_ogpsa.data.rows import DataKind, Rows, check_rows_fit, read_rows
 from lora_ogpsa.export.adapter import save_adapter, save_subspace
 from lora_ogpsa.export.card import write_model_card
-from lora_ogpsa.models import loading
+from lora_ogpsa.models import loading, shapes
 from lora_ogpsa.signals import distributed
 from lora_ogpsa.signals.reference import ReferenceSet, build_reference_set
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
@@ -136,6 +136,8 @@ def _validate_common(settings: TrainSettings):
     if settings.resume and not files.partial_path(settings.output).exists() and not finished:
         raise InputError(f"--resume: nothing to resume in {settings.output} (no {files.partial_path(settings.output).name} "
                          "and no finished run); check --output, or drop --resume to start a fresh run")
+    if settings.adapter is None:  # a continued adapter brings its own targets and rank (checked with it)
+        shapes.check_lora_targets(settings.model, settings.lora_target_modules, settings.lora_r)
     tokenizer = loading.load_tokenizer(settings.model)  # the model directory was checked by resolve_model
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
     if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
