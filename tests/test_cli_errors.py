@@ -9,6 +9,12 @@ import pytest
 from lora_ogpsa.cli import main
 
 
+def _loop(path):
+    path.with_name("other").symlink_to(path)
+    path.symlink_to(path.with_name("other"))
+    return path
+
+
 def _gzipped(path):
     path.write_bytes(gzip.compress((GOOD_LINE + "\n").encode()))
     return path
@@ -65,6 +71,11 @@ CASES = {
     "absent target module": (lambda t: {}, ["--lora_target_modules", "nonexistent_proj"],
                              r"--lora_target_modules nonexistent_proj: no such linear module in --model .*it has .*q_proj"),
     "rank over the layer": (lambda t: {}, ["--lora-r", "4096"], r"--lora-r 4096 is over the smaller dimension of "),
+    "output name too long": (lambda t: {"--output": t / ("o" * 250)}, [],
+                             r"the name is 250 bytes; .* use a name of at most 241 bytes"),
+    "output a symlink loop": (lambda t: {"--output": _loop(t / "loop")}, [], r"loop: a symlink loop; remove the link"),
+    "lone surrogate": (lambda t: {"--data": _bad_file(t, "s.jsonl", GOOD_LINE + "\n" + GOOD_LINE.replace("hi", "\\ud800"))},
+                       [], r"s.jsonl:2: a lone UTF-16 surrogate"),
     "gzip data": (lambda t: {"--data": _gzipped(t / "d.jsonl")}, ["--max-steps", "1"],
                   r"d.jsonl: a gzip archive, not JSON Lines text; decompress it first"),
 }

@@ -10,6 +10,7 @@ the rename).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -101,11 +102,32 @@ def probe_writable(output: Path, *, flag: str = "--output") -> None:
                          "writable location") from error
 
 
-def output_path(path: str | Path) -> Path:
+SIBLING_SUFFIX = "..old.deleting"  # the longest sibling of NAME written beside it: `.NAME.old.deleting`
+
+
+def output_path(path: str | Path, *, flag: str = "--output") -> Path:
     """`path` with a symlink followed: an output given as a link is written (and replaced with --overwrite) where
-    the link points, and the link itself stays."""
+    the link points, and the link itself stays.
+
+    Raises:
+        InputError: the path is a symlink loop, or its name too long for the siblings written beside it
+            (`.NAME.old.deleting` is the longest).
+    """
     path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise InputError(f"{flag} {path}: a symlink loop; remove the link or choose another path") from error
+        path = Path(os.path.realpath(path))
+    parent = next((folder for folder in path.absolute().parents if folder.is_dir()), Path("/"))
+    limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(os.fsencode(path.name)) + len(SIBLING_SUFFIX) > limit:
+        raise InputError(f"{flag} {path}: the name is {len(os.fsencode(path.name))} bytes; with the "
+                         f"'{SIBLING_SUFFIX}'-style siblings written beside it that is over this file system's "
+                         f"{limit}; use a name of at most {limit - len(SIBLING_SUFFIX)} bytes")
+    return path
 
 
 @contextlib.contextmanager
@@ -293,12 +315,21 @@ def iter_jsonl(path: Path, *, flag: str | None = None,
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as error:
                 raise InputError(f"{where}:{number}: invalid JSON ({error.msg} at column {error.colno}); "
                                  "each line must be one JSON object") from error
             except RecursionError as error:
                 raise InputError(f"{where}:{number}: JSON nested too deeply") from error
+            if "\\ud" in line.lower():  # a \uXXXX escape in the surrogate range: is it half a pair?
+                try:
+                    json.dumps(value, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise InputError(f"{where}:{number}: a lone UTF-16 surrogate "
+                                     f"({error.object[error.start:error.end].encode('unicode_escape').decode()}) "
+                                     "that no tokenizer can encode; remove the escape or write the full pair"
+                                     ) from error
+            yield number, value
 
 
 def read_jsonl(path: Path, *, flag: str | None = None) -> list[Any]:
