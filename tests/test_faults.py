@@ -188,6 +188,17 @@ def test_the_entry_point_imports_no_torch_before_its_signal_handler():
     assert shown.strip() == "[]", shown
 
 
+def test_a_diverging_run_stops_at_its_step_and_keeps_its_partial(tiny_model_dir, data_files, tmp_path, capsys):
+    """Issue 26 B: --learning-rate 1e30 is caught where it breaks (exit 1, the step named), not at a file write."""
+    output = tmp_path / "run"
+    assert main(_sft(tiny_model_dir, data_files, output, "--learning-rate", "1e30")) == 1
+    stderr = capsys.readouterr().err  # tqdm's cursor codes share lines with it: search, do not split
+    assert stderr.count("lora-ogpsa:") == 1 and __import__("re").search(
+        r"lora-ogpsa: failed: TrainingDivergedError: training diverged at step \d+: (a trainable weight is not "
+        r"finite|the loss)", stderr), stderr
+    assert (tmp_path / "run.partial").is_dir() and not output.exists()
+
+
 def test_export_into_an_output_in_use_is_refused(straight, tmp_path, capsys):
     output = tmp_path / "exported"
     with output_lock(output):

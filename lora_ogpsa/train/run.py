@@ -28,6 +28,7 @@ from lora_ogpsa.export.card import write_model_card
 from lora_ogpsa.models import loading, shapes
 from lora_ogpsa.signals import distributed
 from lora_ogpsa.signals.reference import ReferenceSet, build_reference_set
+from lora_ogpsa.train.divergence import DivergenceCallback
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
 from lora_ogpsa.train.stage_files import StageFilesCallback
 from lora_ogpsa.train.trainers import loss_masking
@@ -230,7 +231,8 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
         ogpsa = OGPSACallback(settings.ogpsa, reference, **_replay(settings, tokenizer))
     stage_files = StageFilesCallback(directory, run_config, stage=stage, subspace_fn=lambda: ogpsa and ogpsa.subspace)
     trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
-                            [cb for cb in (ogpsa, stage_files) if cb is not None] + list(callbacks))
+                            [cb for cb in (DivergenceCallback(), ogpsa, stage_files) if cb is not None]
+                            + list(callbacks))
     chosen = resume_checkpoint(settings)
     chosen = files.partial_path(settings.output) / chosen if chosen else None
     checkpoint = files.last_complete_checkpoint(directory) if settings.resume else None
