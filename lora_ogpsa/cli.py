@@ -2,7 +2,7 @@
 
 Every flag can also come from `--config FILE.yaml` (flag names with `-` → `_`); flags given on the command
 line override the file. Exit status: 0 success, 2 bad input (one line on stderr naming the file, row and
-field), 1 any other failure, 130 interrupted.
+field), 1 any other failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -341,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM under `lora_ogpsa.entry`: 130 / 143, one line
-        return interrupted(error)
+        status, message = interrupted(error)
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return status
     except Exception as error:  # the last line of defence: one line, the traceback in the debug log
         logger.debug("failure", exc_info=True)
         print(f"{PROG}: failed: {type(error).__name__}: {_one_line(error)} (--log-level DEBUG shows the "

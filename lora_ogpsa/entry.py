@@ -9,6 +9,7 @@ imports the command.
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Sequence
 
 from lora_ogpsa.utils.errors import Terminated, interrupted
@@ -20,7 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from lora_ogpsa.cli import main as command
     except KeyboardInterrupt as error:
-        return interrupted(error)
+        status, message = interrupted(error)
+        print(f"lora-ogpsa: {message}", file=sys.stderr)
+        return status
     return command(argv)
 
 

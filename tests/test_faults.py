@@ -43,6 +43,18 @@ def _faulty(args, fault_at, fault="kill", **env):
                             stderr=subprocess.PIPE, text=True)
 
 
+def _paused_at_checkpoint_2(model, data_files, output):
+    """A run into `output` in a subprocess, held while it writes checkpoint-2 (returned once it is there)."""
+    flag = output.with_name("paused")
+    process = _faulty(_sft(model, data_files, output), f"{output}.partial/checkpoint-2/optimizer.pt",
+                      fault="pause", FAULT_FLAG=str(flag))
+    deadline = time.monotonic() + 300
+    while not flag.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    return process
+
+
 def _adapter(directory):
     return load_file(str(directory / "adapter_model.safetensors"))
 
@@ -125,20 +137,15 @@ def test_kill_9_during_merge_leaves_only_what_a_rerun_removes(tiny_model_dir, st
 
 def test_a_concurrent_run_is_refused_and_the_live_run_finishes(tiny_model_dir, data_files, straight, tmp_path,
                                                                capsys):
-    output, flag = tmp_path / "run", tmp_path / "paused"
-    process = _faulty(_sft(tiny_model_dir, data_files, output), f"{output}.partial/checkpoint-2/optimizer.pt",
-                      fault="pause", FAULT_FLAG=str(flag))
-    deadline = time.monotonic() + 300
-    while not flag.exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.1)
+    output = tmp_path / "run"
+    process = _paused_at_checkpoint_2(tiny_model_dir, data_files, output)
     live = file_digests(tmp_path / "run.partial")
     for args in (_sft(tiny_model_dir, data_files, output), _sft(tiny_model_dir, data_files, output, "--overwrite"),
                  _sft(tiny_model_dir, data_files, output, "--resume")):
         assert main(args) == 2
         assert f"in use by another run (pid {process.pid})" in capsys.readouterr().err
         assert file_digests(tmp_path / "run.partial") == live
-    flag.unlink()
+    (tmp_path / "paused").unlink()
     assert process.wait(timeout=300) == 0
     assert _same_adapter(straight, output)
 
@@ -149,13 +156,8 @@ def test_a_signal_mid_run_ends_in_one_line_and_the_run_resumes(tiny_model_dir, d
                                                                signum, status, word):
     """Issue 26 D: SIGTERM / Ctrl-C mid-run exit 143 / 130 with one line, the lock removed, OUT.partial kept
     and --resume ending equal to the uninterrupted run."""
-    output, flag = tmp_path / "run", tmp_path / "paused"
-    process = _faulty(_sft(tiny_model_dir, data_files, output), f"{output}.partial/checkpoint-2/optimizer.pt",
-                      fault="pause", FAULT_FLAG=str(flag))
-    deadline = time.monotonic() + 300
-    while not flag.exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.1)
+    output = tmp_path / "run"
+    process = _paused_at_checkpoint_2(tiny_model_dir, data_files, output)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     said = [line for line in stderr.splitlines() if line.startswith("lora-ogpsa:")]

@@ -2,7 +2,6 @@
 "stopped by SIGTERM" (143), with the line a stopped command prints."""
 
 import signal
-import sys
 
 
 class InputError(ValueError):
@@ -20,9 +19,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised wherever the process is, like Ctrl-C's KeyboardInterrupt."""
 
 
-def interrupted(error: KeyboardInterrupt) -> int:
-    """Say in one line that the command was stopped; returns the shell's status for the signal (130, 143)."""
+def interrupted(error: KeyboardInterrupt) -> tuple[int, str]:
+    """The shell's status for the signal that stopped the command (130, 143) and the one line that says so."""
     terminated = isinstance(error, Terminated)
-    print(f"lora-ogpsa: {'terminated' if terminated else 'interrupted'} (a training run keeps its checkpoints in "
-          "OUTPUT.partial; rerun with --resume)", file=sys.stderr)
-    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    return (128 + (signal.SIGTERM if terminated else signal.SIGINT),
+            f"{'terminated' if terminated else 'interrupted'} (a training run keeps its checkpoints in "
+            "OUTPUT.partial; rerun with --resume)")
