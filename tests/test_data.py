@@ -68,7 +68,12 @@ def test_preference_rows_with_equal_chosen_and_rejected_are_skipped_and_counted(
     ([{"messages": [USER, {"role": "assistant", "content": 4}]}], "sft", r"'messages'\[1\].content must be a string"),
     ([{"messages": [{"role": "robot", "content": "x"}, ASSISTANT]}], "sft", r"'messages'\[0\].role must be one of"),
     ([{"prompt": "x", "completion": 3}], "sft", "field 'completion' must be a string or a list of messages, got int"),
-    ([{"prompt": "x", "completion": [ASSISTANT]}], "sft", "must both be strings or both message lists"),
+    ([{"prompt": "x", "completion": [ASSISTANT]}], "sft",
+     r"d.jsonl:1: fields 'prompt' and 'completion' must both be strings or both be lists of messages \('prompt' is a "
+     r"string, 'completion' a list of messages\); write both in one format"),
+    ([{"prompt": [USER], "chosen": "y", "rejected": [ASSISTANT]}], "preference",
+     r"must all be strings or all be lists of messages \('prompt' is a list of messages, 'chosen' a string, "
+     r"'rejected' a list of messages\)"),
     ([{"prompt": " ", "completion": "y"}], "sft", "field 'prompt' is empty"),
     ([{"prompt": "x", "chosen": "y"}], "preference", "missing field 'rejected'"),
     ([{"prompt": "x", "chosen": "y", "rejected": None}], "preference", "missing field 'rejected'"),

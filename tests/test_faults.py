@@ -262,6 +262,23 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[:-100])
 
 
+def _json_edit(path, change):
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def _no_template(model):
+    _json_edit(model / "tokenizer_config.json", lambda config: config.pop("chat_template", None))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+
+
+def _wider_model(path):
+    from lora_ogpsa.testing.tiny import save_tiny_model
+
+    return save_tiny_model(path, hidden=96)
+
+
 def _rank(adapter):
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
@@ -291,6 +308,16 @@ BAD = {
     "model without weights": lambda t, m, a: (
         {"--model": _changed_copy(m, t / "model", lambda d: (d / "model.safetensors").unlink())}, [],
         r"no model.safetensors or model.safetensors.index.json in it"),
+    # issue 26 B: the model's config and tokenizer are checked before any work
+    "config field of the wrong type": lambda t, m, a: (
+        {"--model": _changed_copy(m, t / "model", lambda d: _json_edit(d / "config.json",
+                                                                       lambda c: c.update(hidden_size="abc")))},
+        [], r"config.json: .*'hidden_size'.*; fix the value or re-save the model"),
+    "tokenizer without a chat template": lambda t, m, a: (
+        {"--model": _changed_copy(m, t / "model", _no_template)}, [],
+        r"its tokenizer has no chat template .*give one with --chat_template_path FILE.jinja"),
+    "chat template from a directory": lambda t, m, a: ({"--chat_template_path": m}, [],
+                                                       r"--chat_template_path .*: give a Jinja template file"),
     "unwritable output": lambda t, m, a: ({"--output": Path("/proc/lora-ogpsa-test/out")}, [],
                                           r"cannot write in /proc"),
     "output under a file": lambda t, m, a: ({"--output": _write(t / "f", "x") / "out"}, [],
@@ -302,6 +329,10 @@ BAD_DPO = {
     "truncated adapter weights": lambda t, m, a: (
         {"--adapter": _changed_copy(a, t / "adapter", lambda d: _truncate(d / "adapter_model.safetensors"))}, [],
         r"adapter_model.safetensors: not a readable safetensors file"),
+    "adapter of another base": lambda t, m, a: (
+        {"--model": _wider_model(t / "wide"), "--adapter": a}, [],
+        r"--adapter .*: its model.layers.0.\S+ is \d+ x \d+, --model .*wide has \d+ x \d+; the adapter was "
+        r"trained on another base \(.*\) — give that base as --model"),
 }
 
 
@@ -312,6 +343,7 @@ def test_bad_input_over_a_finished_run_exits_2_and_changes_nothing(tiny_model_di
     shutil.copytree(straight, output)
     before = file_digests(output)
     overrides, extra, message = (BAD.get(case) or BAD_DPO[case])(tmp_path, tiny_model_dir, straight)
+    capsys.readouterr()  # what building the case printed (a model's save progress bar)
     command = "dpo" if case in BAD_DPO else "sft"
     flags = {"--model": tiny_model_dir, "--data": data_files["dpo" if command == "dpo" else "sft"],
              "--reference": data_files["reference"], "--output": output, "--overwrite": None, **overrides}

@@ -2,6 +2,7 @@
 written (exit 2, one line), and every input stays byte-identical."""
 
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -54,3 +55,34 @@ def test_merge_output_inside_the_adapter_is_refused(tiny_model_dir, tmp_path, ca
     args = ["merge", "--model", tiny_model_dir, "--adapter", adapter, "--output", adapter / "merged"]
     assert main([str(arg) for arg in args]) == 2
     assert "lies inside the input --adapter" in capsys.readouterr().err and not (adapter / "merged").exists()
+
+
+def test_a_dotdot_output_makes_no_directory_on_the_way(tiny_model_dir, data_files, tmp_path):
+    """Issue 26 F: `x/new/../out` writes `x/out` and leaves no empty `x/new` behind."""
+    (tmp_path / "x").mkdir()
+    args = ["sft", "--model", tiny_model_dir, "--data", data_files["sft"], "--reference", data_files["reference"],
+            "--output", f"{tmp_path}/x/new/../out", "--no-quantize", "--max-steps", "1", "--lora-r", "2",
+            "--max-length", "64"]
+    assert main([str(arg) for arg in args]) == 0
+    assert sorted(path.name for path in (tmp_path / "x").iterdir()) == ["out"]
+    assert (tmp_path / "x" / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_model_without_chat_template_trains_with_chat_template_path(tiny_model_dir, data_files, tmp_path):
+    """Issue 26 B: TRL's --chat_template_path gives the template a tokenizer lacks (rows and reference are
+    rendered with it too)."""
+    from lora_ogpsa.testing.tiny import CHAT_TEMPLATE
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    args = ["sft", "--model", model, "--data", data_files["sft"], "--reference", data_files["reference"],
+            "--output", tmp_path / "out", "--no-quantize", "--max-steps", "1", "--lora-r", "2", "--max-length", "64",
+            "--chat_template_path", template]
+    assert main([str(arg) for arg in args]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

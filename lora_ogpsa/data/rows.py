@@ -171,7 +171,9 @@ def _normalise_sft(record: Mapping[str, Any], where: str) -> dict[str, Any]:
         prompt = _check_text_or_messages(record["prompt"], where, "prompt")
         completion = _check_text_or_messages(record["completion"], where, "completion")
         if isinstance(prompt, str) != isinstance(completion, str):
-            raise InputError(f"{where}: fields 'prompt' and 'completion' must both be strings or both message lists")
+            raise InputError(f"{where}: fields 'prompt' and 'completion' must both be strings or both be lists of "
+                             f"messages ({_formats({'prompt': prompt, 'completion': completion})}); write both in "
+                             "one format")
         return {"prompt": prompt, "completion": completion}
     raise InputError(f"{where}: missing field 'messages' (or 'prompt' and 'completion'); found {sorted(record)}")
 
@@ -184,9 +186,16 @@ def _normalise_preference(record: Mapping[str, Any], where: str) -> dict[str, An
     row = {field: _check_text_or_messages(record[field], where, field) for field in ("prompt", "chosen", "rejected")}
     kinds = {field: isinstance(value, str) for field, value in row.items()}
     if len(set(kinds.values())) > 1:
-        raise InputError(f"{where}: fields 'prompt', 'chosen' and 'rejected' must all be strings or all message "
-                         "lists")
+        raise InputError(f"{where}: fields 'prompt', 'chosen' and 'rejected' must all be strings or all be lists of "
+                         f"messages ({_formats(row)}); write all three in one format")
     return None if row["chosen"] == row["rejected"] else row
+
+
+def _formats(fields: Mapping[str, Any]) -> str:
+    """`'prompt' is a list of messages, 'completion' a string`: which field is in which format."""
+    kinds = [f"'{field}' {'is ' if index == 0 else ''}{'a string' if isinstance(value, str) else 'a list of messages'}"
+             for index, (field, value) in enumerate(fields.items())]
+    return ", ".join(kinds)
 
 
 def _check_text_or_messages(value: Any, where: str, field: str) -> str | list[dict[str, str]]:

@@ -14,8 +14,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -68,6 +70,14 @@ def check_model_dir(path: str | Path) -> Path:
         raise InputError(f"--model {path}: no such directory; give a local Hugging Face model directory")
     if not (path / "config.json").is_file():
         raise InputError(f"--model {path}: no config.json in it; give a directory written by save_pretrained")
+    try:  # transformers validates every field (types, ranges) here, in milliseconds: before any work, not at load
+        AutoConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, OSError, KeyError, StrictDataclassError) as error:
+        # huggingface_hub's validation error puts the field on its first line and what is wrong on its last
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        detail = lines[-1] if isinstance(error, StrictDataclassError) else first_line(error)
+        raise InputError(f"--model {path / 'config.json'}: {detail}; fix the value or re-save the model with "
+                         "save_pretrained") from error
     for shard, _ in weight_files(path):
         safetensors_header(shard, flag="--model")
     return path
@@ -129,15 +139,43 @@ def check_adapter_dir(path: str | Path, *, flag: str = "--adapter") -> Path:
     return path
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token (the EOS token when the model defines none)."""
+def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (the EOS token when the model defines none) and a chat template:
+    its own, or the Jinja file `chat_template_path` (TRL's `--chat_template_path`, set here too because the
+    rows and the reference are rendered before TRL's trainer exists).
+
+    Raises:
+        InputError: the tokenizer does not load, or it has no chat template and none is given.
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
     except (OSError, ValueError) as error:
         raise InputError(f"--model {path}: cannot load its tokenizer ({first_line(error)})") from error
+    if chat_template_path is not None:
+        tokenizer.chat_template = _read_chat_template(Path(chat_template_path))
+    if not tokenizer.chat_template:
+        raise InputError(f"--model {path}: its tokenizer has no chat template (no chat_template.jinja, no "
+                         "`chat_template` in tokenizer_config.json); give one with --chat_template_path FILE.jinja "
+                         "(sft) or save it as chat_template.jinja in the model directory")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _read_chat_template(path: Path) -> str:
+    flag = f"--chat_template_path {path}"
+    if path.is_dir() or path.suffix not in (".jinja", ".j2"):
+        # TRL clones a tokenizer directory's template with its special tokens and resizes the embeddings: the
+        # adapter would not carry those rows, so only a template file is taken
+        raise InputError(f"{flag}: give a Jinja template file (.jinja or .j2); a tokenizer directory's template "
+                         "adds tokens to the model, which a LoRA adapter does not carry")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{flag}: cannot read it ({first_line(error)})") from error
+    if not text.strip():
+        raise InputError(f"{flag}: the file is empty; give a Jinja chat template")
+    return text
 
 
 def load_base_model(

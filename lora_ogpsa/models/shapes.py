@@ -7,11 +7,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lora_ogpsa.models.loading import weight_files
+from lora_ogpsa.models.loading import LORA_TENSOR_MARKERS, weight_files
 from lora_ogpsa.utils.errors import InputError
+from lora_ogpsa.utils.files import ADAPTER_CONFIG, ADAPTER_FILE, read_json, safetensors_header
 
 # PEFT's "all-linear" leaves the output layer out; embeddings are 2-D weights too but no Linear.
 _NOT_LINEAR = ("embed", "lm_head", "wte", "wpe")
+_PEFT_PREFIX = "base_model.model."  # PEFT's saved keys: base_model.model.<module>.lora_A.weight
 
 
 def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
@@ -49,3 +51,29 @@ def check_lora_targets(model_dir: Path, targets: list[str] | None, rank: int) ->
     if rank > min(shape):
         raise InputError(f"--lora-r {rank} is over the smaller dimension of {module} ({shape[0]} x {shape[1]}) in "
                          f"--model {model_dir}; choose --lora-r <= {min(shape)}")
+
+
+def check_adapter_fits(model_dir: Path, adapter_dir: Path, *, flag: str = "--adapter") -> None:
+    """Every LoRA pair of the adapter sits on a linear layer of the base with the same (out, in): an adapter
+    trained on another base is refused before any work, not when PEFT fails to load it into the model.
+
+    Raises:
+        InputError: naming the flag, the module, both shapes and the base the adapter names.
+    """
+    shapes = linear_shapes(model_dir)
+    if not shapes:
+        return  # an architecture whose names this reading does not know: PEFT's own check stands
+    tensors = {name: shape for name, (shape, _) in safetensors_header(adapter_dir / ADAPTER_FILE, flag=flag).items()}
+    config = read_json(adapter_dir / ADAPTER_CONFIG, flag=flag)
+    named_base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    for name, a_shape in sorted(tensors.items()):
+        if LORA_TENSOR_MARKERS[0] not in name or len(a_shape) != 2:
+            continue  # lora_B pairs were checked with lora_A by check_adapter_dir; conv/embedding LoRA is PEFT's
+        module = name.removeprefix(_PEFT_PREFIX).split(LORA_TENSOR_MARKERS[0])[0]
+        b_shape = tensors[name.replace(*LORA_TENSOR_MARKERS)]
+        adapter_shape = (int(b_shape[0]), int(a_shape[1]))
+        if shapes.get(module) != adapter_shape:
+            found = "no such linear layer" if module not in shapes else "{} x {}".format(*shapes[module])
+            raise InputError(f"{flag} {adapter_dir}: its {module} is {adapter_shape[0]} x {adapter_shape[1]}, "
+                             f"--model {model_dir} has {found}; the adapter was trained on another base "
+                             f"({named_base or 'not named in its ' + ADAPTER_CONFIG}) — give that base as --model")

@@ -139,7 +139,10 @@ def _validate_common(settings: TrainSettings):
                          "and no finished run); check --output, or drop --resume to start a fresh run")
     if settings.adapter is None:  # a continued adapter brings its own targets and rank (checked with it)
         shapes.check_lora_targets(settings.model, settings.lora_target_modules, settings.lora_r)
-    tokenizer = loading.load_tokenizer(settings.model)  # the model directory was checked by resolve_model
+    else:
+        shapes.check_adapter_fits(settings.model, loading.check_adapter_dir(settings.adapter))
+    # the model directory was checked by resolve_model
+    tokenizer = loading.load_tokenizer(settings.model, settings.training_arguments.get("chat_template_path"))
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
     if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
         _read_checked(settings.replay, "sft", "--replay", tokenizer, settings)

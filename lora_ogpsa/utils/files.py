@@ -107,7 +107,8 @@ SIBLING_SUFFIX = "..old.deleting"  # the longest sibling of NAME written beside 
 
 def output_path(path: str | Path, *, flag: str = "--output") -> Path:
     """`path` with a symlink followed: an output given as a link is written (and replaced with --overwrite) where
-    the link points, and the link itself stays.
+    the link points, and the link itself stays. A path with `..` is resolved as the kernel would (symlinks first),
+    so `a/new/../b` writes `a/b` and makes no `a/new` on the way.
 
     Raises:
         InputError: the path is a symlink loop, or its name too long for the siblings written beside it
@@ -120,6 +121,7 @@ def output_path(path: str | Path, *, flag: str = "--output") -> Path:
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise InputError(f"{flag} {path}: a symlink loop; remove the link or choose another path") from error
+    if path.is_symlink() or ".." in path.parts:
         path = Path(os.path.realpath(path))
     parent = next((folder for folder in path.absolute().parents if folder.is_dir()), Path("/"))
     limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
