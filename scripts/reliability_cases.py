@@ -85,6 +85,18 @@ def main() -> None:
                         ("eval --output an existing file", ["--output", data["sft"]])):
         args = ["eval", "--model", model, "--prompts", prompts, "--output", root / "e.json", *extra]
         rows.append((case, "eval", *_run(args)))
+    model_copy = shutil.copytree(model, root / "model-copy")
+    for case, command, flags in (  # issue 26 A: an output that is, contains or lies inside an input
+            ("output is the model (--overwrite)", "sft", ["--model", model_copy, "--data", data["sft"],
+                                                         "--output", model_copy, "--overwrite"]),
+            ("output inside the input adapter", "dpo", ["--model", model, "--adapter", finished, "--data", data["dpo"],
+                                                        "--output", finished / "sub"]),
+            ("output contains the data file", "sft", ["--model", model, "--data", data["sft"], "--output", root,
+                                                      "--overwrite"])):
+        rows.append((case, command, *_run([command, *flags, "--reference", data["reference"], "--no-quantize",
+                                           "--max-steps", "1"])))
+    rows.append(("eval --output its own --prompts (--overwrite)", "eval",
+                 *_run(["eval", "--model", model, "--prompts", prompts, "--output", prompts, "--overwrite"])))
     print("| case | command | exit | message |\n|---|---|---|---|")
     for case, command, status, message in rows:
         shown = message.replace(str(root), "…").replace("|", "\\|")
