@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,12 @@ def test_tuning_entry_points_read_the_dev_split_only(tmp_path, monkeypatch):
                 refusal_tokens.dev_report(path)
         else:
             assert refusal_tokens.dev_report(path)["settings"]["split"] == "dev"
+
+
+def test_every_published_results_file_names_its_split():
+    """The protocol: each results file says which evaluation split it read (`dev`, `test`, or why `none`)."""
+    results = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    files = sorted(results.glob("*.json"))
+    assert files
+    unnamed = [path.name for path in files if not str(json.loads(path.read_text()).get("split") or "").strip()]
+    assert unnamed == []
