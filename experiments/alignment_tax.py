@@ -86,6 +86,11 @@ VARIANTS = {
                               ogpsa={"reference_objective": "refusal_margin", "one_sided": True}),
     "margin-t2": Method("margin-t2", stages="sft", ogpsa={"reference_objective": "refusal_margin", "margin_tokens": 2}),
     "margin-t8": Method("margin-t8", stages="sft", ogpsa={"reference_objective": "refusal_margin", "margin_tokens": 8}),
+    # SFT then DPO (`--dpo-steps N`): the demo's OGPSA and the margin objective through both stages
+    "demo-ogpsa-align": Method("ogpsa-align", stages="align"),
+    "margin-align": Method("margin-align", stages="align", ogpsa={"reference_objective": "refusal_margin"}),
+    "margin-t2-align": Method("margin-t2-align", stages="align",
+                              ogpsa={"reference_objective": "refusal_margin", "margin_tokens": 2}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.7,
                                              "activation_positions": "opening"}),
