@@ -257,6 +257,11 @@ def test_run_eval_with_an_adapter(tiny_dir, tmp_path):
     assert on_disk["versions"]["torch"] and on_disk["versions"]["transformers"] and on_disk["utc"].endswith("+00:00")
     assert on_disk["adapter_sha256"] == file_sha256(adapter_dir / "adapter_model.safetensors")
     assert on_disk["model_sha256"] == model_fingerprint(tiny_dir) and on_disk["split"] is None
+    wide = save_tiny_model(tmp_path / "wide", hidden=96)  # an adapter of another base: refused before loading
+    with pytest.raises(InputError, match=r"--adapter .*adapter: its model.layers.0.\S+ is 64 x \d+, --model .*wide has "
+                                         r"96 x \d+; the adapter was trained on another base"):
+        run_eval(wide, prompts, tmp_path / "wide.json", adapter_dir=adapter_dir, max_new_tokens=2, device="cpu")
+    assert not (tmp_path / "wide.json").exists()
 
 
 def test_run_eval_bad_inputs_write_nothing(tiny_dir, tmp_path):

@@ -21,6 +21,7 @@ from lora_ogpsa.eval.generation import check_answer, generate, prompt_text, rate
 from lora_ogpsa.eval.prompts import Prompt, PromptSet, load_prompts
 from lora_ogpsa.eval.stats import bootstrap_ci
 from lora_ogpsa.models.loading import check_adapter_dir, load_adapter, load_base_model, load_tokenizer
+from lora_ogpsa.models.shapes import check_adapter_fits
 from lora_ogpsa.utils.errors import InputError
 from lora_ogpsa.utils.files import output_lock, output_path, probe_writable, write_json, write_jsonl
 
@@ -75,9 +76,9 @@ def _run_eval(model_path, prompts, output: Path, *, adapter_dir, quantize: bool,
               batch_size: int, limit: int | None, system_prompt: str | None, seed: int, device) -> dict[str, Any]:
     prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     prompt_set = _prepared(prompt_set, limit, system_prompt)
+    tokenizer = load_tokenizer(model_path)  # checks the model directory first
     if adapter_dir is not None:
-        check_adapter_dir(adapter_dir)
-    tokenizer = load_tokenizer(model_path)
+        check_adapter_fits(Path(model_path), check_adapter_dir(adapter_dir))
     model = load_base_model(model_path, quantize=quantize, device=device)
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir, trainable=False)
