@@ -169,8 +169,11 @@ def _exact(objective, **overrides):
 
 @pytest.mark.parametrize("objective", ["refusal_margin", "both"])
 def test_two_sided_margin_projection_keeps_every_rows_margin_to_first_order(tiny_model_dir, lookalikes, tmp_path,
-                                                                             objective):
-    checker, trainer = _train(tiny_model_dir, lookalikes, tmp_path, _exact(objective))
+                                                                             objective, caplog):
+    with caplog.at_level("INFO", logger="lora_ogpsa.callback"):
+        checker, trainer = _train(tiny_model_dir, lookalikes, tmp_path, _exact(objective))
+    refresh = next(record.getMessage() for record in caplog.records if "OGPSA refresh at step 0" in record.message)
+    assert "refusal margin " in refresh and ("reference loss" in refresh) == (objective == "both"), refresh
     # Relative to ‖∇m_i‖ ‖Δθ‖ (the largest the first-order change could be): plain training reaches ~1e-1.
     relative = [abs(change) / norms for step in checker.changes for change, norms in step]
     assert len(checker.changes) == 2 and max(relative) <= 1e-5, relative

@@ -57,9 +57,14 @@ class Telemetry:
             self.set("reference_margin", float(subspace.metadata["reference_margin"]))
         if config.protect != "activations":
             summary = subspace.summary()
-            logger.info("OGPSA refresh at step %d: k min/median/max %d/%g/%d over %d tensors (%d with k=0), "
-                        "reference loss %.4f, %.1f s", step, summary["k_min"], summary["k_median"], summary["k_max"],
-                        summary["tensors"], summary["k_zero"], reference_loss, seconds)
+            objective = []  # what the subspace protects: the NLL, the refusal margin, or both
+            if config.reference_objective != "refusal_margin":
+                objective.append(f"reference loss {reference_loss:.4f}")
+            if "reference_margin" in subspace.metadata:
+                objective.append(f"refusal margin {float(subspace.metadata['reference_margin']):.4f}")
+            logger.info("OGPSA refresh at step %d: k min/median/max %d/%g/%d over %d tensors (%d with k=0), %s, "
+                        "%.1f s", step, summary["k_min"], summary["k_median"], summary["k_max"], summary["tensors"],
+                        summary["k_zero"], ", ".join(objective), seconds)
         if subspace.input_basis_by_name:  # (m, d) rows per lora_A: m protected input directions of d
             sizes = sorted(basis.shape[0] for basis in subspace.input_basis_by_name.values())
             logger.info("OGPSA refresh at step %d: activation bases of %d lora_A tensors, protected input "
