@@ -16,17 +16,26 @@ _NOT_LINEAR = ("embed", "lm_head", "wte", "wpe")
 _PEFT_PREFIX = "base_model.model."  # PEFT's saved keys: base_model.model.<module>.lora_A.weight
 
 
-def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module path (without `.weight`) → (out, in) of every 2-D `.weight` that is a linear layer's."""
+def linear_shapes(model_dir: Path, *, with_embeddings: bool = False) -> dict[str, tuple[int, int]]:
+    """Module path (without `.weight`) → (out, in) of every 2-D `.weight` that is a linear layer's (and, with
+    `with_embeddings`, the embeddings' and output layer's too)."""
     shapes: dict[str, tuple[int, int]] = {}
+    config = read_json(model_dir / "config.json", flag="--model")
+    if isinstance(config, dict) and config.get("quantization_config"):
+        return shapes  # pre-quantized weights are packed: their stored shapes are not the layers'
     for path, _ in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 shape = handle.get_slice(key).get_shape()
                 module = key.removesuffix(".weight")
-                if key.endswith(".weight") and len(shape) == 2 and not any(part in module for part in _NOT_LINEAR):
+                linear = with_embeddings or not _not_linear(module)
+                if key.endswith(".weight") and len(shape) == 2 and linear:
                     shapes[module] = (int(shape[0]), int(shape[1]))
     return shapes
+
+
+def _not_linear(module: str) -> bool:
+    return any(part in module for part in _NOT_LINEAR)
 
 
 def check_lora_targets(model_dir: Path, targets: list[str] | None, rank: int) -> None:
@@ -60,7 +69,7 @@ def check_adapter_fits(model_dir: Path, adapter_dir: Path, *, flag: str = "--ada
     Raises:
         InputError: naming the flag, the module, both shapes and the base the adapter names.
     """
-    shapes = linear_shapes(model_dir)
+    shapes = linear_shapes(model_dir, with_embeddings=True)  # PEFT may put LoRA on lm_head too
     if not shapes:
         return  # an architecture whose names this reading does not know: PEFT's own check stands
     tensors = {name: shape for name, (shape, _) in safetensors_header(adapter_dir / ADAPTER_FILE, flag=flag).items()}
@@ -70,8 +79,12 @@ def check_adapter_fits(model_dir: Path, adapter_dir: Path, *, flag: str = "--ada
         if LORA_TENSOR_MARKERS[0] not in name or len(a_shape) != 2:
             continue  # lora_B pairs were checked with lora_A by check_adapter_dir; conv/embedding LoRA is PEFT's
         module = name.removeprefix(_PEFT_PREFIX).split(LORA_TENSOR_MARKERS[0])[0]
-        b_shape = tensors[name.replace(*LORA_TENSOR_MARKERS)]
+        b_shape = tensors.get(name.replace(*LORA_TENSOR_MARKERS))
+        if b_shape is None or len(b_shape) != 2:
+            continue  # an incomplete pair is check_adapter_dir's to name
         adapter_shape = (int(b_shape[0]), int(a_shape[1]))
+        if module not in shapes and _not_linear(module):
+            continue  # e.g. an lm_head tied to the embeddings has no weight of its own in the file
         if shapes.get(module) != adapter_shape:
             found = "no such linear layer" if module not in shapes else "{} x {}".format(*shapes[module])
             raise InputError(f"{flag} {adapter_dir}: its {module} is {adapter_shape[0]} x {adapter_shape[1]}, "
