@@ -199,15 +199,21 @@ def paired_markdown(paired: dict, levels: list[str]) -> list[str]:
 PAIRED_METRICS = ("tax", "utility", "over_refusal", "dangerous")
 
 
+PLAIN_BASELINES = ("plain", "plain-align")
+"""What the other methods are paired against: plain QLoRA, SFT only or SFT then DPO (the first one present)."""
+
+
 def paired_differences(reports: dict[int, dict], names: list[str], levels: list[float]) -> dict:
-    """Every method minus plain QLoRA (`plain`), per level and metric: `stats.paired_tax_difference` over the
-    seeds' checkpoint curves (hierarchical bootstrap over seeds and prompts)."""
-    if "plain" not in names:
+    """Every method minus plain QLoRA (`plain`, else `plain-align`), per level and metric:
+    `stats.paired_tax_difference` over the seeds' checkpoint curves (hierarchical bootstrap over seeds and
+    prompts)."""
+    baseline = next((name for name in PLAIN_BASELINES if name in names), None)
+    if baseline is None:
         return {}
     curves = {seed: report["trajectories"] for seed, report in reports.items()}
-    return {name: {f"{level:g}": {metric: paired_tax_difference(curves, name, "plain", level, metric=metric)
+    return {name: {f"{level:g}": {metric: paired_tax_difference(curves, name, baseline, level, metric=metric)
                                   for metric in PAIRED_METRICS} for level in levels}
-            for name in names if name != "plain"}
+            for name in names if name != baseline}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,3 +93,15 @@ def test_every_published_results_file_names_its_split():
     assert files
     unnamed = [path.name for path in files if not str(json.loads(path.read_text()).get("split") or "").strip()]
     assert unnamed == []
+
+
+@pytest.mark.parametrize(("names", "baseline"), [(["plain", "margin", "plain-align"], "plain"),
+                                                 (["plain-align", "margin-t2-align"], "plain-align"),
+                                                 (["margin", "ogpsa"], None)])
+def test_methods_are_paired_against_plain_sft_or_plain_sft_then_dpo(monkeypatch, names, baseline):
+    calls = []
+    monkeypatch.setattr(alignment_tax, "paired_tax_difference",
+                        lambda curves, name, against, level, metric: calls.append((name, against)) or {})
+    paired = alignment_tax.paired_differences({0: {"trajectories": {}}}, names, [0.5])
+    assert sorted(paired) == sorted(name for name in names if baseline and name != baseline)
+    assert {against for _, against in calls} == ({baseline} if baseline else set())
