@@ -94,7 +94,7 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
     settings = resolve_model(settings)
     tokenizer, reference = _validate_common(settings)
     rows = _read_checked(data, "sft" if stage == "sft" else "preference", "--data", tokenizer, settings)
-    adapter = loading.check_adapter_dir(settings.adapter) if stage == "dpo" and settings.adapter is not None else None
+    adapter = Path(settings.adapter) if stage == "dpo" and settings.adapter is not None else None  # checked above
     work = _prepare_work_dir(settings)
     _train_stage(stage, settings, work, rows, reference, tokenizer, adapter, callbacks)
     if distributed.is_main():

@@ -115,13 +115,12 @@ def output_path(path: str | Path, *, flag: str = "--output") -> Path:
             (`.NAME.old.deleting` is the longest).
     """
     path = Path(path)
-    if path.is_symlink():
+    if path.is_symlink() or ".." in path.parts:
         try:
             os.stat(path)
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise InputError(f"{flag} {path}: a symlink loop; remove the link or choose another path") from error
-    if path.is_symlink() or ".." in path.parts:
         path = Path(os.path.realpath(path))
     parent = next((folder for folder in path.absolute().parents if folder.is_dir()), Path("/"))
     limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
