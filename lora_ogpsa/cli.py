@@ -1,4 +1,4 @@
-"""`lora-ogpsa` (also `python -m lora_ogpsa`): sft, dpo, align, export, merge, eval, demo.
+"""`lora-ogpsa` (also `python -m lora_ogpsa`): sft, dpo, align, export, merge, eval, demo, compare, calibrate.
 
 Every flag can also come from `--config FILE.yaml` (flag names with `-` → `_`); flags given on the command
 line override the file. Exit status: 0 success, 2 bad input (one line on stderr naming the file, row and
@@ -8,64 +8,21 @@ field), 1 any other failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import difflib
 import logging
-import re
 import sys
-import types
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trl import TrlParser
-
-from lora_ogpsa.train.arguments import OURS, attribute_docs, dataclass_types
+from lora_ogpsa.train.arguments import dataclass_types
+from lora_ogpsa.train.parser import Parser as _Parser
 from lora_ogpsa.utils.errors import InputError, interrupted
 
 logger = logging.getLogger("lora_ogpsa")
 
 PROG = "lora-ogpsa"
-
-
-class _Parser(TrlParser):
-    """TRL's parser (a transformers `HfArgumentParser`) whose errors are one line (exit 2) and which takes no
-    abbreviated flags (argparse would read `--learn` as `--learning_rate`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-        # argparse reads `-1e-3` as a flag ("expected one argument"); take it, like `-0.001`, as a number, so
-        # the range check answers (argparse's own pattern plus an exponent).
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        """A help text that states its own default keeps it, without argparse's "(default: None)" after it."""
-        text = kwargs.get("help")
-        if isinstance(text, str) and "(default:" in text and "%(default)" not in text:
-            kwargs["help"] = text + "%(default).0s"
-        return super().add_argument(*args, **kwargs)
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InputError(f"{message} (see `{self.prog} --help`)")
-
-    def _add_dataclass_arguments(self, dtype: Any) -> None:
-        _Parser._docs = {**getattr(_Parser, "_docs", {}), **attribute_docs(dtype)}
-        super()._add_dataclass_arguments(dtype)
-
-    @staticmethod
-    def _parse_dataclass_field(parser: argparse.ArgumentParser, item: dataclasses.Field) -> None:
-        """argparse gets every metadata key as a keyword; ours (`train.arguments.option`) stays out. A field
-        without help text gets its attribute docstring's first sentence (OGPSAConfig documents its fields so)."""
-        metadata = {k: v for k, v in item.metadata.items() if k != OURS}
-        if not metadata.get("help") and item.name in getattr(_Parser, "_docs", {}):
-            metadata["help"] = _Parser._docs[item.name]
-        if metadata != dict(item.metadata):
-            item = copy.copy(item)
-            item.metadata = types.MappingProxyType(metadata)
-        TrlParser._parse_dataclass_field(parser, item)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_flags(commands.add_parser("merge", help="merge an adapter into the base model"))
     _add_eval_flags(commands.add_parser("eval", help="generate on a prompt set and measure refusals"))
     _add_demo_flags(commands.add_parser("demo", help="the main job: align SmolLM2-135M-Instruct end to end"))
+    _add_experiment_flags(commands.add_parser("compare", help="methods x seeds on your model and suites: tax at "
+                                              "matched safety, paired", dataclass_types=_experiment_types("compare")))
+    _add_experiment_flags(commands.add_parser("calibrate", help="scale a finished adapter by the λ reaching a "
+                                              "refusal target with the least tax",
+                                              dataclass_types=_experiment_types("calibrate")))
     return parser
+
+
+def _experiment_types(command: str) -> tuple[type, ...]:
+    from lora_ogpsa.experiment.arguments import CalibrateArguments, CompareArguments, SuiteArguments
+
+    return ({"compare": CompareArguments, "calibrate": CalibrateArguments}[command], SuiteArguments)
+
+
+def _add_experiment_flags(parser: argparse.ArgumentParser) -> None:
+    """`--config`, and mapping fields (`methods`, `training`) read as JSON on the command line."""
+    from lora_ogpsa.experiment.arguments import MAPPING_FIELDS, parse_mapping
+
+    parser.add_argument("--config", type=Path, help="YAML file of the settings (keys: the flag names); flags "
+                                                    "given on the command line override it")
+    for action in parser._actions:
+        if action.dest in MAPPING_FIELDS:
+            action.type = parse_mapping
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
@@ -302,6 +281,28 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(f"\nreport: {Path(args.output) / 'report.md'} ({report['timings_seconds']['total']:.0f} s)")
 
 
+def _run_calibrate(args: argparse.Namespace) -> None:
+    from lora_ogpsa.experiment.calibrate import calibrate
+    from lora_ogpsa.experiment.suites import load_suites
+
+    _require(args, "model", "adapter", "harmful", "benign", "target_refusal", "output_dir")
+    suites = load_suites(vars(args), seed=args.split_seed, dev_share=args.dev_share, limit=args.limit)
+    document = calibrate(args.model, args.adapter, suites, args.target_refusal, args.output_dir, grid=args.grid,
+                         bisection_steps=args.bisection_steps, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.eval_batch_size, overwrite=args.overwrite)
+    test = document["test"]["calibrated"]
+    print(f"λ = {document['lambda']:g} ({document['adapter']}); test: harmful refused "
+          f"{test['harmful_refusal_rate']:.1%}, benign refused {test['over_refusal_rate']:.1%}, tax "
+          f"{test['tax']:+.1f} points; written to {args.output_dir}")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from lora_ogpsa.experiment.compare import compare_from_arguments
+
+    report = compare_from_arguments(vars(args))
+    print(f"report: {Path(args.output_dir) / 'report.md'} (split {report['split']}, seeds {report['seeds']})")
+
+
 def _require(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name, None) is None:
@@ -310,7 +311,8 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "sft": _run_training, "dpo": _run_training, "align": _run_training, "export": _run_export,
-    "merge": _run_merge, "eval": _run_eval, "demo": _run_demo,
+    "merge": _run_merge, "eval": _run_eval, "demo": _run_demo, "compare": _run_compare,
+    "calibrate": _run_calibrate,
 }
 
 

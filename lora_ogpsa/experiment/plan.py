@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_ogpsa.config import OGPSAConfig
-from lora_ogpsa.demo.evaluator import LAMBDAS
 from lora_ogpsa.demo.splits import DemoSizes
+from lora_ogpsa.eval.cached import LAMBDAS
 from lora_ogpsa.utils.errors import InputError
 
 CONTRASTIVE_SIZES = DemoSizes(sft_instructions=70, sft_lookalike=106, sft_quick=56)

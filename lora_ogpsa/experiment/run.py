@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lora_ogpsa.demo.evaluator import Evaluator
+from lora_ogpsa.eval.cached import Evaluator
 from lora_ogpsa.experiment.cache import run_fingerprint
 from lora_ogpsa.experiment.plan import DEFAULT_METHODS, DEMO_METHODS, Method, Plan
 from lora_ogpsa.train.settings import TrainSettings
