@@ -38,9 +38,10 @@ import lora_ogpsa.train.run  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo.evaluator import LAMBDAS
 from lora_ogpsa.demo.splits import DemoSizes
+from lora_ogpsa.experiment import stats
 from lora_ogpsa.experiment.plan import CONTRASTIVE_SIZES, Method, Plan
 from lora_ogpsa.experiment.run import run_demo
-from lora_ogpsa.experiment.stats import SAFETY_LEVELS, across_seeds, paired_tax_difference
+from lora_ogpsa.experiment.stats import PAIRED_METRICS, SAFETY_LEVELS, across_seeds
 from lora_ogpsa.utils.files import write_json
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
@@ -196,24 +197,19 @@ def paired_markdown(paired: dict, levels: list[str]) -> list[str]:
     return lines
 
 
-PAIRED_METRICS = ("tax", "utility", "over_refusal", "dangerous")
-
-
 PLAIN_BASELINES = ("plain", "plain-align")
 """What the other methods are paired against: plain QLoRA, SFT only or SFT then DPO (the first one present)."""
 
 
 def paired_differences(reports: dict[int, dict], names: list[str], levels: list[float]) -> dict:
     """Every method minus plain QLoRA (`plain`, else `plain-align`), per level and metric:
-    `stats.paired_tax_difference` over the seeds' checkpoint curves (hierarchical bootstrap over seeds and
+    `stats.paired_differences` over the seeds' checkpoint curves (hierarchical bootstrap over seeds and
     prompts)."""
     baseline = next((name for name in PLAIN_BASELINES if name in names), None)
     if baseline is None:
         return {}
     curves = {seed: report["trajectories"] for seed, report in reports.items()}
-    return {name: {f"{level:g}": {metric: paired_tax_difference(curves, name, baseline, level, metric=metric)
-                                  for metric in PAIRED_METRICS} for level in levels}
-            for name in names if name != baseline}
+    return stats.paired_differences(curves, names, baseline, levels, PAIRED_METRICS)
 
 
 def build_parser() -> argparse.ArgumentParser:

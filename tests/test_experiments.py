@@ -8,6 +8,7 @@ import pytest
 
 from experiments import alignment_tax, demo_mix, refusal_tokens
 from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.experiment import stats
 from lora_ogpsa.experiment.plan import Plan
 
 
@@ -100,7 +101,7 @@ def test_every_published_results_file_names_its_split():
                                                  (["margin", "ogpsa"], None)])
 def test_methods_are_paired_against_plain_sft_or_plain_sft_then_dpo(monkeypatch, names, baseline):
     calls = []
-    monkeypatch.setattr(alignment_tax, "paired_tax_difference",
+    monkeypatch.setattr(stats, "paired_tax_difference",
                         lambda curves, name, against, level, metric: calls.append((name, against)) or {})
     paired = alignment_tax.paired_differences({0: {"trajectories": {}}}, names, [0.5])
     assert sorted(paired) == sorted(name for name in names if baseline and name != baseline)

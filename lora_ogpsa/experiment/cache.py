@@ -17,10 +17,11 @@ from lora_ogpsa.utils.files import file_sha256
 _NEUTRAL_OGPSA = {"one_sided": False}
 
 
-def run_fingerprint(settings: TrainSettings, method: Method) -> str:
-    """A content hash of what makes a trained run: its settings, the model's files and every data file it reads
-    — no path (the same run under another output or cache directory has the same fingerprint)."""
-    values = settings.to_run_config(method.stages, _NoRows(), None, None)
+def run_fingerprint(settings: TrainSettings, stages: str | Method) -> str:
+    """A content hash of what makes a trained run: its settings, its command (`stages`: `sft`, `dpo`, `align`,
+    or a `Method` holding it), the model's files and every data file it reads — no path (the same run under
+    another output or cache directory has the same fingerprint)."""
+    values = settings.to_run_config(getattr(stages, "stages", stages), _NoRows(), None, None)
     values["ogpsa"] = {key: value for key, value in values["ogpsa"].items()
                        if key not in _NEUTRAL_OGPSA or value != _NEUTRAL_OGPSA[key]}
     for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows"):

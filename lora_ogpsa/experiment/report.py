@@ -35,7 +35,7 @@ def build_report(*, model_path: str, settings: Mapping[str, Any], models: Mappin
     outcomes as bit strings (`flags`, for `stats.paired_tax_difference`). `seeds`: `across_seeds` of every
     training seed (the report's models are the first seed's)."""
     lambda_curves = lambda_curves or {}
-    strip = _compact
+    strip = compact_point
     curves = frontiers({k: [strip(p) for p in v] for k, v in trajectories.items()},
                        {k: [strip(p) for p in v] for k, v in lambda_curves.items()})
     report = {"model_path": model_path, "settings": dict(settings),
@@ -57,7 +57,7 @@ def _split_note(split: str | None) -> str:
         split, "this report predates the dev/test protocol")
 
 
-def _compact(point: Mapping[str, Any]) -> dict[str, Any]:
+def compact_point(point: Mapping[str, Any]) -> dict[str, Any]:
     """A point without its responses, with its per-prompt outcomes (`flags`) where it had responses."""
     flags = prompt_flags(point)
     return {**{key: value for key, value in point.items() if key != "responses"},
@@ -153,7 +153,7 @@ def write_report(report: Mapping[str, Any], directory: Path) -> dict[str, Path]:
 def markdown(report: Mapping[str, Any]) -> str:
     """The human-readable report."""
     settings = report["settings"]
-    parts = ["# lora-ogpsa demo report", "", "**Verdict.** " + report.get("verdict", ""), "",
+    parts = [f"# {report.get('title', 'lora-ogpsa demo report')}", "", "**Verdict.** " + report.get("verdict", ""), "",
              f"Base model: `{report['model_path']}`. Every method trains with the same seed, data and steps; "
              f"evaluation: {settings.get('evaluated_on', 'greedy generation')}.", "",
              f"**Evaluation split: `{settings.get('split', 'unsplit')}`** ({_split_note(settings.get('split'))}).",
@@ -163,7 +163,7 @@ def markdown(report: Mapping[str, Any]) -> str:
              "Utility lost + over-refusal gained against the base, in points, where each curve (checkpoints, "
              "or the final adapter scaled by λ) first reaches a HarmBench refusal level:", "",
              tax_markdown(report), "", "## At matched safety (checkpoints)", "",
-             matched_table(report), "", *seeds_markdown(report), "![safety vs utility](report.png)", "",
+             matched_table(report), "", *seeds_markdown(report), *paired_markdown(report), "![safety vs utility](report.png)", "",
              "## Trajectories", ""]
     for method, points in {**report["trajectories"], **{f"{k} λ": v for k, v in
                                                           report.get("lambda_curves", {}).items()}}.items():
@@ -201,6 +201,35 @@ def seeds_markdown(report: Mapping[str, Any]) -> list[str]:
                      for level in levels]
             lines.append(f"| {METHOD_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+PAIRED_LABELS = {"tax": "tax", "utility": "utility lost", "over_refusal": "benign refusal gained",
+                 "dangerous": "look-alike refusal gained"}
+
+
+def paired_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The paired differences against the baseline method (`report["paired"]`), when the report has them."""
+    paired, baseline = report.get("paired"), report.get("baseline")
+    if not paired:
+        return []
+    lines = [f"## Paired difference against {METHOD_NAMES.get(baseline, baseline)}", "",
+             f"Method − {baseline} at matched harmful refusal, in points: mean over the seeds [95 % hierarchical "
+             "bootstrap over seeds and prompts, the crossing of the level included]; negative is less than the "
+             "baseline; ∋0: the interval contains 0 (no difference shown); — : some seed's curve does not reach "
+             "the level.", "", "| method | level | " + " | ".join(PAIRED_LABELS.values()) + " |",
+             "|---|---|" + "---|" * len(PAIRED_LABELS)]
+    for name, by_level in paired.items():
+        for level, found in by_level.items():
+            cells = [_paired_cell(found.get(metric)) for metric in PAIRED_LABELS]
+            lines.append(f"| {METHOD_NAMES.get(name, name)} | {float(level):.0%} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _paired_cell(found: Mapping[str, Any] | None) -> str:
+    if not found or not found.get("ci"):
+        return "—"
+    low, high = found["ci"]
+    return f"{found['mean']:+.1f} [{low:+.1f}, {high:+.1f}]" + (" ∋0" if found.get("contains_zero") else "")
 
 
 def tax_markdown(report: Mapping[str, Any]) -> str:

@@ -48,6 +48,10 @@ from lora_ogpsa.utils.files import (
 
 logger = logging.getLogger(__name__)
 
+RUN_MARKER = "demo_settings.json"
+"""The file beside a trained run that holds its fingerprint (the name predates `compare`; finished runs are
+found by it)."""
+
 
 def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = None, model: str | None = None,
              cache_dir: str | None = None, overwrite: bool = False, plan: Plan | None = None,
@@ -140,14 +144,23 @@ def _train_and_evaluate(methods: tuple[Method, ...], model_path: Path, data, pla
         directory = _train(method, model_path, data, plan, output)
         timings[f"{prefix}train_{method.name}"] = time.perf_counter() - start
         start = time.perf_counter()
-        trajectories[method.name] = [{**base_metrics, "label": "base"}, *evaluator.trajectory(directory,
-                                                                                              method.stages)]
+        trajectories[method.name], curve = evaluate_run(evaluator, directory, method.stages, base_metrics,
+                                                        plan.lambdas if plan.lambda_curves else None)
         finals[method.name] = dict(trajectories[method.name][-1])
-        if plan.lambda_curves:
-            curves[method.name] = evaluator.lambda_curve(directory, base_metrics, finals[method.name],
-                                                         plan.lambdas)
+        if curve is not None:
+            curves[method.name] = curve
         timings[f"{prefix}evaluate_{method.name}"] = time.perf_counter() - start
     return trajectories, curves, finals
+
+
+def evaluate_run(evaluator: Evaluator, directory: Path, stages: str, base_metrics: dict[str, Any],
+                 lambdas: tuple[float, ...] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """One trained run's trajectory (the base, every checkpoint, the final adapter) and, with `lambdas`, the
+    final adapter's λ-curve."""
+    trajectory = [{**base_metrics, "label": "base"}, *evaluator.trajectory(directory, stages)]
+    if lambdas is None:
+        return trajectory, None
+    return trajectory, evaluator.lambda_curve(directory, base_metrics, dict(trajectory[-1]), tuple(lambdas))
 
 
 def _check_demo_output(output: Path, overwrite: bool) -> bool:
@@ -193,18 +206,24 @@ def _replay_data(data, reference: str, output: Path, seed: int) -> Path:
 
 
 def _train(method: Method, model_path: Path, data, plan: Plan, output: Path) -> Path:
-    """Train one method, unless a finished run with the same settings is already there."""
-    from lora_ogpsa.train.run import run_align, run_sft
-
+    """Train one demo method, unless a finished run with the same settings is already there."""
     settings = _method_settings(method, model_path, data, plan, output)
-    fingerprint = run_fingerprint(settings, method)
-    marker = settings.output / "demo_settings.json"
+    return train_cached(method.name, settings, method.stages)
+
+
+def train_cached(name: str, settings: TrainSettings, stages: str) -> Path:
+    """Run `sft`, `dpo` or `align` (`stages`) into `settings.output`, unless a finished run with the same
+    fingerprint (`cache.run_fingerprint`: settings and file contents) is already there; returns the directory."""
+    from lora_ogpsa.train.run import run_align, run_dpo, run_sft
+
+    fingerprint = run_fingerprint(settings, stages)
+    marker = settings.output / RUN_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        logger.info("demo: reusing the trained %s run in %s", method.name, settings.output)
+        logger.info("reusing the trained %s run in %s", name, settings.output)
         return settings.output
-    logger.info("demo: training %s (%s)", method.name, f"SFT {plan.sft_steps} steps" if method.stages == "sft"
-                else f"SFT {plan.sft_steps} steps, then DPO {plan.dpo_steps} steps")
-    (run_sft if method.stages == "sft" else run_align)(settings)
+    logger.info("training %s (%s, %d steps%s) into %s", name, stages, settings.max_steps,
+                f" then DPO {settings.dpo_max_steps}" if stages == "align" else "", settings.output)
+    {"sft": run_sft, "dpo": run_dpo, "align": run_align}[stages](settings)
     marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     return settings.output
 

@@ -170,14 +170,14 @@ def paired_tax_difference(trajectories_by_seed: Mapping[Any, Mapping[str, Sequen
             pair.append({part: np.array([[c == "1" for c in f[part]] for f in flags], dtype=np.float64)
                          for part in ("harmful", "benign", "utility")} | {"dangerous": flags[0]["dangerous"]})
         arrays.append(pair)
-    sizes = {part: arrays[0][0][part].shape[1] for part in ("harmful", "benign", "utility")}
+    sizes = {part: arrays[0][0][part].shape[1] for part in ("harmful", "benign", "utility")}  # a part may be empty
     dangerous = np.array([c == "1" for c in arrays[0][0]["dangerous"]])
     identity = {part: np.arange(n)[None, :] for part, n in sizes.items()}
     observed = np.array([_difference(pair, identity, dangerous, level, metric)[0] for pair in arrays])
     if np.isnan(observed).any():
         return None
     rng = np.random.default_rng(seed)
-    draws = {part: rng.integers(0, n, size=(repeats, n)) for part, n in sizes.items()}
+    draws = {part: rng.integers(0, max(n, 1), size=(repeats, n)) for part, n in sizes.items()}
     per_seed = np.stack([_difference(pair, draws, dangerous, level, metric) for pair in arrays])  # (S, R)
     chosen = rng.integers(0, len(seeds), size=(repeats, len(seeds)))
     means = per_seed[chosen, np.arange(repeats)[:, None]].mean(axis=1)
@@ -198,7 +198,8 @@ def _difference(pair: Sequence[Mapping[str, Any]], draws: Mapping[str, Any], dan
         harm = arrays["harmful"][:, draws["harmful"]].mean(axis=-1)  # (checkpoints, repeats)
         benign_draw = draws["benign"]
         over = arrays["benign"][:, benign_draw].mean(axis=-1)
-        utility = arrays["utility"][:, draws["utility"]].mean(axis=-1)
+        utility = arrays["utility"][:, draws["utility"]].mean(axis=-1) if arrays["utility"].shape[1] else \
+            np.zeros_like(harm)  # no utility suite: the tax is the over-refusal part alone
         weights = dangerous[benign_draw].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             look = (arrays["benign"][:, benign_draw] * weights).sum(axis=-1) / weights.sum(axis=-1)
@@ -222,3 +223,24 @@ def _first_crossing(harm: Any, values: Any, level: float) -> Any:
         found = np.where(hit, values[row] + share * (values[row + 1] - values[row]), found)
     last = np.isnan(found) & (harm[-1] == level)
     return np.where(last, values[-1], found)
+
+
+PAIRED_METRICS = ("tax", "utility", "over_refusal", "dangerous")
+
+
+def paired_differences(trajectories_by_seed: Mapping[Any, Mapping[str, Sequence[Mapping[str, Any]]]],
+                       names: Sequence[str], baseline: str, levels: Sequence[float],
+                       metrics: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every method but `baseline` minus `baseline`, per level and metric: `paired_tax_difference` over the
+    seeds' checkpoint curves (hierarchical bootstrap over seeds and prompts), each with `contains_zero` (its
+    interval holds 0: no difference shown) where it has an interval; None where a curve misses the level."""
+    paired: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in (name for name in names if name != baseline):
+        paired[name] = {}
+        for level in levels:
+            found = {metric: paired_tax_difference(trajectories_by_seed, name, baseline, level, metric=metric)
+                     for metric in metrics}
+            paired[name][f"{level:g}"] = {metric: value if not (value and value.get("ci")) else
+                                          {**value, "contains_zero": value["ci"][0] <= 0.0 <= value["ci"][1]}
+                                          for metric, value in found.items()}
+    return paired

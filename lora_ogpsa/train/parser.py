@@ -95,7 +95,6 @@ def training_settings(command: str, values: Mapping[str, Any], *, where: str = "
             raise InputError(f"{where}: unknown {command} option '{key}'; {hint}")
     defaults = vars(parser.parse_args([]))
     try:
-        parsed = vars(parser.parse_args(as_argv(values)))
+        return to_train_settings(command, vars(parser.parse_args(as_argv(values))), defaults)
     except InputError as error:
         raise InputError(f"{where}: {error}") from None
-    return to_train_settings(command, parsed, defaults)
