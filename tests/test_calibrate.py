@@ -203,5 +203,9 @@ def test_suite_files_are_checked_row_by_row(tmp_path):
     (tmp_path / "benign.jsonl").write_text(json.dumps({"prompt": "Kill a process?", "sounds_harmful": "yes"}) + "\n")
     with pytest.raises(InputError, match=r"benign .*:1: field 'sounds_harmful' must be true or false"):
         load_suites({**files, "utility": None})
+    (tmp_path / "benign.jsonl").write_text("".join(json.dumps({"prompt": f"Kill process {i}?", "kind": kind}) + "\n"
+                                                   for i, kind in enumerate(["sounds_dangerous", "ordinary"] * 2)))
+    kinds = load_suites({**files, "utility": None}, seed=0).by_split
+    assert sorted(kinds["dev"].benign_kinds + kinds["test"].benign_kinds) == ["ordinary"] * 2 + ["sounds_dangerous"] * 2
     with pytest.raises(InputError, match="harmful: the harmful suite is required"):
         load_suites({"benign": files["benign"]})

@@ -159,3 +159,40 @@ def test_methods_may_be_given_as_json_on_the_command_line(tiny_model_dir, tmp_pa
     assert main(["compare", "--config", str(config), "--output_dir", str(tmp_path / "out"),
                  "--methods", '{"plain": {"ogpsa_project": "none"}, "ogpsa": {}}', "--baseline", "other"]) == 2
     assert "baseline: 'other' is not a method; name one of plain, ogpsa" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_the_configurations_in_docs_compare_md_pass_every_check(tiny_model_dir, tmp_path, data_files, monkeypatch,
+                                                                block):
+    """Each YAML example of docs/compare.md, with its placeholders filled and its files present, is a valid
+    comparison (checked as before training; nothing trains)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from lora_ogpsa.experiment.arguments import CompareArguments, SuiteArguments
+    from lora_ogpsa.experiment.compare import plan_compare
+
+    text = (Path(__file__).parents[1] / "docs" / "compare.md").read_text()
+    example = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)[block].replace("MODEL", str(tiny_model_dir))
+    values = yaml.safe_load(example.replace("DATA/", "data/"))
+    monkeypatch.chdir(tmp_path)
+    suites = write_suites(tmp_path)
+    for key, path in values.items():
+        if isinstance(path, str) and "/" in path and not Path(path).exists() and key != "model":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            source = suites.get(key.removesuffix("_test")) or data_files["reference" if "reference" in path else "sft"]
+            if str(source).endswith(".txt") and path.endswith(".jsonl"):  # the demo's HarmBench files are JSONL
+                rows = Path(source).read_text().splitlines()
+                Path(path).write_text("".join(json.dumps({"prompt": row}) + "\n" for row in rows))
+            else:
+                shutil.copyfile(source, path)
+    for overrides in values["methods"].values():
+        if "data" in overrides:
+            shutil.copyfile(data_files["sft"], overrides["data"])
+    compare = {k: v for k, v in values.items() if k in CompareArguments.__dataclass_fields__}
+    plan = plan_compare(CompareArguments(**compare, output_dir=str(tmp_path / "out")),
+                        SuiteArguments(**{k: v for k, v in values.items() if k in SuiteArguments.__dataclass_fields__}))
+    assert list(plan.methods) == ["plain", "ogpsa", "replay"] and plan.baseline == "plain"
+    assert len(plan.settings) == 3 * len(values["seeds"])
+    assert plan.settings[("plain", 0)].ogpsa.project == "none" and plan.settings[("ogpsa", 0)].ogpsa.project == "update"

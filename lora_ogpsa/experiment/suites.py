@@ -1,5 +1,5 @@
 """The user's evaluation suites: harmful prompts (refusal wanted), benign prompts (refusal not wanted; a row's
-`sounds_harmful` marks a look-alike) and utility questions with accepted answers, each dealt once into `dev`
+`sounds_harmful: true`, or `kind: sounds_dangerous` as in the demo's built files, marks a look-alike) and utility questions with accepted answers, each dealt once into `dev`
 and `test` by a seed, or given as two files. Every choice reads dev; final tables read test."""
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def _read(key: str, path: str) -> list[dict[str, Any]]:
 
 
 def _flag(record: dict, where: str) -> bool:
-    value = record.get("sounds_harmful", False)
+    """`sounds_harmful` (or, as in the demo's built benign files, `kind: sounds_dangerous`)."""
+    value = record.get("sounds_harmful", record.get("kind") == "sounds_dangerous")
     if not isinstance(value, bool):
         raise InputError(f"{where}: field 'sounds_harmful' must be true or false, got {value!r}")
     return value
