@@ -223,29 +223,19 @@ def _run_settings(args: CompareArguments, model: Path, output: Path, name: str |
 
 
 def _run(plan: ComparePlan) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     from lora_ogpsa.eval.cached import Evaluator
     from lora_ogpsa.experiment.compare_report import build_compare_report
     from lora_ogpsa.experiment.report import write_report
-    from lora_ogpsa.experiment.run import evaluate_run, train_cached
+    from lora_ogpsa.experiment.run import train_and_evaluate
 
     args, started = plan.arguments, time.perf_counter()
     evaluator = Evaluator(plan.model, plan.suites.by_split[args.split], plan.max_new_tokens, plan.batch_size,
                           plan.output / "evaluations")
     base = evaluator.evaluate(None, "base")
-    per_seed: dict[int, dict[str, Any]] = {}
-    with tqdm(total=len(plan.settings), desc="compare", unit="run") as bar:
-        for seed in args.seeds:
-            trajectories, curves = {}, {}
-            for name in plan.methods:
-                directory = train_cached(name, plan.settings[(name, seed)], args.stage)
-                trajectories[name], curve = evaluate_run(evaluator, directory, args.stage, base,
-                                                         tuple(args.lambdas) if args.lambdas else None)
-                curves.update({name: curve} if curve is not None else {})
-                bar.update()
-            per_seed[seed] = {"trajectories": trajectories, "lambda_curves": curves,
-                              "models": {"base": base, **{n: dict(points[-1]) for n, points in trajectories.items()}}}
-    report = build_compare_report(plan, per_seed, {"total": time.perf_counter() - started})
+    runs = {key: (args.stage, settings) for key, settings in plan.settings.items()}
+    timings: dict[str, float] = {}
+    per_seed = train_and_evaluate(runs, evaluator, base, args.lambdas, timings)
+    timings["total"] = time.perf_counter() - started
+    report = build_compare_report(plan, per_seed, timings)
     write_report(report, plan.output)
     return report

@@ -20,16 +20,23 @@ def build_compare_report(plan: Any, per_seed: Mapping[int, Mapping[str, Any]],
     report = build_report(model_path=str(plan.model), settings=plan.describe(), models=first["models"],
                           trajectories=first["trajectories"], lambda_curves=first["lambda_curves"],
                           timings=timings, seeds=across_seeds(per_seed, args.levels))
+    add_comparison(report, per_seed, list(plan.methods), plan.baseline, args.levels, args.split)
+    report["title"] = "lora-ogpsa compare report"
+    report["verdict"] = compare_verdict(report)
+    return report
+
+
+def add_comparison(report: dict[str, Any], per_seed: Mapping[int, Mapping[str, Any]], names: list[str],
+                   baseline: str, levels: Any, split: str) -> None:
+    """Add what every method comparison reports (the demo's included): the split, the seeds, every seed's
+    curves with per-prompt outcomes, and the paired difference of every method against `baseline`."""
     curves = {seed: seeded["trajectories"] for seed, seeded in per_seed.items()}
-    report.update(title="lora-ogpsa compare report", split=args.split, seeds=list(args.seeds),
-                  baseline=plan.baseline, levels=list(args.levels),
-                  paired=paired_differences(curves, list(plan.methods), plan.baseline, args.levels),
+    report.update(split=split, seeds=list(per_seed), baseline=baseline, levels=list(levels),
+                  paired=paired_differences(curves, names, baseline, levels),
                   per_seed={str(seed): {key: {name: [compact_point(p) for p in points]
                                               for name, points in seeded[key].items()}
                                         for key in ("trajectories", "lambda_curves")}
                             for seed, seeded in per_seed.items()})
-    report["verdict"] = compare_verdict(report)
-    return report
 
 
 def compare_verdict(report: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +104,14 @@ def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str 
     output.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
     base_metrics = evaluator.evaluate(None, "base")
-    trajectories, curves, finals = _train_and_evaluate(methods, model_path, data, plan, output, evaluator,
-                                                       base_metrics, timings)
-    seeds = {}
-    if plan.repeat_seeds:  # every method again per seed, in OUTPUT/seed-N; the report adds means across seeds
-        seeds[plan.seed] = {"models": finals, "trajectories": trajectories, "lambda_curves": curves}
-        for seed in plan.repeat_seeds:
-            seeded = dataclasses.replace(plan, seed=seed)
-            runs = _train_and_evaluate(methods, model_path, data, seeded, output / f"seed-{seed}", evaluator,
-                                       base_metrics, timings, prefix=f"seed_{seed}_")
-            seeds[seed] = dict(zip(("trajectories", "lambda_curves", "models"), runs, strict=True))
+    runs = {(method.name, seed): (method.stages, _method_settings(
+        method, model_path, data, dataclasses.replace(plan, seed=seed),
+        output if seed == plan.seed else output / f"seed-{seed}"))
+        for seed in (plan.seed, *plan.repeat_seeds) for method in methods}
+    per_seed = train_and_evaluate(runs, evaluator, base_metrics, plan.lambdas if plan.lambda_curves else None,
+                                  timings)
+    trajectories, curves, finals = (per_seed[plan.seed][key] for key in ("trajectories", "lambda_curves", "models"))
+    seeds = per_seed if plan.repeat_seeds else {}  # every method again per seed, in OUTPUT/seed-N
     if any(method.name == "ogpsa" for method in methods):
         start = time.perf_counter()
         merged, audit = _merge(model_path, output / "ogpsa", output / "merged")
@@ -122,35 +121,53 @@ def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str 
                                "merge_max_logit_diff": audit}
         timings["merge_and_evaluate"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
+    from lora_ogpsa.experiment.compare_report import add_comparison
     from lora_ogpsa.experiment.report import build_report, write_report
-    from lora_ogpsa.experiment.stats import across_seeds
+    from lora_ogpsa.experiment.stats import SAFETY_LEVELS, across_seeds
 
     report = build_report(model_path=str(model_path), settings=_settings(plan, data, methods), models=finals,
                           trajectories=trajectories, lambda_curves=curves, timings=timings,
                           seeds=across_seeds(seeds) if seeds else None)
+    if "plain" in trajectories:  # the demo is a comparison like any other: paired against plain QLoRA
+        add_comparison(report, per_seed, list(trajectories), "plain", SAFETY_LEVELS, plan.eval_split)
     write_report(report, output)
     if "ogpsa" in finals and (output / "ogpsa" / CARD_FILE).is_file():
         _add_evaluation_to_card(output / "ogpsa", finals["ogpsa"])
     return report
 
 
-def _train_and_evaluate(methods: tuple[Method, ...], model_path: Path, data, plan: Plan, output: Path,
-                        evaluator: Evaluator, base_metrics: dict[str, Any], timings: dict[str, float], *,
-                        prefix: str = "") -> tuple[dict, dict, dict]:
-    """Train every method with the plan's seed and evaluate it: (trajectories, λ-curves, final metrics)."""
-    trajectories, curves, finals = {}, {}, {"base": base_metrics}
-    for method in methods:
-        start = time.perf_counter()
-        directory = _train(method, model_path, data, plan, output)
-        timings[f"{prefix}train_{method.name}"] = time.perf_counter() - start
-        start = time.perf_counter()
-        trajectories[method.name], curve = evaluate_run(evaluator, directory, method.stages, base_metrics,
-                                                        plan.lambdas if plan.lambda_curves else None)
-        finals[method.name] = dict(trajectories[method.name][-1])
-        if curve is not None:
-            curves[method.name] = curve
-        timings[f"{prefix}evaluate_{method.name}"] = time.perf_counter() - start
-    return trajectories, curves, finals
+def train_and_evaluate(runs: Mapping[tuple[str, int], tuple[str, TrainSettings]], evaluator: Evaluator,
+                       base_metrics: dict[str, Any], lambdas: Sequence[float] | None,
+                       timings: dict[str, float]) -> dict[int, dict[str, Any]]:
+    """Train (`train_cached`) and evaluate (`evaluate_run`) every run, seed by seed in the order given.
+
+    Args:
+        runs: `(method, seed) → (command, settings)`, every seed's methods together.
+        lambdas: the λ-curve's interior points, or None for no λ-curve.
+        timings: filled with `train_<method>` / `evaluate_<method>` seconds (`seed_<N>_…` after the first seed).
+
+    Returns:
+        per seed `{"trajectories", "lambda_curves", "models"}` (`models`: the base and every final adapter).
+    """
+    from tqdm.auto import tqdm
+
+    per_seed: dict[int, dict[str, Any]] = {}
+    first = next(iter(runs))[1]
+    with tqdm(total=len(runs), desc="experiment", unit="run") as bar:
+        for (name, seed), (stages, settings) in runs.items():
+            found = per_seed.setdefault(seed, {"trajectories": {}, "lambda_curves": {}, "models": {"base": base_metrics}})
+            prefix = "" if seed == first else f"seed_{seed}_"
+            start = time.perf_counter()
+            directory = train_cached(name, settings, stages)
+            timings[f"{prefix}train_{name}"] = time.perf_counter() - start
+            start = time.perf_counter()
+            found["trajectories"][name], curve = evaluate_run(evaluator, directory, stages, base_metrics,
+                                                              tuple(lambdas) if lambdas else None)
+            found["models"][name] = dict(found["trajectories"][name][-1])
+            found["lambda_curves"].update({name: curve} if curve is not None else {})
+            timings[f"{prefix}evaluate_{name}"] = time.perf_counter() - start
+            bar.update()
+    return per_seed
 
 
 def evaluate_run(evaluator: Evaluator, directory: Path, stages: str, base_metrics: dict[str, Any],
@@ -196,6 +213,7 @@ def _method_settings(method: Method, model_path: Path, data, plan: Plan, output:
 
 def _replay_data(data, reference: str, output: Path, seed: int) -> Path:
     """The SFT rows with the reference rows mixed in (shuffled with the seed): the replay baseline."""
+    output.mkdir(parents=True, exist_ok=True)  # a later seed's directory, made before it trains
     rows = [line for name in ("sft", reference) for line in data.path(name).read_text().splitlines() if line]
     random.Random(seed).shuffle(rows)
     path = output / f"replay_sft_{reference}_{seed}.jsonl"
@@ -203,12 +221,6 @@ def _replay_data(data, reference: str, output: Path, seed: int) -> Path:
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
     return path
-
-
-def _train(method: Method, model_path: Path, data, plan: Plan, output: Path) -> Path:
-    """Train one demo method, unless a finished run with the same settings is already there."""
-    settings = _method_settings(method, model_path, data, plan, output)
-    return train_cached(method.name, settings, method.stages)
 
 
 def train_cached(name: str, settings: TrainSettings, stages: str) -> Path:
