@@ -37,10 +37,10 @@ import lora_ogpsa.export.merge
 import lora_ogpsa.train.run  # noqa: F401
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo.evaluator import LAMBDAS
+from lora_ogpsa.demo.plan import CONTRASTIVE_SIZES, Method, Plan
+from lora_ogpsa.demo.run import run_demo
 from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.experiment import stats
-from lora_ogpsa.experiment.plan import CONTRASTIVE_SIZES, Method, Plan
-from lora_ogpsa.experiment.run import run_demo
 from lora_ogpsa.experiment.stats import PAIRED_METRICS, SAFETY_LEVELS, across_seeds
 from lora_ogpsa.utils.files import write_json
 
@@ -77,7 +77,7 @@ VARIANTS = {
                                           projected_replay="reference_lookalike", replay_fraction=0.5),
     "plain-align": Method("plain-align", project="none", stages="align"),
     "ogpsa-k8-lookalike-align": Method("ogpsa-k8-lookalike-align", stages="align", ogpsa={"max_directions": 8}),
-    # the demo's methods (`experiment.plan.DEMO_METHODS`, SFT only) and the refusal-margin objective (issue 25)
+    # the demo's methods (`demo.plan.DEMO_METHODS`, SFT only) and the refusal-margin objective (issue 25)
     "demo-plain": Method("plain", project="none", stages="sft"),
     "demo-replay": Method("replay", project="none", replay=True, stages="sft"),
     "demo-ogpsa": Method("ogpsa", stages="sft"),
@@ -112,7 +112,7 @@ DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike", "act90-lookalike
 DATA_MIXES = {"contrastive": DemoSizes(), "demo": CONTRASTIVE_SIZES}
 """`--data`: `contrastive`, the first contrastive mix (192 Do-Not-Answer refusals, 64 ordinary and 64
 look-alike answers); `demo`, the demo's mix (also 70 imperative-form refusals, 106 look-alike answers, 56
-short questions answered; `experiment.plan.CONTRASTIVE_SIZES`). Both with DPO pairs (unused by SFT variants)."""
+short questions answered; `demo.plan.CONTRASTIVE_SIZES`). Both with DPO pairs (unused by SFT variants)."""
 
 
 def plan(args: argparse.Namespace, seed: int) -> Plan:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from lora_ogpsa.experiment.plan import Method, Plan
-from lora_ogpsa.experiment.run import run_demo
+from lora_ogpsa.demo.plan import Method, Plan
+from lora_ogpsa.demo.run import run_demo
 
 
 def _pairs(items: list[str]) -> dict:

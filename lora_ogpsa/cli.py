@@ -269,8 +269,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    from lora_ogpsa.demo.run import run_demo
     from lora_ogpsa.experiment.report import final_table, matched_table
-    from lora_ogpsa.experiment.run import run_demo
 
     report = run_demo(output=Path(args.output), compare=args.compare, max_steps=args.max_steps, model=args.model,
                       cache_dir=args.cache_dir, overwrite=args.overwrite, seeds=args.seeds)

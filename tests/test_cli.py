@@ -132,7 +132,7 @@ def test_epochs_target_modules_tensorboard_and_console_lines(tiny_model_dir, dat
 
 
 def test_demo_seeds_flag_sets_the_repeat_seeds_and_refuses_zero(tmp_path, capsys):
-    from lora_ogpsa.experiment.plan import Plan
+    from lora_ogpsa.demo.plan import Plan
 
     assert parse_args(["demo", "--seeds", "3"]).seeds == 3
     assert Plan.demo(seeds=3).repeat_seeds == (1, 2)

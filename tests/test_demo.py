@@ -10,13 +10,13 @@ import pytest
 
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.demo import data as demo_data
+from lora_ogpsa.demo import run as demo
 from lora_ogpsa.demo.assets import default_cache_dir
 from lora_ogpsa.demo.evaluator import Evaluator
+from lora_ogpsa.demo.plan import Method, Plan
+from lora_ogpsa.demo.run import run_demo
 from lora_ogpsa.demo.splits import DemoSizes
-from lora_ogpsa.experiment import run as demo
 from lora_ogpsa.experiment.cache import _NoRows, run_fingerprint
-from lora_ogpsa.experiment.plan import Method, Plan
-from lora_ogpsa.experiment.run import run_demo
 from lora_ogpsa.train import run as train
 from lora_ogpsa.utils.errors import InputError
 

@@ -8,8 +8,8 @@ import pytest
 
 from experiments import alignment_tax, demo_mix, refusal_tokens
 from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.demo.plan import Plan
 from lora_ogpsa.experiment import stats
-from lora_ogpsa.experiment.plan import Plan
 
 
 @pytest.mark.parametrize("name", sorted(alignment_tax.VARIANTS))

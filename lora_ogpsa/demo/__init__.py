@@ -6,8 +6,9 @@
   `harmful_instructions`, `quick_questions`, `utility_questions`: prompt banks
   written in code; `trigger_split`, `splits`: seeded, disjoint splits and sizes;
 - `data`: the demo's training, reference and evaluation sets (base-model answers cached);
-- `evaluator`: evaluations of the base, adapters (and their λ-scaled deltas) and merged models, cached.
+- `evaluator`: the library's cached evaluator (`eval.cached`), under its old name;
+- `plan` (`Plan`, `Method`: the demo's plan and methods) and `run` (`run_demo`): the demo as one experiment,
+  trained, evaluated and reported by `lora_ogpsa.experiment` as `lora-ogpsa compare` is.
 
-The demo's plan, its runs and its report are in `lora_ogpsa.experiment`; nothing below the experiment layer
-imports this package (`tests/test_layering.py`).
+The demo is the top application layer: nothing in the library imports this package (`tests/test_layering.py`).
 """

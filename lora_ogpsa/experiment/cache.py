@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
-from lora_ogpsa.experiment.plan import Method
 from lora_ogpsa.models.loading import model_fingerprint
 from lora_ogpsa.train.settings import TrainSettings
 from lora_ogpsa.utils.files import file_sha256
@@ -17,9 +17,9 @@ from lora_ogpsa.utils.files import file_sha256
 _NEUTRAL_OGPSA = {"one_sided": False}
 
 
-def run_fingerprint(settings: TrainSettings, stages: str | Method) -> str:
+def run_fingerprint(settings: TrainSettings, stages: Any) -> str:
     """A content hash of what makes a trained run: its settings, its command (`stages`: `sft`, `dpo`, `align`,
-    or a `Method` holding it), the model's files and every data file it reads — no path (the same run under
+    or a demo `Method` holding it), the model's files and every data file it reads — no path (the same run under
     another output or cache directory has the same fingerprint)."""
     values = settings.to_run_config(getattr(stages, "stages", stages), _NoRows(), None, None)
     values["ogpsa"] = {key: value for key, value in values["ogpsa"].items()

@@ -1,7 +1,7 @@
 """`lora-ogpsa compare`: methods × seeds on the user's base model, training data and evaluation suites.
 
 Every method is a name and the training options it overrides (any option of `lora-ogpsa sft|dpo|align`);
-each is trained once per seed with the same data and steps (`run.train_cached`: a finished run with the same
+each is trained once per seed with the same data and steps (`engine.train_cached`: a finished run with the same
 content fingerprint is reused), every checkpoint is evaluated on one split of the suites (`eval.cached`: by the
 hash of the weights), and the report gives every rate with its interval, the tax at matched safety across
 seeds and the paired difference against a baseline method (`stats.paired_differences`). The whole
@@ -225,8 +225,8 @@ def _run_settings(args: CompareArguments, model: Path, output: Path, name: str |
 def _run(plan: ComparePlan) -> dict[str, Any]:
     from lora_ogpsa.eval.cached import Evaluator
     from lora_ogpsa.experiment.compare_report import build_compare_report
+    from lora_ogpsa.experiment.engine import train_and_evaluate
     from lora_ogpsa.experiment.report import write_report
-    from lora_ogpsa.experiment.run import train_and_evaluate
 
     args, started = plan.arguments, time.perf_counter()
     evaluator = Evaluator(plan.model, plan.suites.by_split[args.split], plan.max_new_tokens, plan.batch_size,

@@ -1,5 +1,5 @@
-"""What an experiment trains and evaluates: a `Plan` (data mix, steps, evaluation sizes, seeds) and the
-`Method`s it compares. The demo is one plan (`Plan.demo()`) with two or three methods."""
+"""What the demo and the experiments on its data train and evaluate: a `Plan` (data mix, steps, evaluation
+sizes, seeds) and the `Method`s it compares. The demo is one plan (`Plan.demo()`) with two or three methods."""
 
 from __future__ import annotations
 
