@@ -96,6 +96,15 @@ VARIANTS = {
     "margin-both-align": Method("margin-both-align", stages="align", ogpsa={"reference_objective": "both"}),
     "margin-onesided-align": Method("margin-onesided-align", stages="align",
                                     ogpsa={"reference_objective": "refusal_margin", "one_sided": True}),
+    # the look-alike barrier (`--lookalike_barrier`): τ the margin floor, on plain QLoRA and on the demo's OGPSA
+    **{f"barrier-t{floor:g}": Method(f"barrier-t{floor:g}", project="none", stages="sft", lookalike="lookalike",
+                                     ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
+       for floor in (0.0, 2.0, 4.0)},
+    **{f"ogpsa-barrier-t{floor:g}": Method(f"ogpsa-barrier-t{floor:g}", stages="sft", lookalike="lookalike",
+                                           ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
+       for floor in (0.0, 2.0, 4.0)},
+    "barrier-t2-k05": Method("barrier-t2-k05", project="none", stages="sft", lookalike="lookalike",
+                             ogpsa={"lookalike_barrier": True, "barrier_floor": 2.0, "barrier_step_share": 0.5}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.7,
                                              "activation_positions": "opening"}),
@@ -104,7 +113,7 @@ VARIANTS = {
 }
 __doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference={m.reference}, {m.ogpsa}"
                    + (f", replay after the projection: {m.projected_replay} at F = {m.replay_fraction}"
-                      if m.projected_replay else "") + "\n" for name, m in VARIANTS.items())
+                      if m.projected_replay else "") + (f", look-alike rows: {m.lookalike}" if m.lookalike else "") + "\n" for name, m in VARIANTS.items())
 DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike", "act90-lookalike")
 
 
@@ -118,6 +127,8 @@ def plan(args: argparse.Namespace, seed: int) -> Plan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     if args.plan == "demo":  # `make demo`'s CPU plan exactly (its cached runs are reused), one seed per call
         demo = dataclasses.replace(Plan.demo(), seed=seed, repeat_seeds=(), eval_split=args.split)
+        if args.max_steps:  # train to matched safety: every method to the same step cap, a checkpoint every 8
+            demo = dataclasses.replace(demo, sft_steps=args.max_steps, save_steps=8)
         if args.dpo_steps:  # SFT then DPO (the `-align` variants), on the demo's mix with its DPO pairs built
             demo = dataclasses.replace(demo, dpo_steps=args.dpo_steps, dpo_save_steps=args.dpo_steps,
                                        data_sizes=CONTRASTIVE_SIZES)
@@ -237,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dpo-steps", type=int, default=0,
                         help="with --plan demo: a DPO stage of this many steps after SFT for the `-align` variants "
                              "(the demo's mix with its DPO pairs; one checkpoint, at the end)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="with --plan demo: the SFT step cap of every method instead of the demo's 32 (a "
+                             "checkpoint every 8), so that a method that learns to refuse slowly still has a curve "
+                             "through the levels it reaches by the cap")
     parser.add_argument("--data", choices=sorted(DATA_MIXES), default="contrastive",
                         help="the data mix (see DATA_MIXES)")
     parser.add_argument("--eval-tokens", type=int, default=24,
