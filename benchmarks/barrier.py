@@ -18,7 +18,15 @@ import torch
 
 from benchmarks.common import parser, table, write_json
 from benchmarks.refusal_margin import margin_batches, refusal_openings
-from benchmarks.workload import QUICK, Workload, build_model, reference_batches, resolve_model, synchronize, training_batch
+from benchmarks.workload import (
+    QUICK,
+    Workload,
+    build_model,
+    reference_batches,
+    resolve_model,
+    synchronize,
+    training_batch,
+)
 from lora_ogpsa.callback.barrier import LookalikeBarrier
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.models.loading import load_tokenizer
