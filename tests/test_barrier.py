@@ -2,6 +2,8 @@
 first-order change above its bound, an inactive barrier changes nothing, it composes with the reference
 projection (both guarantees at once), and a resumed run equals the uninterrupted one."""
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
@@ -10,10 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from lora_ogpsa import OGPSACallback, OGPSAConfig, build_reference_set
+from lora_ogpsa import OGPSACallback, OGPSAConfig, build_lookalike_set, build_reference_set
+from lora_ogpsa.cli import _training_settings, main, parse_args
 from lora_ogpsa.core.barrier import apply_barrier_, gram_matrix, margin_bounds, solve_nonnegative_qp
 from lora_ogpsa.signals.margin import example_margins
-from lora_ogpsa.signals.reference import build_lookalike_set
+from lora_ogpsa.utils.errors import InputError
 from tests.conftest import HARMFUL, REFUSAL, write_jsonl
 
 REFUSALS = ["I'm sorry, but I can't help with that.", "I cannot help with this."]
@@ -235,3 +238,36 @@ def test_callback_refuses_lookalike_rows_without_the_barrier_and_the_reverse(tin
         OGPSACallback(_barrier(project="none"), [])
     with pytest.raises(ValueError, match="look-alike rows given but lookalike_barrier is off"):
         OGPSACallback(OGPSAConfig(project="none"), [], lookalike=lookalike)
+
+
+# ---- the command line ----
+
+def test_barrier_flags_on_the_command_line():
+    settings = _training_settings(parse_args([
+        "sft", "--model", "m", "--data", "d", "--output", "o", "--lookalike_barrier", "true", "--lookalike", "l.jsonl",
+        "--barrier-floor", "3", "--barrier_step_share", "0.5", "--lookalike_examples", "16"]))
+    assert settings.ogpsa.lookalike_barrier and str(settings.lookalike) == "l.jsonl"
+    assert (settings.ogpsa.barrier_floor, settings.ogpsa.barrier_step_share, settings.ogpsa.lookalike_examples) == (
+        3.0, 0.5, 16)
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--lookalike_barrier", "true"], "--lookalike_barrier needs --lookalike FILE"),
+    (["--lookalike", "l.jsonl"], "--lookalike l.jsonl is only read by --lookalike_barrier true"),
+])
+def test_barrier_flags_without_their_partner_are_refused(extra, match):
+    with pytest.raises(InputError, match=match):
+        _training_settings(parse_args(["sft", "--model", "m", "--data", "d", "--output", "o", *extra]))
+
+
+def test_sft_command_with_the_barrier_logs_it_and_saves_its_state(tiny_model_dir, data_files, lookalikes, tmp_path):
+    output = tmp_path / "out"
+    args = ["sft", "--model", tiny_model_dir, "--data", data_files["sft"], "--reference", data_files["reference"],
+            "--output", output, "--no-quantize", "--max_steps", "2", "--save_steps", "1", "--batch-size", "4",
+            "--lora-r", "2", "--max-length", "64", "--reference-examples", "4", "--lookalike_barrier", "true",
+            "--lookalike", lookalikes, "--lookalike_examples", "4", "--barrier_floor", "100", "--logging_steps", "1"]
+    assert main([str(arg) for arg in args]) == 0
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").open()]
+    assert any(row.get("ogpsa/barrier_active", 0) >= 1 for row in metrics)
+    assert (output / "checkpoint-1" / "ogpsa_barrier.safetensors").is_file()
+    assert json.loads((output / "ogpsa_config.json").read_text())["ogpsa"]["lookalike_barrier"] is True
