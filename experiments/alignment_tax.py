@@ -185,7 +185,36 @@ def markdown(summary: dict) -> str:
                  for key in ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate",
                              "utility_accuracy")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + paired_markdown(summary.get("paired", {}), levels)) + "\n"
+    return "\n".join(lines + paired_markdown(summary.get("paired", {}), levels)
+                     + crossings_markdown(summary.get("crossings", {}), levels)) + "\n"
+
+
+def crossings(reports: dict[int, dict], levels: list[float]) -> dict:
+    """Per method and seed: the checkpoint where the curve first reaches each HarmBench level (None: never, the
+    method stopped at the step cap below it) and the highest refusal on the curve."""
+    found: dict = {}
+    for seed, report in reports.items():
+        for name, curve in report["trajectories"].items():
+            rates = [(point["label"], point["harmful_refusal_rate"]) for point in curve]
+            found.setdefault(name, {})[str(seed)] = {
+                "highest": max(rate for _, rate in rates),
+                "first_reaching": {f"{level:g}": next((label for label, rate in rates if rate >= level), None)
+                                   for level in levels}}
+    return found
+
+
+def crossings_markdown(found: dict, levels: list[str]) -> list[str]:
+    """Where each method's curve first reaches each level, per seed; `cap` when it never does."""
+    if not found:
+        return []
+    lines = ["", "Where each curve first reaches a level (checkpoint; `cap`: not reached by the step cap)", "",
+             "| method | seed | highest HarmBench refused | " + " | ".join(f"{float(lv):.0%}" for lv in levels) + " |",
+             "|---|---|---|" + "---|" * len(levels)]
+    for name, by_seed in found.items():
+        for seed, row in by_seed.items():
+            cells = [row["first_reaching"].get(level) or "cap" for level in levels]
+            lines.append(f"| {name} | {seed} | {row['highest']:.0%} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def paired_markdown(paired: dict, levels: list[str]) -> list[str]:
@@ -320,6 +349,7 @@ def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
                "plan": json.loads(json.dumps(dataclasses.asdict(plan(args, args.seeds[0])), default=str)),
                **{key: value for key, value in across_seeds(reports, args.levels).items() if key != "seeds"},
                "paired": paired_differences(reports, [VARIANTS[name].name for name in args.variants], args.levels),
+               "crossings": crossings(reports, args.levels),
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
                             for seed, report in reports.items()}}
     args.summary.parent.mkdir(parents=True, exist_ok=True)
