@@ -103,6 +103,9 @@ VARIANTS = {
     **{f"ogpsa-barrier-t{floor:g}": Method(f"ogpsa-barrier-t{floor:g}", stages="sft", lookalike="lookalike",
                                            ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
        for floor in (0.0, 2.0, 4.0)},
+    # τ = 1e6: every margin is below the floor, so none may fall to first order (one-sided, no room)
+    "barrier-nofall": Method("barrier-nofall", project="none", stages="sft", lookalike="lookalike",
+                             ogpsa={"lookalike_barrier": True, "barrier_floor": 1e6}),
     "barrier-t2-k05": Method("barrier-t2-k05", project="none", stages="sft", lookalike="lookalike",
                              ogpsa={"lookalike_barrier": True, "barrier_floor": 2.0, "barrier_step_share": 0.5}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
