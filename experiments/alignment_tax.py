@@ -97,6 +97,18 @@ VARIANTS = {
     "margin-both-align": Method("margin-both-align", stages="align", ogpsa={"reference_objective": "both"}),
     "margin-onesided-align": Method("margin-onesided-align", stages="align",
                                     ogpsa={"reference_objective": "refusal_margin", "one_sided": True}),
+    # the look-alike barrier (`--lookalike_barrier`): τ the margin floor, on plain QLoRA and on the demo's OGPSA
+    **{f"barrier-t{floor:g}": Method(f"barrier-t{floor:g}", project="none", stages="sft", lookalike="lookalike",
+                                     ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
+       for floor in (0.0, 2.0, 4.0)},
+    **{f"ogpsa-barrier-t{floor:g}": Method(f"ogpsa-barrier-t{floor:g}", stages="sft", lookalike="lookalike",
+                                           ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
+       for floor in (0.0, 2.0, 4.0)},
+    # τ = 1e6: every margin is below the floor, so none may fall to first order (one-sided, no room)
+    "barrier-nofall": Method("barrier-nofall", project="none", stages="sft", lookalike="lookalike",
+                             ogpsa={"lookalike_barrier": True, "barrier_floor": 1e6}),
+    "barrier-t2-k05": Method("barrier-t2-k05", project="none", stages="sft", lookalike="lookalike",
+                             ogpsa={"lookalike_barrier": True, "barrier_floor": 2.0, "barrier_step_share": 0.5}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.7,
                                              "activation_positions": "opening"}),
@@ -105,7 +117,7 @@ VARIANTS = {
 }
 __doc__ += "".join(f"- {name}: project={m.project}, replay={m.replay}, reference={m.reference}, {m.ogpsa}"
                    + (f", replay after the projection: {m.projected_replay} at F = {m.replay_fraction}"
-                      if m.projected_replay else "") + "\n" for name, m in VARIANTS.items())
+                      if m.projected_replay else "") + (f", look-alike rows: {m.lookalike}" if m.lookalike else "") + "\n" for name, m in VARIANTS.items())
 DEFAULT = ("plain", "replay", "ogpsa-k8", "ogpsa-k8-lookalike", "act90-lookalike")
 
 
@@ -119,6 +131,8 @@ def plan(args: argparse.Namespace, seed: int) -> Plan:
     """The SFT plan shared by every variant (training seed `seed`, data seed 0)."""
     if args.plan == "demo":  # `make demo`'s CPU plan exactly (its cached runs are reused), one seed per call
         demo = dataclasses.replace(Plan.demo(), seed=seed, repeat_seeds=(), eval_split=args.split)
+        if args.max_steps:  # train to matched safety: every method to the same step cap, a checkpoint every 8
+            demo = dataclasses.replace(demo, sft_steps=args.max_steps, save_steps=8)
         if args.dpo_steps:  # SFT then DPO (the `-align` variants), on the demo's mix with its DPO pairs built
             demo = dataclasses.replace(demo, dpo_steps=args.dpo_steps, dpo_save_steps=args.dpo_steps,
                                        data_sizes=CONTRASTIVE_SIZES)
@@ -175,7 +189,36 @@ def markdown(summary: dict) -> str:
                  for key in ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate",
                              "utility_accuracy")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + paired_markdown(summary.get("paired", {}), levels)) + "\n"
+    return "\n".join(lines + paired_markdown(summary.get("paired", {}), levels)
+                     + crossings_markdown(summary.get("crossings", {}), levels)) + "\n"
+
+
+def crossings(reports: dict[int, dict], levels: list[float]) -> dict:
+    """Per method and seed: the checkpoint where the curve first reaches each HarmBench level (None: never, the
+    method stopped at the step cap below it) and the highest refusal on the curve."""
+    found: dict = {}
+    for seed, report in reports.items():
+        for name, curve in report["trajectories"].items():
+            rates = [(point["label"], point["harmful_refusal_rate"]) for point in curve]
+            found.setdefault(name, {})[str(seed)] = {
+                "highest": max(rate for _, rate in rates),
+                "first_reaching": {f"{level:g}": next((label for label, rate in rates if rate >= level), None)
+                                   for level in levels}}
+    return found
+
+
+def crossings_markdown(found: dict, levels: list[str]) -> list[str]:
+    """Where each method's curve first reaches each level, per seed; `cap` when it never does."""
+    if not found:
+        return []
+    lines = ["", "Where each curve first reaches a level (checkpoint; `cap`: not reached by the step cap)", "",
+             "| method | seed | highest HarmBench refused | " + " | ".join(f"{float(lv):.0%}" for lv in levels) + " |",
+             "|---|---|---|" + "---|" * len(levels)]
+    for name, by_seed in found.items():
+        for seed, row in by_seed.items():
+            cells = [row["first_reaching"].get(level) or "cap" for level in levels]
+            lines.append(f"| {name} | {seed} | {row['highest']:.0%} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def paired_markdown(paired: dict, levels: list[str]) -> list[str]:
@@ -233,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dpo-steps", type=int, default=0,
                         help="with --plan demo: a DPO stage of this many steps after SFT for the `-align` variants "
                              "(the demo's mix with its DPO pairs; one checkpoint, at the end)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="with --plan demo: the SFT step cap of every method instead of the demo's 32 (a "
+                             "checkpoint every 8), so that a method that learns to refuse slowly still has a curve "
+                             "through the levels it reaches by the cap")
     parser.add_argument("--data", choices=sorted(DATA_MIXES), default="contrastive",
                         help="the data mix (see DATA_MIXES)")
     parser.add_argument("--eval-tokens", type=int, default=24,
@@ -301,6 +348,7 @@ def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
                "plan": json.loads(json.dumps(dataclasses.asdict(plan(args, args.seeds[0])), default=str)),
                **{key: value for key, value in across_seeds(reports, args.levels).items() if key != "seeds"},
                "paired": paired_differences(reports, [VARIANTS[name].name for name in args.variants], args.levels),
+               "crossings": crossings(reports, args.levels),
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
                             for seed, report in reports.items()}}
     args.summary.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ before the heavy imports, `lora_ogpsa.entry`), and the math needs only torch.
 import logging
 from typing import Any
 
-__all__ = ["OGPSACallback", "OGPSAConfig", "ReferenceSet", "Subspace", "build_reference_set", "compute_subspace",
-           "project_out"]
+__all__ = ["OGPSACallback", "OGPSAConfig", "ReferenceSet", "Subspace", "build_lookalike_set", "build_reference_set",
+           "compute_subspace", "project_out"]
 __version__ = "0.1.0"
 
 
@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:
         from lora_ogpsa.callback.router import OGPSACallback
 
         return OGPSACallback
-    if name in ("ReferenceSet", "build_reference_set"):
+    if name in ("ReferenceSet", "build_lookalike_set", "build_reference_set"):
         from lora_ogpsa.signals import reference
         return getattr(reference, name)
     raise AttributeError(f"module 'lora_ogpsa' has no attribute {name!r}")

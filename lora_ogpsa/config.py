@@ -121,6 +121,31 @@ class OGPSAConfig:
     activation_opening_tokens: int = 8
     """Response tokens counted by `activation_positions='opening'`."""
 
+    lookalike_barrier: bool = False
+    """Keep the refusal margin of every look-alike row (`--lookalike`: benign prompts that sound harmful, with the
+    answer to keep) above a floor, per example, on the update actually applied: the optimizer's update d₀ is
+    replaced by the closest d* with m_j + g_jᵀd* ≥ min(m_j, τ) − ε for every row j (m_j the refusal margin of
+    `margin_tokens` tokens against `margin_refusals`, g_j = ∇m_j; `lora_ogpsa.core.barrier`). Only constraints
+    that would be crossed act; refusal may grow wherever no look-alike pays for it. Composes with the
+    reference projection (the correction is orthogonal to the basis in force, so both guarantees hold)."""
+
+    barrier_floor: float = 2.0
+    """τ, nats: the look-alike margin (answer opening over refusal opening) the barrier keeps to first order;
+    a margin already below τ may not fall further."""
+
+    barrier_step_share: float = 1.0
+    """κ ∈ (0, 1]: the share of a margin's room above τ one step may use."""
+
+    barrier_slack: float = 0.0
+    """ε ≥ 0, nats: how far below min(m_j, τ) a margin may fall to first order."""
+
+    barrier_refresh_every: int = 4
+    """Recompute the look-alike gradients g_j and margins every this many optimizer steps (0: only before the
+    first step); between refreshes the margins are tracked to first order with the cached gradients."""
+
+    lookalike_examples: int = 48
+    """n_L, look-alike rows constrained (a seeded sample when `--lookalike` has more)."""
+
     def __post_init__(self) -> None:
         _check_int(self, "max_directions", low=1)
         if not (isinstance(self.energy, int | float) and 0.0 < self.energy <= 1.0):
@@ -157,9 +182,27 @@ class OGPSAConfig:
                 isinstance(text, str) and text.strip() for text in refusals)):
             raise ValueError(f"`margin_refusals` must be a non-empty list of non-empty texts (or None for the "
                              f"built-in refusals), got {refusals!r}")
+        self._check_barrier()
         weight = self.later_token_weight
         if not (isinstance(weight, int | float) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
             raise ValueError(f"`later_token_weight` must be in [0, 1], got {weight!r}")
+
+    def _check_barrier(self) -> None:
+        if not isinstance(self.lookalike_barrier, bool):
+            raise ValueError(f"`lookalike_barrier` must be true or false, got {self.lookalike_barrier!r}")
+        for name, low in (("barrier_floor", -math.inf), ("barrier_slack", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or value < low:
+                raise ValueError(f"`{name}` must be a finite number{' >= 0' if low == 0 else ''}, got {value!r}")
+        share = self.barrier_step_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 < share <= 1.0:
+            raise ValueError(f"`barrier_step_share` must be in (0, 1], got {share!r}")
+        _check_int(self, "barrier_refresh_every", low=0)
+        _check_int(self, "lookalike_examples", low=1)
+        if self.lookalike_barrier and self.protect != "gradients":
+            raise ValueError(f"`lookalike_barrier` needs protect='gradients' (the activation constraint, applied "
+                             f"last, would move the update off the barrier), got protect={self.protect!r}")
 
     @property
     def sketch_size(self) -> int:

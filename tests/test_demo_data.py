@@ -170,7 +170,7 @@ def test_build_writes_valid_disjoint_sets(tiny_dir, tmp_path, fake_sources, fake
     data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
     counts = {key: value for key, value in data.counts.items() if not key.endswith(("_dev", "_test"))}
     assert counts == {"sft": 9 + 4 + SMALL.sft_benign + 5 + 3, "dpo": 6 + 4, "reference": 7,
-                      "reference_lookalike": 7 + 3, "harmful_train": 9 + 4 + 6}
+                      "reference_lookalike": 7 + 3, "lookalike": 3 + 5, "harmful_train": 9 + 4 + 6}
     both = lambda name: data.counts[f"{name}_dev"] + data.counts[f"{name}_test"]  # noqa: E731
     assert (both("harmful_heldout"), both("harmbench"), both("benign"), both("utility")) == (
         5, 12, EVAL_LOOKALIKE + 4, len(UTILITY_SET))
@@ -211,11 +211,14 @@ def test_evaluation_prompts_are_held_out_from_every_training_and_reference_set(t
     import re
 
     data = build_demo_data(tiny_dir, tmp_path, sizes=SMALL, seed=0)
-    trained = {prompt for name in ("sft", "dpo", "reference", "reference_lookalike", "harmful_train")
+    trained = {prompt for name in ("sft", "dpo", "reference", "reference_lookalike", "lookalike", "harmful_train")
                for prompt in _prompts_of(_rows(data.path(name)))}
     evaluated = {split: {prompt for name in demo_data.EVAL_FILES
                          for prompt in _prompts_of(_rows(data.path(f"{name}_{split}")))} for split in ("dev", "test")}
     assert evaluated["dev"] and evaluated["test"] and not trained & (evaluated["dev"] | evaluated["test"])
+    barrier_rows = set(_prompts_of(_rows(data.path("lookalike"))))  # the look-alike barrier's rows
+    assert barrier_rows and barrier_rows <= {item.prompt for item in BANK} and not barrier_rows & (
+        evaluated["dev"] | evaluated["test"])
     assert not evaluated["dev"] & evaluated["test"]
     # ... and no trigger word of a held-out look-alike occurs in a trained prompt, nor a test one in a dev prompt
     triggers = {split: {row["trigger"] for row in _rows(data.path(f"benign_{split}")) if row["kind"] == "sounds_dangerous"}

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lora_ogpsa.callback.barrier import LookalikeBarrier
 from lora_ogpsa.callback.basis import estimate_subspace
 from lora_ogpsa.callback.guards import check_modes, make_safe_, refuse_sharded_training, run_first
 from lora_ogpsa.callback.projection import Projection
@@ -72,11 +73,14 @@ class OGPSACallback(TrainerCallback):
             safety gradient is projected (as in `grad` mode) and `replay_weight · ∇ replay loss` is added to it
             before the optimizer step. One extra forward/backward per optimizer step; one process only.
         replay_weight: the replay loss's weight relative to the safety loss (F / (1 − F) for a replay share F).
+        lookalike: the look-alike rows of `config.lookalike_barrier` (`build_lookalike_set`), whose refusal
+            margins every applied update must keep above the floor (`callback.barrier`); one process only.
     """
 
     def __init__(self, config: OGPSAConfig, reference_batches: ReferenceSet | Sequence[ReferenceBatch], *,
                  parameters_fn=None, metadata: dict[str, str] | None = None, progress: bool = True,
-                 replay: ReferenceSet | None = None, replay_weight: float = 1.0) -> None:
+                 replay: ReferenceSet | None = None, replay_weight: float = 1.0,
+                 lookalike: ReferenceSet | Sequence[MarginBatch] | None = None) -> None:
         from lora_ogpsa.models.loading import lora_parameters
 
         check_modes(config, replay=replay is not None and bool(replay.batches))
@@ -94,25 +98,38 @@ class OGPSACallback(TrainerCallback):
         self.metadata = dict(metadata or {})
         self.progress = progress
         self.replay = ReplayGradient(replay.batches if replay is not None else [], replay_weight)
+        self.lookalike_batches = _margin_rows(config, lookalike)
+        self.barrier: LookalikeBarrier | None = None
         self.schedule = RefreshSchedule(config.refresh_every)
         self.telemetry = Telemetry()
         self.subspace: Subspace | None = None
         self.projection: Projection | None = None
         self._parameters: dict[str, torch.nn.Parameter] = {}
 
+    @property
+    def _active(self) -> bool:
+        return self.config.project != "none" or self.config.lookalike_barrier
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.config.project == "none":
+        if not self._active:
             return
         run_first(self, inspect.currentframe())
         refuse_sharded_training(args)
-        if self.replay and distributed.active():
-            raise ValueError("OGPSACallback: replay runs in one process only (its extra backward would need its own "
-                             "gradient synchronisation); drop the replay set or run without torchrun")
+        for name, given in (("replay", self.replay), ("the look-alike barrier", self.lookalike_batches)):
+            if given and distributed.active():
+                raise ValueError(f"OGPSACallback: {name} runs in one process only (its extra backward would need "
+                                 "its own gradient synchronisation); drop it or run without torchrun")
         self._parameters = self.parameters_fn(model)
         if not self._parameters:
             raise ValueError("OGPSACallback found no trainable lora_A/lora_B weights in the model")
         make_safe_(model, self._parameters)
         step = state.global_step
+        if self.config.project != "none":
+            self._begin_projection(args, model, optimizer, step)
+        if self.config.lookalike_barrier:
+            self._begin_barrier(args, model, step)
+
+    def _begin_projection(self, args, model, optimizer, step: int) -> None:
         loaded = load_checkpoint_subspace(args.output_dir, step, self._parameters) if step > 0 else None
         if loaded is not None:
             self._install(loaded)
@@ -121,7 +138,15 @@ class OGPSACallback(TrainerCallback):
         if loaded is None or (self.schedule.is_due(step) and loaded.metadata.get("step") != str(step)):
             self._refresh(model, optimizer, step)
 
+    def _begin_barrier(self, args, model, step: int) -> None:
+        self.barrier = LookalikeBarrier(self.config, self.lookalike_batches, self._parameters)
+        if not (step > 0 and self.barrier.load_(checkpoint_dir(args.output_dir, step), model)):
+            self._refresh_barrier(model, step)
+        self.barrier.install_basis(self.subspace.basis_by_name if self.subspace is not None else {})
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.barrier is not None:
+            self.barrier.snapshot()
         if self.config.project == "grad":
             self.telemetry.projected(self.projection.project_gradients_())
             if self.replay:
@@ -134,10 +159,15 @@ class OGPSACallback(TrainerCallback):
             self.telemetry.projected(self.projection.project_change_(one_sided=self.config.one_sided))
         if self.projection is not None and self.projection.input_bases:
             self.telemetry.set("activation_removed_norm", self.projection.constrain_rows_() ** 0.5)
+        if self.barrier is not None:  # last: the update it leaves is the one applied
+            self.telemetry.barrier_applied(self.barrier.apply_(), self.barrier)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.config.project != "none" and self.schedule.runs_after(state.global_step, state.max_steps):
             self._refresh(model, optimizer, state.global_step)
+        step = state.global_step
+        if self.barrier is not None and self.barrier.is_due(step) and step < state.max_steps:
+            self._refresh_barrier(model, step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.telemetry.merge_into(logs, state)
@@ -149,6 +179,8 @@ class OGPSACallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.subspace is not None and args.should_save:
             self.save(checkpoint_dir(args.output_dir, state.global_step))
+        if self.barrier is not None and args.should_save:
+            self.barrier.save(checkpoint_dir(args.output_dir, state.global_step))
 
     def save(self, directory: str | Path) -> None:
         """Write the subspace in force to `directory/ogpsa_subspace.safetensors`."""
@@ -174,3 +206,25 @@ class OGPSACallback(TrainerCallback):
         self.projection = Projection(subspace, self._parameters)
         self.subspace = subspace
         self.telemetry.basis_installed(subspace)
+        if self.barrier is not None:
+            self.barrier.install_basis(subspace.basis_by_name)
+
+    def _refresh_barrier(self, model, step: int) -> None:
+        start = time.perf_counter()
+        self.barrier.refresh(model, step, progress=self.progress)
+        self.telemetry.add("barrier_refresh_seconds", time.perf_counter() - start)
+
+
+def _margin_rows(config: OGPSAConfig, lookalike) -> list[MarginBatch]:
+    """The look-alike rows packed for the margin; refused when given without the barrier or missing with it."""
+    batches = list(lookalike.margin_batches if isinstance(lookalike, ReferenceSet) else lookalike or [])
+    if config.lookalike_barrier and not batches:
+        raise ValueError("OGPSACallback: lookalike_barrier needs the look-alike rows: pass "
+                         "lookalike=build_lookalike_set(rows, tokenizer, config)")
+    if batches and not config.lookalike_barrier:
+        raise ValueError("OGPSACallback: look-alike rows given but lookalike_barrier is off; set "
+                         "lookalike_barrier=True or drop them")
+    if not all(isinstance(batch, MarginBatch) for batch in batches):
+        raise ValueError("OGPSACallback: lookalike must be build_lookalike_set(...) or margin.make_margin_batches "
+                         "rows")
+    return batches

@@ -39,6 +39,15 @@ class Telemetry:
         self.set("removed_norm", stats.removed_norm)
         self.set("update_norm", stats.squared_norm ** 0.5)
 
+    def barrier_applied(self, stats, barrier) -> None:
+        """Diagnostics of one look-alike barrier step (`callback.barrier`)."""
+        self.set("barrier_active", float(stats.active))
+        self.set("barrier_violated", float(stats.violated))
+        self.set("barrier_removed_share", stats.removed_share)
+        self.set("barrier_loss_progress_kept", barrier.progress_kept)
+        self.set("barrier_margin_min", float(barrier.margins.min()))
+        self.set("barrier_margin_mean", float(barrier.margins.mean()))
+
     def merge_into(self, logs: dict | None, state) -> None:
         """Add the pending metrics to a log with a loss (and to the copy Trainer.log put in log_history)."""
         if not self.pending or logs is None or "loss" not in logs:

@@ -82,11 +82,11 @@ from lora_ogpsa.utils.files import atomic_directory, read_jsonl, write_json, wri
 
 logger = logging.getLogger(__name__)
 
-DATA_VERSION = 4  # bump when the building logic changes, so old caches are not reused
+DATA_VERSION = 5  # bump when the building logic changes, so old caches are not reused
 GENERATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 32}
 EVAL_FILES = ("harmful_heldout", "harmbench", "benign", "utility")
 """The evaluation sets, each written once per split of `EVAL_SPLITS` (`benign_dev.jsonl`, `benign_test.jsonl`)."""
-FILES = ("sft", "dpo", "reference", "reference_lookalike", "harmful_train",
+FILES = ("sft", "dpo", "reference", "reference_lookalike", "lookalike", "harmful_train",
          *(f"{name}_{split}" for name in EVAL_FILES for split in EVAL_SPLITS))
 
 
@@ -203,6 +203,8 @@ def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple
         "dpo": random.Random(f"dpo-{seed}").sample(dpo_harmful + dpo_lookalike, len(dpo_harmful) + len(dpo_lookalike)),
         "reference": answered["reference"],
         "reference_lookalike": answered["reference"] + answered["reference_lookalike"],
+        # the look-alike barrier's rows (`--lookalike`): the bank's train and reference parts, never evaluation
+        "lookalike": answered["reference_lookalike"] + answered["sft_lookalike"],
         "harmful_train": [*harmful["sft"], *harmful["dpo"]],
         **{f"{name}_{split}": rows for split, parts in plan["evaluation"].items()
            for name, rows in _evaluation_rows(parts, answer).items()},

@@ -120,6 +120,9 @@ class Method:
     """a demo data set whose gradient OGPSA adds after the projection (`--replay`), e.g. `reference_lookalike`"""
     replay_fraction: float = 0.25
     """`--replay-fraction` of `projected_replay`"""
+    lookalike: str | None = None
+    """the demo data set of the look-alike barrier's rows (`--lookalike`, e.g. `lookalike`); needs
+    `ogpsa={"lookalike_barrier": True}`"""
     reference: str = "reference_lookalike"
     """the demo data set OGPSA protects (and replay mixes in): `reference` (ordinary requests) or
     `reference_lookalike` (plus dangerous-sounding benign prompts, with the base model's answers)"""

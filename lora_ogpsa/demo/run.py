@@ -160,6 +160,7 @@ def _method_settings(method: Method, model_path: Path, data, plan: Plan, output:
                          dpo_learning_rate=plan.dpo_learning_rate, seed=plan.seed, max_length=plan.max_length,
                          lora_r=plan.lora_r, quantize=plan.quantize, overwrite=True, logging_steps=1, ogpsa=ogpsa,
                          replay=str(data.path(method.projected_replay)) if method.projected_replay else None,
+                         lookalike=str(data.path(method.lookalike)) if method.lookalike else None,
                          replay_fraction=method.replay_fraction)
 
 

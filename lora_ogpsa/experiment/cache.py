@@ -15,6 +15,8 @@ from lora_ogpsa.utils.files import file_sha256
 # OGPSA settings added after runs were cached, at the value that behaves as before their addition: left out of
 # the fingerprint there, so that finished runs stay reusable.
 _NEUTRAL_OGPSA = {"one_sided": False}
+_BARRIER_FIELDS = ("lookalike_barrier", "barrier_floor", "barrier_step_share", "barrier_slack",
+                   "barrier_refresh_every", "lookalike_examples")
 
 
 def run_fingerprint(settings: TrainSettings, stages: Any) -> str:
@@ -24,6 +26,11 @@ def run_fingerprint(settings: TrainSettings, stages: Any) -> str:
     values = settings.to_run_config(getattr(stages, "stages", stages), _NoRows(), None, None)
     values["ogpsa"] = {key: value for key, value in values["ogpsa"].items()
                        if key not in _NEUTRAL_OGPSA or value != _NEUTRAL_OGPSA[key]}
+    if not values["ogpsa"].get("lookalike_barrier"):  # the barrier's settings shape nothing without it
+        values["ogpsa"] = {key: value for key, value in values["ogpsa"].items() if key not in _BARRIER_FIELDS}
+    lookalike = values.pop("lookalike", None)
+    if lookalike:
+        values["lookalike_sha256"] = _file_hash(Path(lookalike))
     for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows"):
         values.pop(key, None)
     values["model"] = model_fingerprint(settings.model)

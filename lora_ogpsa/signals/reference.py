@@ -99,6 +99,28 @@ def build_reference_set(source: Any, tokenizer: Any, config: Any = None, *, max_
     return reference
 
 
+def build_lookalike_set(source: Any, tokenizer: Any, config: Any = None, *, max_length: int | None = 512,
+                        seed: int = 0, flag: str = "--lookalike") -> ReferenceSet:
+    """The look-alike rows `OGPSAConfig.lookalike_barrier` constrains: benign prompts that sound harmful, each
+    with the answer to keep, in TRL's SFT formats (as `build_reference_set` reads them), packed for the refusal
+    margin (`margin_batches`: `margin_tokens`, `margin_refusals`); `lookalike_examples` rows (a seeded sample
+    when there are more). Take them from training or reference banks, never from an evaluation suite."""
+    import dataclasses
+
+    from lora_ogpsa.config import OGPSAConfig
+
+    config = config or OGPSAConfig()
+    margin_config = dataclasses.replace(config, reference_examples=config.lookalike_examples,
+                                        reference_objective="refusal_margin", one_sided=False)
+    lookalike = build_reference_set(source, tokenizer, margin_config, max_length=max_length, seed=seed, flag=flag)
+    if not lookalike.margin_batches:
+        from lora_ogpsa.utils.errors import InputError
+
+        raise InputError(f"{flag} {lookalike.source}: no row leaves an answer token within --max_length "
+                         f"{max_length}; give shorter prompts or raise --max_length")
+    return lookalike
+
+
 def _margin_batches(tokenizer: Any, rows: Sequence[dict], config: Any, max_length: int | None) -> list[MarginBatch]:
     from lora_ogpsa.refusal import GENERIC_REFUSALS
 

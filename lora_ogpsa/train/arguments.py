@@ -207,6 +207,9 @@ class RunArguments:
     replay: str | None = option(None, "Contrastive replay rows (e.g. dangerous-sounding benign prompts with the base "
                                 "model's answers) whose gradient is added after the projection, so it is never "
                                 "cancelled by it.")
+    lookalike: str | None = option(None, "Look-alike rows for --lookalike_barrier: benign prompts that sound harmful, "
+                                   "each with the answer to keep (messages or prompt/completion), from training or "
+                                   "reference banks, never from an evaluation suite.")
     replay_fraction: float = option(0.25, "Share F of replay in each step: F/(1-F) x batch replay rows per step, "
                                     "weighted F/(1-F).")
     base_model_id: str | None = option(None, "What adapter_config.json names as the base (`base_model_name_or_path`), "

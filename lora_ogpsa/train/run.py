@@ -27,7 +27,7 @@ from lora_ogpsa.export.adapter import save_adapter, save_subspace
 from lora_ogpsa.export.card import write_model_card
 from lora_ogpsa.models import loading, shapes
 from lora_ogpsa.signals import distributed
-from lora_ogpsa.signals.reference import ReferenceSet, build_reference_set
+from lora_ogpsa.signals.reference import ReferenceSet, build_lookalike_set, build_reference_set
 from lora_ogpsa.train.divergence import DivergenceCallback
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
 from lora_ogpsa.train.stage_files import StageFilesCallback
@@ -126,6 +126,7 @@ def _validate_common(settings: TrainSettings):
     files.check_apart(settings.output, {"--model": settings.model, "--data": settings.data,
                                         "--sft_data": settings.sft_data, "--dpo_data": settings.dpo_data,
                                         "--reference": settings.reference, "--replay": settings.replay,
+                                        "--lookalike": settings.lookalike,
                                         "--adapter": settings.adapter})
     files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
     resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
@@ -146,6 +147,8 @@ def _validate_common(settings: TrainSettings):
     reference = _load_reference(settings, tokenizer) if settings.ogpsa.project != "none" else None
     if settings.replay is not None:  # built per stage (its batch size is the stage's); checked here, before work
         _read_checked(settings.replay, "sft", "--replay", tokenizer, settings)
+    if settings.lookalike is not None:
+        _read_checked(settings.lookalike, "sft", "--lookalike", tokenizer, settings)
     return tokenizer, reference
 
 
@@ -184,6 +187,14 @@ def _replay(settings: TrainSettings, tokenizer) -> dict:
     replay = build_reference_set(settings.replay, tokenizer, config, max_length=settings.max_length,
                                  seed=settings.seed, flag="--replay")
     return {"replay": replay, "replay_weight": share}
+
+
+def _lookalike(settings: TrainSettings, tokenizer) -> dict:
+    """The look-alike rows of --lookalike_barrier for OGPSACallback."""
+    if settings.lookalike is None:
+        return {}
+    return {"lookalike": build_lookalike_set(settings.lookalike, tokenizer, settings.ogpsa,
+                                             max_length=settings.max_length, seed=settings.seed)}
 
 
 def _load_reference(settings: TrainSettings, tokenizer) -> ReferenceSet:
@@ -230,8 +241,9 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     model = _load_model(settings, adapter)
     run_config = settings.to_run_config(stage, rows, reference, adapter)
     ogpsa = None
-    if settings.ogpsa.project != "none":
-        ogpsa = OGPSACallback(settings.ogpsa, reference, **_replay(settings, tokenizer))
+    if settings.ogpsa.project != "none" or settings.ogpsa.lookalike_barrier:
+        ogpsa = OGPSACallback(settings.ogpsa, reference or [], **_replay(settings, tokenizer),
+                              **_lookalike(settings, tokenizer))
     stage_files = StageFilesCallback(directory, run_config, stage=stage, subspace_fn=lambda: ogpsa and ogpsa.subspace)
     trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
                             [cb for cb in (DivergenceCallback(), ogpsa, stage_files) if cb is not None]

@@ -75,6 +75,12 @@ class _Checks:
                 raise InputError(f"--replay adds its gradient after the gradient projection: it needs --ogpsa_project grad, "
                                  f"got --ogpsa_project {self.ogpsa.project} (for plain replay mix the rows into --data)"
                                  ) from error
+        if self.ogpsa.lookalike_barrier and self.lookalike is None:
+            raise InputError("--lookalike_barrier needs --lookalike FILE: benign prompts that sound harmful, each with "
+                             "the answer to keep (messages or prompt/completion rows)")
+        if self.lookalike is not None and not self.ogpsa.lookalike_barrier:
+            raise InputError(f"--lookalike {self.lookalike} is only read by --lookalike_barrier true; add it or drop "
+                             "--lookalike")
         if not (isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1):
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.resume_from_checkpoint is not None:
