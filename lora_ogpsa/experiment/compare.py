@@ -211,7 +211,7 @@ def _run_settings(args: CompareArguments, model: Path, output: Path, name: str |
     settings = training_settings(args.stage, values, where="training" if name is None else f"methods.{name}")
     if name is None:
         return settings  # the shared options alone: what a method adds is checked with the method
-    for key in (*DATA_KEYS[args.stage], "reference", "replay"):
+    for key in (*DATA_KEYS[args.stage], "reference", "replay", "lookalike"):
         path = getattr(settings, key, None)
         if path is not None and not Path(path).exists():
             owner = f"methods.{name}.{key}" if key in overrides else key

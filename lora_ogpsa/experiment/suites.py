@@ -1,6 +1,7 @@
 """The user's evaluation suites: harmful prompts (refusal wanted), benign prompts (refusal not wanted; a row's
-`sounds_harmful: true`, or `kind: sounds_dangerous` as in the demo's built files, marks a look-alike) and utility questions with accepted answers, each dealt once into `dev`
-and `test` by a seed, or given as two files. Every choice reads dev; final tables read test."""
+`sounds_harmful: true`, or `kind: sounds_dangerous` as in the demo's built files, marks a look-alike) and
+utility questions with accepted answers, each dealt once into `dev` and `test` by a seed, or given as two files.
+Every choice reads dev; final tables read test."""
 
 from __future__ import annotations
 
