@@ -160,7 +160,8 @@ def test_calibrate_chooses_the_checkpoint_and_lambda_on_dev_and_reads_test_once(
     assert sum(1 for name, _ in calls if name == "calibrated.partial") == 1
     card = (output / "README.md").read_text()
     assert "λ = 0.671875" in card and "chosen on the dev split" in card
-    assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
+    assert sorted(path.name for path in output.iterdir()) == ["README.md", "adapter_config.json",
+                                                              "adapter_model.safetensors", "calibration.json"]
 
 
 def test_unreachable_target_exits_2_naming_the_best_refusal(tiny_model_dir, tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ def calibrate(model: str | Path, adapters: Sequence[str | Path], suites: Suites,
                              test.evaluate(None, "base"), test.evaluate(work, "calibrated"))
         write_json(work / CALIBRATION_FILE, document)
         (work / CARD_FILE).write_text(card(document))
+        shutil.rmtree(work / "evaluations")  # the rates are in calibration.json; the directory is an adapter
     return document
 
 
@@ -144,8 +146,6 @@ def _rates(point: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_adapter(source: Path, work: Path, scale: float) -> None:
-    import shutil
-
     from lora_ogpsa.export.scale import write_scaled_adapter
 
     write_scaled_adapter(source, work, scale)
