@@ -196,3 +196,15 @@ def test_the_configurations_in_docs_compare_md_pass_every_check(tiny_model_dir, 
     assert list(plan.methods) == ["plain", "ogpsa", "replay"] and plan.baseline == "plain"
     assert len(plan.settings) == 3 * len(values["seeds"])
     assert plan.settings[("plain", 0)].ogpsa.project == "none" and plan.settings[("ogpsa", 0)].ogpsa.project == "update"
+
+
+def test_compare_trains_the_align_stage_and_evaluates_both_stages_checkpoints(tiny_model_dir, tmp_path, data_files):
+    """stage align: SFT then DPO per run; the curve holds the SFT checkpoints, then the DPO ones."""
+    config = write_config(tmp_path, tiny_model_dir, data_files, {"plain": {"ogpsa_project": "none"}}, stage="align",
+                          data=None, sft_data=str(data_files["sft"]), dpo_data=str(data_files["dpo"]), max_steps=1)
+    output = tmp_path / "out"
+    assert main(["compare", "--config", str(config), "--output_dir", str(output)]) == 0
+    report = json.loads((output / "report.json").read_text())
+    assert [p["label"] for p in report["trajectories"]["plain"]] == ["base", "sft-1", "dpo-1", "final"]
+    assert report["paired"] == {} and "paired against plain QLoRA" in report["verdict"]
+    assert (output / "seed-0" / "plain" / "dpo" / "checkpoint-1").is_dir()
