@@ -208,3 +208,17 @@ def test_compare_trains_the_align_stage_and_evaluates_both_stages_checkpoints(ti
     assert [p["label"] for p in report["trajectories"]["plain"]] == ["base", "sft-1", "dpo-1", "final"]
     assert report["paired"] == {} and "paired against plain QLoRA" in report["verdict"]
     assert (output / "seed-0" / "plain" / "dpo" / "checkpoint-1").is_dir()
+
+
+def test_paired_difference_without_a_utility_suite_is_the_benign_refusal_part():
+    """No utility suite: the tax is benign refusal gained alone, and the paired bootstrap still answers."""
+    from lora_ogpsa.experiment.stats import paired_differences
+
+    def point(harmful, benign):
+        return {"flags": {"harmful": harmful, "benign": benign, "dangerous": "1010", "utility": ""}}
+
+    curve = lambda benign: [point("0000", "0000"), point("1111", benign)]  # noqa: E731
+    trajectories = {seed: {"plain": curve("1000"), "worse": curve("1110")} for seed in (0, 1)}
+    found = paired_differences(trajectories, ["plain", "worse"], "plain", [0.5])["worse"]["0.5"]
+    assert found["tax"]["mean"] == pytest.approx(25.0)  # (2 of 4 more refused) at half-way to the final point
+    assert found["utility"]["mean"] == 0.0 and found["tax"]["ci"][0] <= 25.0 <= found["tax"]["ci"][1]
