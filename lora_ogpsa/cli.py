@@ -300,7 +300,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     from lora_ogpsa.experiment.compare import compare_from_arguments
 
     report = compare_from_arguments(vars(args))
-    print(f"report: {Path(args.output_dir) / 'report.md'} (split {report['split']}, seeds {report['seeds']})")
+    print(f"{report['verdict']}\nreport: {Path(args.output_dir) / 'report.md'}")
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
