@@ -71,11 +71,13 @@ def check_report(report, output, methods):
     assert settings["sft_steps"] == 2 and settings["ogpsa"]["max_directions"] == 2
     assert settings["split"] == "test" and "Evaluation split: `test`" in (output / "report.md").read_text()
     assert [m["name"] for m in settings["methods"]] == list(methods)
-    # the demo is a comparison like any other: paired against plain QLoRA, with the split and the seeds
-    assert on_disk["split"] == "test" and on_disk["baseline"] == "plain" and on_disk["seeds"][0] == 0
-    assert set(on_disk["paired"]) == set(methods) - {"plain"}
-    assert set(on_disk["paired"]["ogpsa"]["0.5"]) == {"tax", "utility", "over_refusal", "dangerous"}
-    assert on_disk["per_seed"]["0"]["trajectories"]["ogpsa"] == on_disk["trajectories"]["ogpsa"]
+    if "plain" in methods:  # the demo is a comparison like any other: paired against plain QLoRA
+        assert on_disk["split"] == "test" and on_disk["baseline"] == "plain" and on_disk["seeds"][0] == 0
+        assert set(on_disk["paired"]) == set(methods) - {"plain"}
+        assert set(on_disk["paired"]["ogpsa"]["0.5"]) == {"tax", "utility", "over_refusal", "dangerous"}
+        assert on_disk["per_seed"]["0"]["trajectories"]["ogpsa"] == on_disk["trajectories"]["ogpsa"]
+    else:
+        assert "paired" not in on_disk
     return on_disk
 
 
