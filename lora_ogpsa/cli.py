@@ -289,7 +289,8 @@ def _run_calibrate(args: argparse.Namespace) -> None:
     suites = load_suites(vars(args), seed=args.split_seed, dev_share=args.dev_share, limit=args.limit)
     document = calibrate(args.model, args.adapter, suites, args.target_refusal, args.output_dir, grid=args.grid,
                          bisection_steps=args.bisection_steps, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.eval_batch_size, overwrite=args.overwrite)
+                         batch_size=args.eval_batch_size, overwrite=args.overwrite,
+                         evaluation_cache=args.evaluation_cache)
     test = document["test"]["calibrated"]
     print(f"λ = {document['lambda']:g} ({document['adapter']}); test: harmful refused "
           f"{test['harmful_refusal_rate']:.1%}, benign refused {test['over_refusal_rate']:.1%}, tax "

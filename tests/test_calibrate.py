@@ -178,6 +178,7 @@ def test_unreachable_target_exits_2_naming_the_best_refusal(tiny_model_dir, tmp_
     assert "not reached on dev; the best harmful refusal is 0.0%" in error
     assert len(error.strip().splitlines()) == 1
     assert not output.exists() and not (tmp_path / "out.partial").exists()
+    assert len(list((tmp_path / ".out.evaluations").glob("*.json"))) == 2  # kept: a rerun evaluates nothing
 
 
 @pytest.mark.parametrize(("change", "message"), [

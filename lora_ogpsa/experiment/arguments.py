@@ -94,6 +94,9 @@ class CalibrateArguments:
     output_dir: str | None = option(None, "Output directory (required): the folded adapter, its card and "
                                     "calibration.json.", commands=CALIBRATE)
     overwrite: bool = option(False, "Replace an existing --output_dir.", commands=CALIBRATE)
+    evaluation_cache: str | None = option(None, "Where evaluations are cached by weights and suites (default: "
+                                          "'.NAME.evaluations' beside --output_dir): a rerun, e.g. with another "
+                                          "target, re-evaluates nothing.", commands=CALIBRATE)
 
 
 def parse_mapping(text: Any) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ RATES = ("harmful_refusal_rate", "over_refusal_rate", "dangerous_sounding_refusa
 
 def calibrate(model: str | Path, adapters: Sequence[str | Path], suites: Suites, target_refusal: float,
               output_dir: str | Path, *, grid: Sequence[float] = (0.25, 0.5, 0.75, 1.0), bisection_steps: int = 4,
-              max_new_tokens: int = 16, batch_size: int = 32, overwrite: bool = False) -> dict[str, Any]:
+              max_new_tokens: int = 16, batch_size: int = 32, overwrite: bool = False,
+              evaluation_cache: str | Path | None = None) -> dict[str, Any]:
     """Choose (checkpoint, λ) on dev, write the folded adapter, its card and `calibration.json`; returns the
     calibration document.
 
@@ -47,6 +47,8 @@ def calibrate(model: str | Path, adapters: Sequence[str | Path], suites: Suites,
         suites: the dev and test parts (`experiment.suites.load_suites`).
         target_refusal: the harmful-refusal rate to reach on dev, in (0, 1].
         grid: λ values in (0, 1] evaluated before bisecting (λ = 0 is the base, always evaluated).
+        evaluation_cache: where evaluations are cached by weights and suites (default: `.NAME.evaluations`
+            beside the output), kept when the target is not reached, so that a rerun re-evaluates nothing.
 
     Raises:
         InputError: a bad argument, or a target no evaluated point reaches (naming the best refusal reached).
@@ -61,18 +63,18 @@ def calibrate(model: str | Path, adapters: Sequence[str | Path], suites: Suites,
     output = output_path(output_dir, flag="--output_dir")
     check_apart(output, {"--model": model_path, **{f"--adapter {p}": p for p in paths}}, flag="--output_dir")
     check_output_dir(output, overwrite=overwrite, flag="--output_dir")
+    cache = Path(evaluation_cache) if evaluation_cache else output.with_name(f".{output.name}.evaluations")
     with atomic_directory(output, overwrite=overwrite) as work:
-        dev = Evaluator(model_path, suites.by_split["dev"], max_new_tokens, batch_size, work / "evaluations")
+        dev = Evaluator(model_path, suites.by_split["dev"], max_new_tokens, batch_size, cache)
         base = dev.evaluate(None, "base")
         curves = {str(path): dev_curve(dev, path, base, target_refusal, grid, bisection_steps) for path in paths}
         choice = choose(curves, base, target_refusal)
         _write_adapter(Path(choice["adapter"]), work, choice["lambda"])
-        test = Evaluator(model_path, suites.by_split["test"], max_new_tokens, batch_size, work / "evaluations")
+        test = Evaluator(model_path, suites.by_split["test"], max_new_tokens, batch_size, cache)
         document = _document(model_path, curves, base, choice, target_refusal, suites,
                              test.evaluate(None, "base"), test.evaluate(work, "calibrated"))
         write_json(work / CALIBRATION_FILE, document)
         (work / CARD_FILE).write_text(card(document))
-        shutil.rmtree(work / "evaluations")  # the rates are in calibration.json; the directory is an adapter
     return document
 
 
@@ -146,6 +148,8 @@ def _rates(point: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_adapter(source: Path, work: Path, scale: float) -> None:
+    import shutil
+
     from lora_ogpsa.export.scale import write_scaled_adapter
 
     write_scaled_adapter(source, work, scale)
