@@ -91,8 +91,8 @@ def gather_sketches(sketch: GradientSketch, counts: Sequence[int], losses: torch
     names = list(sketch.shape_by_name)
     rows_by_name = sketch.rows_by_name()
     local = torch.cat([rows_by_name[name].reshape(sketch.filled, -1) for name in names], dim=1)  # (m_r, Σn)
-    per_rank = _gather_rows(local)
-    per_rank_losses = _gather_rows(losses.float()[:, None].to(local.device))
+    per_rank = gather_rows(local)
+    per_rank_losses = gather_rows(losses.float()[:, None].to(local.device))
     del local, rows_by_name
     if per_rank is None:
         return None
@@ -112,7 +112,7 @@ def gather_sketches(sketch: GradientSketch, counts: Sequence[int], losses: torch
     return folded, _reference_order(per_rank_losses, counts)[:, 0].cpu()
 
 
-def _gather_rows(local: torch.Tensor) -> list[torch.Tensor] | None:
+def gather_rows(local: torch.Tensor) -> list[torch.Tensor] | None:
     """Every rank's `(m_r, c)` rows on rank 0 (m_r may differ between ranks); None on the other ranks."""
     size = torch.tensor([local.shape[0]], device=local.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
@@ -141,7 +141,7 @@ def gather_samples(samples_by_name: Mapping[str, torch.Tensor], counts: Sequence
     names = list(samples_by_name)
     local = torch.cat([losses.float()[:, None]] + [samples_by_name[name].reshape(len(losses), -1) for name in names],
                       dim=1)  # (S_r, 1 + Σ numel): one collective instead of one per tensor
-    per_rank = _gather_rows(local)
+    per_rank = gather_rows(local)
     if per_rank is None:
         return None
     rows = _reference_order(per_rank, counts)  # (S, 1 + Σn)

@@ -26,7 +26,7 @@ from lora_ogpsa.data.rows import DataKind, Rows, check_rows_fit, read_rows
 from lora_ogpsa.export.adapter import save_adapter, save_subspace
 from lora_ogpsa.export.card import write_model_card
 from lora_ogpsa.models import loading, shapes
-from lora_ogpsa.signals import distributed
+from lora_ogpsa.signals import distributed, sharding
 from lora_ogpsa.signals.reference import ReferenceSet, build_reference_set
 from lora_ogpsa.train.divergence import DivergenceCallback
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
@@ -249,6 +249,7 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
         logger.info("resuming %s from %s, the newest complete checkpoint", stage, checkpoint)
         checkpoint = str(checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    sharding.unshard_trainable_(trainer.model)  # FSDP2: the whole LoRA weights for the export (every rank joins)
     if distributed.is_main():
         save_adapter(trainer.model, directory)
         tokenizer.save_pretrained(str(directory))  # with the chat template, as TRL's save_model does
