@@ -14,12 +14,14 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from lora_ogpsa.callback.guards import refuse_sharded_training
 from lora_ogpsa.callback.router import OGPSACallback
 from lora_ogpsa.core.subspace import Subspace
 from lora_ogpsa.data.rows import DataKind, Rows, check_rows_fit, read_rows
@@ -129,6 +131,8 @@ def _validate_common(settings: TrainSettings):
                                         "--adapter": settings.adapter})
     files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
     resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
+    if settings.ogpsa.project != "none":  # FSDP1 / DeepSpeed (launcher environment or trainer fields) refused
+        refuse_sharded_training(SimpleNamespace(**settings.training_arguments))
     partial = files.partial_path(settings.output)
     if partial.exists() and not (settings.resume or settings.overwrite):  # the lock is ours: no run is live there
         raise InputError(f"--output {settings.output}: {partial.name} holds an earlier run that did not finish; "
