@@ -63,7 +63,11 @@ class Record(TrainerCallback):
         sharded = sum(isinstance(p, DTensor) for p in parameters)
         held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
         total = sum(p.numel() for p in parameters)
-        Path(os.environ["RECORD"], "rank" + os.environ["RANK"]).write_text(f"{sharded} {len(parameters)} {held} {total}")
+        base = [p for p in model.parameters() if not p.requires_grad]
+        base_held = sum((p.to_local() if isinstance(p, DTensor) else p).untyped_storage().nbytes() for p in base)
+        Path(os.environ["RECORD"], "rank" + os.environ["RANK"]).write_text(
+            f"{sharded} {len(parameters)} {held} {total} {sum(isinstance(p, DTensor) for p in base)} {len(base)} "
+            f"{base_held} {str(next(iter(parameters)).dtype)}")
 
     def on_save(self, args, state, control, **kwargs):
         if os.environ.get("STOP_AT") == str(state.global_step):
@@ -113,7 +117,7 @@ def fsdp_run(tiny_model_dir, data_files, tmp_path_factory):
 def test_fsdp2_shards_the_lora_weights_and_matches_one_process(fsdp_run, tiny_model_dir, data_files, tmp_path):
     output, records = fsdp_run
     assert len(records) == 2
-    for sharded, count, held, total in records:  # every LoRA weight a DTensor; each rank holds half of them
+    for sharded, count, held, total, *_ in records:  # every LoRA weight a DTensor; each rank holds half of them
         assert sharded == count and int(held) == int(total) // 2
     single = tmp_path / "single"
     assert main([*_sft(tiny_model_dir, data_files, single, 4), "--batch-size", "4"]) == 0
@@ -187,3 +191,23 @@ def test_fsdp1_launch_exits_2_with_one_line_naming_fsdp2(tiny_model_dir, data_fi
     errors = [line for line in completed.stderr.splitlines() if line.startswith("lora-ogpsa: error")]
     assert len(errors) == 1 and "FSDP1" in errors[0] and "FSDP2" in errors[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@needs_launcher
+def test_fsdp2_on_a_4bit_base_shards_it_and_keeps_the_update_orthogonal(tiny_model_dir, data_files, tmp_path):
+    """NF4 weights stored as float (`bnb_4bit_quant_storage`, set by the loader under an FSDP launch) are sharded
+    like any weight; the projection is exact on the float32 LoRA shards as on a full-precision base."""
+    output = tmp_path / "out"
+    args = [*_sft(tiny_model_dir, data_files, output, 2), "--batch-size", "2"]
+    args.remove("--no-quantize")
+    completed, records = _launch(tmp_path, args)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for sharded, count, _, _, base_sharded, base_count, _, dtype in records:
+        assert sharded == count and dtype == "torch.float32"
+        assert int(base_sharded) == int(base_count)  # the 4-bit weights too (none left whole on every rank)
+    before = load_file(str(output / "checkpoint-1" / "adapter_model.safetensors"))
+    after = load_file(str(output / "checkpoint-2" / "adapter_model.safetensors"))
+    basis = Subspace.load(output / "checkpoint-1" / "ogpsa_subspace.safetensors").basis_by_name
+    for name, value in before.items():
+        change = (after[name] - value).reshape(-1).double()
+        assert change.norm() > 0 and (basis[name].double() @ change).norm() <= 1e-5 * change.norm()
