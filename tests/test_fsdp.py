@@ -1,11 +1,13 @@
 """FSDP2 (per-parameter `fully_shard`, DTensor shards) on 2 CPU processes (gloo), launched with `accelerate launch`
 and the example config; FSDP1 and DeepSpeed refused with projection."""
 
+import math
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,8 @@ from safetensors.torch import load_file
 from lora_ogpsa import Subspace
 from lora_ogpsa.callback.guards import refuse_sharded_training, sharding_engine
 from lora_ogpsa.cli import main
+from lora_ogpsa.core.projector import StackedBasis
+from lora_ogpsa.signals.sharding import flat_range
 from lora_ogpsa.utils.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +83,8 @@ import lora_ogpsa.train.run as train
 run_sft = train.run_sft
 train.run_sft = lambda settings, callbacks=(): run_sft(settings, [*callbacks, Record()])
 from lora_ogpsa.cli import main
+from lora_ogpsa.core.projector import StackedBasis
+from lora_ogpsa.signals.sharding import flat_range
 
 sys.exit(main(sys.argv[1:]))
 """
@@ -89,8 +95,9 @@ def _launch(tmp_path, args, **env):
     worker.write_text(textwrap.dedent(WORKER))
     record = tmp_path / "record"
     record.mkdir(exist_ok=True)
+    # CPU processes with gloo whatever the machine has (two ranks cannot share one GPU under nccl).
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-                   "RECORD": str(record), **env}
+                   "CUDA_VISIBLE_DEVICES": "", "RECORD": str(record), **env}
     command = [ACCELERATE, "launch", "--config_file", str(CONFIG), "--num_processes", "2", "--main_process_port",
                str(29500 + (os.getpid() + 7) % 1000), str(worker), *args]
     completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=environment,
@@ -211,3 +218,61 @@ def test_fsdp2_on_a_4bit_base_shards_it_and_keeps_the_update_orthogonal(tiny_mod
     for name, value in before.items():
         change = (after[name] - value).reshape(-1).double()
         assert change.norm() > 0 and (basis[name].double() @ change).norm() <= 1e-5 * change.norm()
+
+
+@pytest.mark.parametrize("rows", [4, 5, 1])
+def test_fsdp_flat_range_is_torch_chunk_of_the_rows(rows):
+    weight = torch.arange(rows * 3).reshape(rows, 3)
+    chunks = torch.chunk(weight, 2)
+    for rank in (0, 1):
+        start, stop = flat_range(weight.shape, rank, 2)
+        expected = chunks[rank].reshape(-1) if rank < len(chunks) else weight.new_zeros(0)
+        assert torch.equal(weight.reshape(-1)[start:stop], expected)
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_fsdp_split_projection_equals_the_whole_one(one_sided):
+    """Two 'ranks' (threads) each project their columns with one summing reduction: the whole projection."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"a": (4, 6), "b": (6, 4), "c": (5, 2)}  # a and b: same numel, other shapes; c: uneven chunks
+    bases = {name: torch.linalg.qr(torch.randn(math.prod(shape), 3, generator=generator))[0].T
+             for name, shape in shapes.items()}  # (3, n), orthonormal rows
+    rising = {name: torch.randn(3, generator=generator) for name in shapes}
+    before = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    after = {name: value + torch.randn(value.shape, generator=generator) for name, value in before.items()}
+    whole = {name: value.clone() for name, value in after.items()}
+    expected = StackedBasis(bases, rising).project_change_(whole, StackedBasis(bases).snapshot(before),
+                                                           one_sided=one_sided)
+    barrier, deposits = threading.Barrier(2), [None, None]
+
+    def reduce_for(rank):
+        def reduce_(tensors):
+            deposits[rank] = [tensor.clone() for tensor in tensors]
+            barrier.wait()
+            for index, tensor in enumerate(tensors):
+                tensor.copy_(deposits[0][index] + deposits[1][index])
+            barrier.wait()
+        return reduce_
+
+    results, stats = {}, [None, None]
+
+    def run(rank):
+        ranges = {name: flat_range(shape, rank, 2) for name, shape in shapes.items()}
+        mine = {name: basis[:, slice(*ranges[name])] for name, basis in bases.items()}
+        split = StackedBasis(mine, rising, reduce_=reduce_for(rank), key_by_name=shapes)
+        local = {name: value.reshape(-1)[slice(*ranges[name])].clone() for name, value in after.items()}
+        snapshot = split.snapshot({name: value.reshape(-1)[slice(*ranges[name])] for name, value in before.items()})
+        stats[rank] = split.project_change_(local, snapshot, one_sided=one_sided)
+        results[rank] = local
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, value in whole.items():
+        joined = torch.cat([results[0][name], results[1][name]])
+        assert torch.allclose(joined, value.reshape(-1), atol=1e-6)
+    for rank in (0, 1):
+        assert stats[rank].squared_norm == pytest.approx(expected.squared_norm, rel=1e-5)
+        assert stats[rank].squared_in_span == pytest.approx(expected.squared_in_span, rel=1e-5)

@@ -90,7 +90,9 @@ def gather_sketches(sketch: GradientSketch, counts: Sequence[int], losses: torch
     sum_across_ranks_(sketch.moments())  # every rank now holds the totals; rank 0 keeps them
     names = list(sketch.shape_by_name)
     rows_by_name = sketch.rows_by_name()
-    local = torch.cat([rows_by_name[name].reshape(sketch.filled, -1) for name in names], dim=1)  # (m_r, Σn)
+    widths = [math.prod(sketch.shape_by_name[name]) for name in names]  # explicit: a rank may hold no rows
+    local = torch.cat([rows_by_name[name].reshape(sketch.filled, width) for name, width in zip(names, widths,
+                                                                                               strict=True)], dim=1)  # (m_r, Σn)
     per_rank = gather_rows(local)
     per_rank_losses = gather_rows(losses.float()[:, None].to(local.device))
     del local, rows_by_name
@@ -106,7 +108,6 @@ def gather_sketches(sketch: GradientSketch, counts: Sequence[int], losses: torch
         stacked, step = torch.cat(per_rank), max(folded.rows // 2, 1)
         sizes = [min(step, len(stacked) - start) for start in range(0, len(stacked), step)]
     del per_rank
-    widths = [math.prod(sketch.shape_by_name[name]) for name in names]
     folded.refill_(dict(zip(names, torch.split(block, widths, dim=1), strict=True))
                    for block in torch.split(stacked, sizes))
     return folded, _reference_order(per_rank_losses, counts)[:, 0].cpu()
