@@ -53,10 +53,9 @@ class OGPSACallback(TrainerCallback):
     In `on_train_begin` it makes the trainer safe for the guarantee: LoRA weights a trainer cast to a low
     precision (TRL casts them to bf16 on a quantized base) are cast back to float32, bitsandbytes' CPU repack
     is switched off (it silently corrupts later LoRA gradients), and what it cannot guarantee is refused:
-    DeepSpeed/FSDP1 (FSDP2 is supported), and trainable weights other than lora_A/lora_B (they would move
-    unprojected). At the end
-    of training the subspace in force is written next to the adapter in `output_dir` (where
-    `trainer.save_model()` puts it); `save(directory)` writes it anywhere else.
+    DeepSpeed/FSDP1 (FSDP2 is supported: docs/fsdp.md), and trainable weights other than lora_A/lora_B (they
+    would move unprojected). At the end of training the subspace in force is written next to the adapter in
+    `output_dir` (where `trainer.save_model()` puts it); `save(directory)` writes it anywhere else.
 
     Args:
         config: the OGPSA settings (mode, k, energy, refresh interval).
