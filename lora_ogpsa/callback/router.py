@@ -154,7 +154,8 @@ class OGPSACallback(TrainerCallback):
             save_subspace(whole, checkpoint_dir(args.output_dir, state.global_step))
 
     def save(self, directory: str | Path) -> None:
-        """Write the subspace in force to `directory/ogpsa_subspace.safetensors`."""
+        """Write the subspace in force to `directory/ogpsa_subspace.safetensors` (under FSDP2, during training each
+        rank holds its shard's columns: the whole bases are on rank 0 once training has ended)."""
         save_subspace(self.subspace, directory)
 
     @torch.no_grad()
