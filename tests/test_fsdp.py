@@ -90,7 +90,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _launch(tmp_path, args, **env):
+def _launch(tmp_path, args, config=CONFIG, **env):
     worker = tmp_path / "fsdp_worker.py"
     worker.write_text(textwrap.dedent(WORKER))
     record = tmp_path / "record"
@@ -98,7 +98,7 @@ def _launch(tmp_path, args, **env):
     # CPU processes with gloo whatever the machine has (two ranks cannot share one GPU under nccl).
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
                    "CUDA_VISIBLE_DEVICES": "", "RECORD": str(record), **env}
-    command = [ACCELERATE, "launch", "--config_file", str(CONFIG), "--num_processes", "2", "--main_process_port",
+    command = [ACCELERATE, "launch", "--config_file", str(config), "--num_processes", "2", "--main_process_port",
                str(29500 + (os.getpid() + 7) % 1000), str(worker), *args]
     completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=environment,
                                check=False)
@@ -148,13 +148,17 @@ def test_fsdp2_applied_update_is_orthogonal_to_the_basis_in_force(fsdp_run):
 
 
 @needs_launcher
-def test_fsdp2_resume_equals_the_uninterrupted_run(fsdp_run, tiny_model_dir, data_files, tmp_path):
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_fsdp2_resume_equals_the_uninterrupted_run(fsdp_run, tiny_model_dir, data_files, tmp_path, state_dict_type):
+    """The trainer's FSDP checkpoint (whole or sharded weights and optimizer) plus the subspace file: exact resume."""
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(CONFIG.read_text().replace("FULL_STATE_DICT", state_dict_type))
     output = tmp_path / "out"
     args = [*_sft(tiny_model_dir, data_files, output, 4), "--batch-size", "2"]
-    stopped, _ = _launch(tmp_path, args, STOP_AT="2")
+    stopped, _ = _launch(tmp_path, args, config, STOP_AT="2")
     assert stopped.returncode != 0 and (tmp_path / "out.partial" / "checkpoint-2").is_dir()
     assert not (tmp_path / "out.partial" / "checkpoint-3").exists()
-    resumed, _ = _launch(tmp_path, [*args, "--resume"])
+    resumed, _ = _launch(tmp_path, [*args, "--resume"], config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed the subspace of step 2" in resumed.stderr
     straight, again = load_file(str(fsdp_run[0] / "adapter_model.safetensors")), load_file(
