@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-SCRIPTS = ("subspace", "overhead", "refresh", "refusal_margin", "memory", "merge", "fsdp")
+SCRIPTS = ("subspace", "overhead", "refresh", "refusal_margin", "memory", "merge")
 
 
 def main() -> int:

@@ -13,10 +13,10 @@ layer, then on the root, as accelerate's FSDP2 preparation does) and reports:
 
     python -m benchmarks.fsdp                 # SmolLM2-135M-Instruct, full precision, LoRA r = 16, k = 8, S = 64
     python -m benchmarks.fsdp --quantize      # the 4-bit base (NF4 stored as float, so FSDP2 shards it)
-    python -m benchmarks.fsdp --quick         # tiny model, smoke test
+    python -m benchmarks.fsdp --quick         # tiny model, smoke test (tests/test_fsdp.py runs it)
 
 On CPU, accelerate runs FSDP only on accelerators; this benchmark calls `fully_shard` itself, so it measures
-FSDP2 on CPU too.
+FSDP2 on CPU too. It is not in `python -m benchmarks` (two 2-process jobs would double that smoke run's time).
 """
 
 from __future__ import annotations

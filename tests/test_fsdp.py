@@ -1,6 +1,7 @@
 """FSDP2 (per-parameter `fully_shard`, DTensor shards) on 2 CPU processes (gloo), launched with `accelerate launch`
 and the example config; FSDP1 and DeepSpeed refused with projection."""
 
+import json
 import math
 import os
 import shutil
@@ -280,3 +281,16 @@ def test_fsdp_split_projection_equals_the_whole_one(one_sided):
     for rank in (0, 1):
         assert stats[rank].squared_norm == pytest.approx(expected.squared_norm, rel=1e-5)
         assert stats[rank].squared_in_span == pytest.approx(expected.squared_in_span, rel=1e-5)
+
+
+def test_fsdp_benchmark_runs_on_a_tiny_model(tmp_path):
+    """`python -m benchmarks.fsdp --quick`: both engines on 2 processes; the base bytes each rank holds halve."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.fsdp", "--quick", "--output-dir", str(tmp_path)],
+                               cwd=ROOT, capture_output=True, text=True, check=False, timeout=600, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    written = json.loads((tmp_path / "fsdp_quick.json").read_text())
+    assert {(row["engine"], row["rank"]) for row in written["results"]} == {
+        (engine, rank) for engine in ("ddp", "fsdp2") for rank in (0, 1)}
+    assert written["ratios"]["base_held_mb"] == pytest.approx(0.5, abs=0.01) and written["target_met"]
+    assert "| engine" in completed.stdout
