@@ -11,10 +11,10 @@ import torch
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.core.sketch import GradientSketch
 from lora_ogpsa.core.subspace import Subspace
-from lora_ogpsa.signals import distributed
+from lora_ogpsa.signals import distributed, sharding
 from lora_ogpsa.signals.activations import collect_input_moments, compute_input_basis
-from lora_ogpsa.signals.margin import MarginBatch
-from lora_ogpsa.signals.reference import ReferenceBatch, collect_reference_sketch
+from lora_ogpsa.signals.margin import MarginBatch, example_margins
+from lora_ogpsa.signals.reference import ReferenceBatch, collect_reference_sketch, example_losses
 
 
 def estimate_subspace(model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter],
@@ -25,7 +25,7 @@ def estimate_subspace(model: torch.nn.Module, parameters: dict[str, torch.nn.Par
     `margin_batches`, or both) plus input bases of `batches` (`protect` ≠ gradients). Metadata:
     `reference_loss`, `reference_objective`, `reference_margin` (margin objectives) and `config`."""
     if config.protect == "activations":
-        subspace = Subspace({name: p.new_zeros(0, p.numel(), dtype=torch.float32) for name, p in parameters.items()},
+        subspace = Subspace({name: torch.zeros(0, p.numel(), device=p.device) for name, p in parameters.items()},
                             metadata={"reference_loss": "nan"})
     else:
         gradient_batches = [*(batches if config.reference_objective != "refusal_margin" else []),
@@ -35,6 +35,8 @@ def estimate_subspace(model: torch.nn.Module, parameters: dict[str, torch.nn.Par
     subspace.metadata["config"] = json.dumps(config.to_dict(), sort_keys=True)
     if config.protect != "gradients":
         _add_input_bases(model, parameters, batches, config, subspace)
+    if sharding.is_sharded(parameters):  # FSDP2: each rank keeps the columns of its shard
+        subspace = sharding.slice_subspace(subspace, parameters)
     return subspace
 
 
@@ -57,9 +59,11 @@ def _collect(model, parameters, batches, config: OGPSAConfig, *,
              progress: bool) -> tuple[GradientSketch | None, torch.Tensor | None]:
     """The reference samples, sketched as they are produced (`sketch_size` rows per tensor), and the losses:
     on rank 0, every rank's share folded into one sketch (None elsewhere)."""
+    share = distributed.my_share(batches)
     with torch.enable_grad():
-        sketch, losses = collect_reference_sketch(model, distributed.my_share(batches), parameters,
+        sketch, losses = collect_reference_sketch(model, share, parameters,
                                                   rows=config.sketch_size, progress=progress and distributed.is_main())
+        _idle_passes(model, parameters, batches, len(share), backward=True)
     if not distributed.active():
         return sketch, losses
     counts = [batch.input_ids.shape[0] for batch in batches]
@@ -69,13 +73,37 @@ def _collect(model, parameters, batches, config: OGPSAConfig, *,
 
 def _add_input_bases(model, parameters, batches, config: OGPSAConfig, subspace: Subspace) -> None:
     """Activation-space bases of every lora_A from the reference inputs (summed over ranks)."""
-    moments = collect_input_moments(model, distributed.my_share(batches), parameters,
-                                    positions=config.activation_positions,
+    share = distributed.my_share(batches)
+    moments = collect_input_moments(model, share, parameters, positions=config.activation_positions,
                                     opening_tokens=config.activation_opening_tokens)
+    _idle_passes(model, parameters, batches, len(share), backward=False)
     if distributed.active():
         distributed.sum_across_ranks_(list({id(m): m for m in moments.values()}.values()))
     subspace.input_basis_by_name, subspace.input_energy_by_name = compute_input_basis(
         moments, energy=config.activation_energy)
+
+
+def _idle_passes(model, parameters, batches: Sequence, done: int, *, backward: bool) -> None:
+    """FSDP2's forward and backward are collectives (all-gather, reduce-scatter) that every rank must join: a rank
+    whose round-robin share is one micro-batch short runs a stand-in pass on the first one, its result discarded
+    (the trainer's gradients are set aside meanwhile)."""
+    if not batches or not sharding.is_sharded(parameters):
+        return
+    missing = -(-len(batches) // torch.distributed.get_world_size()) - done
+    for _ in range(missing):
+        stashed = {name: parameter.grad for name, parameter in parameters.items()}
+        for parameter in parameters.values():
+            parameter.grad = None
+        try:
+            with torch.enable_grad() if backward else torch.no_grad():
+                batch = batches[0]
+                loss = (-example_margins(model, batch) if isinstance(batch, MarginBatch)
+                        else example_losses(model, batch)).sum()
+                if backward:
+                    loss.backward()
+        finally:
+            for name, parameter in parameters.items():
+                parameter.grad = stashed[name]
 
 
 def _objective_summary(losses: torch.Tensor, batches: Sequence[ReferenceBatch], config: OGPSAConfig) -> dict[str, str]:

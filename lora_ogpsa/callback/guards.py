@@ -7,11 +7,14 @@ settings and the Python API both reach it through `OGPSACallback.__init__`).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import TrainerCallback
 
 from lora_ogpsa.config import OGPSAConfig
+from lora_ogpsa.signals import sharding
+from lora_ogpsa.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ def make_safe_(model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]
     """
     from lora_ogpsa.models.loading import disable_cpu_repack_, keep_lora_float32_
 
+    check_fsdp2_(model, parameters)
     cast = [name for name, parameter in parameters.items() if parameter.dtype != torch.float32]
     if cast:
         keep_lora_float32_(model)
@@ -75,10 +79,54 @@ def run_first(callback: TrainerCallback, frame) -> None:
 
 
 def refuse_sharded_training(args) -> None:
-    """DeepSpeed and FSDP step the optimizer inside their engines on sharded tensors: the trainer events this
-    callback hooks would not see the update it must project. Refuse instead of projecting the wrong thing."""
+    """Refuse the engines that step the optimizer inside themselves on flat shards (DeepSpeed ZeRO, FSDP1): the
+    trainer events this callback hooks would not see the update it must project. FSDP2 (per-parameter DTensor
+    shards, the ordinary torch optimizer) and DDP are supported.
+
+    Raises:
+        InputError: DeepSpeed or FSDP1 configured (trainer arguments or `accelerate launch`'s environment).
+    """
+    engine = sharding_engine(args)
+    if engine is not None:
+        raise InputError(f"OGPSA projection cannot run under {engine} (its optimizer steps inside the engine, unseen "
+                         "by the callback): use FSDP2 (accelerate config `fsdp_version: 2`, see "
+                         "examples/accelerate_fsdp2.yaml), DDP (torchrun), or --ogpsa_project none")
+
+
+def sharding_engine(args) -> str | None:
+    """'DeepSpeed' or 'FSDP1' when one is configured, else None (FSDP2, DDP or one process)."""
     state = getattr(args, "distributed_state", None)
     kind = str(getattr(state, "distributed_type", ""))
-    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or "DEEPSPEED" in kind or "FSDP" in kind:
-        raise ValueError("OGPSA projection does not support DeepSpeed or FSDP (the optimizer steps on sharded "
-                         "tensors inside their engines); use DDP (torchrun) or --ogpsa_project none")
+    if getattr(args, "deepspeed", None) or _env_true("ACCELERATE_USE_DEEPSPEED") or "DEEPSPEED" in kind:
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None):
+        config = getattr(args, "fsdp_config", None) or {}
+        version = int(config.get("version", config.get("fsdp_version", 2)))  # transformers' default: 2
+    elif _env_true("ACCELERATE_USE_FSDP") or "FSDP" in kind:
+        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default: 1
+    else:
+        return None
+    return None if version == 2 else f"FSDP{version}"
+
+
+def check_fsdp2_(model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter]) -> None:
+    """Under FSDP2, the LoRA weights must be float32 `Shard(0)` DTensors (`sharding.check_layout`): a cast after
+    `fully_shard` would replace the sharded parameters FSDP manages.
+
+    Raises:
+        ValueError: a LoRA weight left whole, sharded another way, or not float32.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (isinstance(model, FSDPModule) or sharding.is_sharded(parameters)):
+        return
+    sharding.check_layout(parameters)
+    low = [name for name, parameter in parameters.items() if parameter.dtype != torch.float32]
+    if low:
+        raise ValueError(f"OGPSACallback under FSDP2: LoRA weight {low[0]} is {parameters[low[0]].dtype}; the "
+                         "projection needs float32: cast the LoRA weights to float32 before the trainer shards them "
+                         "(lora_ogpsa.models.loading.keep_lora_float32_) or set mixed_precision")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")

@@ -36,7 +36,7 @@ from lora_ogpsa.callback.guards import check_modes, make_safe_, refuse_sharded_t
 from lora_ogpsa.callback.projection import Projection
 from lora_ogpsa.callback.replay import ReplayGradient
 from lora_ogpsa.callback.schedule import RefreshSchedule
-from lora_ogpsa.callback.state import load_checkpoint_subspace, save_subspace
+from lora_ogpsa.callback.state import load_checkpoint_subspace, save_subspace, whole_subspace
 from lora_ogpsa.callback.telemetry import METRIC_PREFIX, Telemetry
 from lora_ogpsa.config import OGPSAConfig
 from lora_ogpsa.core.subspace import Subspace
@@ -54,9 +54,9 @@ class OGPSACallback(TrainerCallback):
     In `on_train_begin` it makes the trainer safe for the guarantee: LoRA weights a trainer cast to a low
     precision (TRL casts them to bf16 on a quantized base) are cast back to float32, bitsandbytes' CPU repack
     is switched off (it silently corrupts later LoRA gradients), and what it cannot guarantee is refused:
-    DeepSpeed/FSDP, and trainable weights other than lora_A/lora_B (they would move unprojected). At the end
-    of training the subspace in force is written next to the adapter in `output_dir` (where
-    `trainer.save_model()` puts it); `save(directory)` writes it anywhere else.
+    DeepSpeed/FSDP1 (FSDP2 is supported: docs/fsdp.md), and trainable weights other than lora_A/lora_B (they
+    would move unprojected). At the end of training the subspace in force is written next to the adapter in
+    `output_dir` (where `trainer.save_model()` puts it); `save(directory)` writes it anywhere else.
 
     Args:
         config: the OGPSA settings (mode, k, energy, refresh interval).
@@ -173,17 +173,21 @@ class OGPSACallback(TrainerCallback):
         self.telemetry.merge_into(logs, state)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.subspace is not None:  # FSDP2: the whole bases on rank 0 from now on (nothing is projected after)
+            self.subspace = whole_subspace(self.subspace, self._parameters)
         if self.subspace is not None and args.should_save:
             self.save(args.output_dir)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.subspace is not None and args.should_save:
-            self.save(checkpoint_dir(args.output_dir, state.global_step))
+        whole = whole_subspace(self.subspace, self._parameters) if self.subspace is not None else None
+        if whole is not None and args.should_save:
+            save_subspace(whole, checkpoint_dir(args.output_dir, state.global_step))
         if self.barrier is not None and args.should_save:
             self.barrier.save(checkpoint_dir(args.output_dir, state.global_step))
 
     def save(self, directory: str | Path) -> None:
-        """Write the subspace in force to `directory/ogpsa_subspace.safetensors`."""
+        """Write the subspace in force to `directory/ogpsa_subspace.safetensors` (under FSDP2, during training each
+        rank holds its shard's columns: the whole bases are on rank 0 once training has ended)."""
         save_subspace(self.subspace, directory)
 
     @torch.no_grad()

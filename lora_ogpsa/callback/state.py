@@ -1,4 +1,8 @@
-"""The basis in force on disk: written with every checkpoint and at the end, read back on resume (exact)."""
+"""The basis in force on disk: written with every checkpoint and at the end, read back on resume (exact).
+
+Under FSDP2 the file holds the whole bases (gathered from every rank's columns on rank 0), the same file as a
+single process or DDP writes; a resume reads it on every rank and keeps the columns of each rank's shard.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lora_ogpsa.core.subspace import Subspace
+from lora_ogpsa.signals import sharding
 from lora_ogpsa.utils.errors import InputError, first_line
 from lora_ogpsa.utils.files import SUBSPACE_FILE, checkpoint_dir
 
@@ -17,6 +22,14 @@ logger = logging.getLogger(__name__)
 def save_subspace(subspace: Subspace, directory: str | Path) -> None:
     """Write `subspace` to `directory/ogpsa_subspace.safetensors`."""
     subspace.save(Path(directory) / SUBSPACE_FILE)
+
+
+def whole_subspace(subspace: Subspace, parameters: dict[str, torch.nn.Parameter]) -> Subspace | None:
+    """The subspace with whole bases, as written to disk: itself, or under FSDP2 (where each rank holds its shard's
+    columns) every rank's columns joined on rank 0, None on the others. Every rank must call it."""
+    if not sharding.is_sharded(parameters):
+        return subspace
+    return sharding.gather_subspace(subspace, parameters)
 
 
 def load_checkpoint_subspace(output_dir: str | Path, step: int,
@@ -37,4 +50,5 @@ def load_checkpoint_subspace(output_dir: str | Path, step: int,
         raise InputError(f"--resume: {first_line(error)}; resume from an earlier checkpoint (delete this one) "
                          "or start a new --output") from error
     logger.info("OGPSA: resumed the subspace of step %d from %s", step, path)
-    return subspace.to(next(iter(parameters.values())).device)
+    subspace = subspace.to(next(iter(parameters.values())).device)
+    return sharding.slice_subspace(subspace, parameters) if sharding.is_sharded(parameters) else subspace

@@ -11,7 +11,7 @@ All arithmetic is float32 whatever the tensors' dtype; tensors stay on their own
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -102,15 +102,24 @@ class StackedBasis:
     """
 
     def __init__(self, basis_by_name: Mapping[str, torch.Tensor],
-                 rising_by_name: Mapping[str, torch.Tensor] | None = None) -> None:
+                 rising_by_name: Mapping[str, torch.Tensor] | None = None, *,
+                 reduce_: Callable[[list[torch.Tensor]], None] | None = None,
+                 key_by_name: Mapping[str, Hashable] | None = None) -> None:
         """Args:
             basis_by_name: `(k, n)` orthonormal rows per name (k may be 0).
             rising_by_name: `(k,)` per name, the direction in which each basis row raises the reference loss
                 (the mean reference gradient in basis coordinates); needed for one-sided projection only.
+            reduce_: for vectors split over processes (each holds some of the n columns of every basis and
+                vector): sums tensors in place over the processes (one collective for the list). The coefficients
+                `U v` and the squared norms are then totals, and the projection is that of the whole vectors.
+            key_by_name: what groups tensors besides their width (with `reduce_`: the global shape, so that every
+                process stacks its coefficients in the same order).
         """
-        by_key: dict[tuple[int, str], list[str]] = defaultdict(list)
+        self.reduce_ = reduce_
+        by_key: dict[tuple, list[str]] = defaultdict(list)
         for name, basis in basis_by_name.items():
-            by_key[(basis.shape[1], str(basis.device))].append(name)
+            extra = key_by_name[name] if key_by_name is not None else None
+            by_key[(basis.shape[1], str(basis.device), extra)].append(name)
         self.groups: list[tuple[list[str], torch.Tensor]] = []
         self.rising: list[torch.Tensor] = []  # (P, 1, k) per group: sign of the loss slope along each row
         for names in by_key.values():
@@ -165,8 +174,7 @@ class StackedBasis:
         Returns:
             ProjectionStats over the change: Σ‖Δ‖² and Σ‖UΔ‖² removed.
         """
-        squared_norm = torch.zeros((), dtype=torch.float64)
-        squared_in_span = torch.zeros((), dtype=torch.float64)
+        norms, pending = [], []  # per group: Σ‖Δ‖²; (names, basis, rising, coefficients) to remove
         for group_index, (names, stacked) in enumerate(self.groups):
             rising = self.rising[group_index]  # (P, 1, k)
             if before is None:
@@ -178,17 +186,22 @@ class StackedBasis:
             change = _stack(tensors_by_name, names)  # (P, n)
             if before is not None:
                 change -= before[group_index]
-            squared_norm += _squared_norm(change).double().cpu()
+            norms.append(_squared_norm(change)[None])
             if stacked.shape[1] == 0:
                 continue
             # (P, 1, n) @ (P, n, k): this orientation measured 5x faster than (P, k, n) @ (P, n, 1) on CPU.
-            coefficients = torch.bmm(change.unsqueeze(1), stacked.mT)  # (P, 1, k)
+            pending.append((names, stacked, rising, torch.bmm(change.unsqueeze(1), stacked.mT)))  # (P, 1, k)
+        if self.reduce_ is not None:  # split vectors: every process's partial products summed, in one collective
+            self.reduce_([*norms, *(coefficients for *_, coefficients in pending)])
+        squared_in_span = torch.zeros((), dtype=torch.float64)
+        for names, stacked, rising, coefficients in pending:
             if one_sided:
                 coefficients = torch.where(coefficients * rising > 0, coefficients, 0.0)
             removal = torch.bmm(coefficients, stacked).squeeze(1)  # (P, n)
             squared_in_span += _squared_norm(coefficients).double().cpu()
             _subtract_([tensors_by_name[name] for name in names], removal)
-        return ProjectionStats(float(squared_norm), float(squared_in_span))
+        squared_norm = sum((norm.double().cpu() for norm in norms), torch.zeros((), dtype=torch.float64))
+        return ProjectionStats(float(squared_norm.sum()), float(squared_in_span))
 
 
 def _subtract_(targets: list[torch.Tensor], removal: torch.Tensor) -> None:

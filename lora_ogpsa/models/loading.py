@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -210,8 +211,12 @@ def nf4_config(device: torch.device):
     from transformers import BitsAndBytesConfig
 
     compute_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    # FSDP2 shards only floating-point parameters (accelerate leaves uint8-stored 4-bit weights whole on every rank):
+    # under an FSDP launch the packed bytes are stored as the compute dtype, so the base is sharded too.
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8)
 
 
 def disable_cpu_repack_(model: torch.nn.Module) -> int:

@@ -90,9 +90,11 @@ def gather_sketches(sketch: GradientSketch, counts: Sequence[int], losses: torch
     sum_across_ranks_(sketch.moments())  # every rank now holds the totals; rank 0 keeps them
     names = list(sketch.shape_by_name)
     rows_by_name = sketch.rows_by_name()
-    local = torch.cat([rows_by_name[name].reshape(sketch.filled, -1) for name in names], dim=1)  # (m_r, Σn)
-    per_rank = _gather_rows(local)
-    per_rank_losses = _gather_rows(losses.float()[:, None].to(local.device))
+    widths = [math.prod(sketch.shape_by_name[name]) for name in names]  # explicit: a rank may hold no rows
+    local = torch.cat([rows_by_name[name].reshape(sketch.filled, width) for name, width in zip(names, widths,
+                                                                                               strict=True)], dim=1)  # (m_r, Σn)
+    per_rank = gather_rows(local)
+    per_rank_losses = gather_rows(losses.float()[:, None].to(local.device))
     del local, rows_by_name
     if per_rank is None:
         return None
@@ -106,13 +108,12 @@ def gather_sketches(sketch: GradientSketch, counts: Sequence[int], losses: torch
         stacked, step = torch.cat(per_rank), max(folded.rows // 2, 1)
         sizes = [min(step, len(stacked) - start) for start in range(0, len(stacked), step)]
     del per_rank
-    widths = [math.prod(sketch.shape_by_name[name]) for name in names]
     folded.refill_(dict(zip(names, torch.split(block, widths, dim=1), strict=True))
                    for block in torch.split(stacked, sizes))
     return folded, _reference_order(per_rank_losses, counts)[:, 0].cpu()
 
 
-def _gather_rows(local: torch.Tensor) -> list[torch.Tensor] | None:
+def gather_rows(local: torch.Tensor) -> list[torch.Tensor] | None:
     """Every rank's `(m_r, c)` rows on rank 0 (m_r may differ between ranks); None on the other ranks."""
     size = torch.tensor([local.shape[0]], device=local.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
@@ -141,7 +142,7 @@ def gather_samples(samples_by_name: Mapping[str, torch.Tensor], counts: Sequence
     names = list(samples_by_name)
     local = torch.cat([losses.float()[:, None]] + [samples_by_name[name].reshape(len(losses), -1) for name in names],
                       dim=1)  # (S_r, 1 + Σ numel): one collective instead of one per tensor
-    per_rank = _gather_rows(local)
+    per_rank = gather_rows(local)
     if per_rank is None:
         return None
     rows = _reference_order(per_rank, counts)  # (S, 1 + Σn)

@@ -14,19 +14,21 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from lora_ogpsa.callback.guards import refuse_sharded_training
 from lora_ogpsa.callback.router import OGPSACallback
 from lora_ogpsa.core.subspace import Subspace
 from lora_ogpsa.data.rows import DataKind, Rows, check_rows_fit, read_rows
 from lora_ogpsa.export.adapter import save_adapter, save_subspace
 from lora_ogpsa.export.card import write_model_card
 from lora_ogpsa.models import loading, shapes
-from lora_ogpsa.signals import distributed
+from lora_ogpsa.signals import distributed, sharding
 from lora_ogpsa.signals.reference import ReferenceSet, build_lookalike_set, build_reference_set
 from lora_ogpsa.train.divergence import DivergenceCallback
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
@@ -130,6 +132,8 @@ def _validate_common(settings: TrainSettings):
                                         "--adapter": settings.adapter})
     files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
     resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
+    if settings.ogpsa.project != "none":  # FSDP1 / DeepSpeed (launcher environment or trainer fields) refused
+        refuse_sharded_training(SimpleNamespace(**settings.training_arguments))
     partial = files.partial_path(settings.output)
     if partial.exists() and not (settings.resume or settings.overwrite):  # the lock is ours: no run is live there
         raise InputError(f"--output {settings.output}: {partial.name} holds an earlier run that did not finish; "
@@ -261,6 +265,7 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
         logger.info("resuming %s from %s, the newest complete checkpoint", stage, checkpoint)
         checkpoint = str(checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    sharding.unshard_trainable_(trainer.model)  # FSDP2: the whole LoRA weights for the export (every rank joins)
     if distributed.is_main():
         save_adapter(trainer.model, directory)
         tokenizer.save_pretrained(str(directory))  # with the chat template, as TRL's save_model does
