@@ -103,3 +103,21 @@ def test_a_command_or_flag_added_later_appears_in_the_tables(monkeypatch):
 def test_the_generator_refuses_a_file_without_markers():
     with pytest.raises(SystemExit, match="markers"):
         _generator().updated("# Command line\n")
+
+
+def test_the_readme_data_rows_are_valid_rows(tmp_path):
+    """Every JSON row the README shows is read by the data reader in its own kind (SFT or preference)."""
+    import json
+
+    from lora_ogpsa.data.rows import read_rows
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = [json.loads(line) for block in re.findall(r"```json\n(.*?)```", text, re.DOTALL)
+            for line in block.splitlines() if line.strip()]
+    preference = [row for row in rows if "chosen" in row]
+    sft = [row for row in rows if "chosen" not in row]
+    assert sft and preference
+    for kind, chosen in (("sft", sft), ("preference", preference)):
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in chosen))
+        assert read_rows(path, kind).rows == chosen

@@ -30,7 +30,7 @@ def build_report(*, model_path: str, settings: Mapping[str, Any], models: Mappin
                  trajectories: Mapping[str, Sequence[Mapping[str, Any]]], timings: Mapping[str, float],
                  lambda_curves: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  seeds: Mapping[str, Any] | None = None) -> dict:
-    """The report.json document (schema: README, issue 13's contract). Per-prompt responses are kept apart
+    """The report.json document (its schema: docs/demo.md, "The report"). Per-prompt responses are kept apart
     (`responses`: final models only), so the trajectories stay small; every point keeps its per-prompt
     outcomes as bit strings (`flags`, for `stats.paired_tax_difference`). `seeds`: `across_seeds` of every
     training seed (the report's models are the first seed's)."""
