@@ -121,3 +121,19 @@ def test_the_readme_data_rows_are_valid_rows(tmp_path):
         path = tmp_path / f"{kind}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in chosen))
         assert read_rows(path, kind).rows == chosen
+
+
+def test_example_configs_use_the_current_keys():
+    """`project:` is TRL's trackio project; OGPSA's mode is `ogpsa_project:` (the old key only warns)."""
+    for path in sorted((ROOT / "examples" / "configs").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        assert "project" not in values and values["ogpsa_project"] in ("update", "grad", "none"), path.name
+
+
+def test_examples_readme_names_importable_modules():
+    import importlib
+
+    text = (ROOT / "examples" / "README.md").read_text(encoding="utf-8")
+    for dotted in re.findall(r"`(lora_ogpsa(?:\.\w+)+)`", text):
+        module, _, name = dotted.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), dotted
