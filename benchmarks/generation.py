@@ -6,7 +6,11 @@ utility questions at 32. The two modes run alternately (`--repeats` rounds), tim
 process's CPU time (less sensitive to other jobs on the machine); then the responses, the refusal verdicts and
 the utility verdicts of the two modes are compared prompt by prompt.
 
-    python -m benchmarks.generation      # the real model: not in `make bench`
+    python -m benchmarks.generation                 # the real model: not in `make bench`
+    python -m benchmarks.generation --tokens-only   # the token budget of one demo evaluation, no model run
+
+`--tokens-only` counts, over the demo's whole test split (`make demo`'s plan), the prompt tokens one evaluated
+model runs through the model with and without the shared prefix, and the most tokens it decodes.
 """
 
 from __future__ import annotations
@@ -30,11 +34,43 @@ def _agreement(first: list[str], second: list[str], verdict: Callable[[int, str]
             "n": len(first)}
 
 
+def token_budget(tokenizer) -> list[dict[str, int]]:
+    """Per suite of one demo evaluation (test split): prompts, prompt tokens, the tokens after the shared prefix,
+    and the most new tokens decoded."""
+    from lora_ogpsa.demo.splits import default_split_evaluation
+    from lora_ogpsa.eval.generation import _PrefixCache, _prompt_ids
+    from lora_ogpsa.experiment.plan import Plan
+
+    plan = Plan()
+    test = default_split_evaluation(plan.data_sizes, plan.data_seed)[plan.eval_split]
+    suites = {"harmful + benign": ([*test["harmbench"], *(item.prompt for item in test["benign"])],
+                                   plan.eval_max_new_tokens),
+              "utility": ([item.question for item in test["utility"]], 32)}
+    rows = []
+    for name, (prompts, new_tokens) in suites.items():
+        ids = [_prompt_ids(tokenizer, prompt) for prompt in prompts]
+        shared = _PrefixCache.shared_length(ids)
+        total = sum(map(len, ids))
+        rows.append({"suite": name, "prompts": len(ids), "prompt_tokens": total,
+                     "after_shared_prefix": total - shared * len(ids) + shared, "shared_prefix": shared,
+                     "decoded_at_most": len(ids) * new_tokens})
+    return rows
+
+
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--prompts", type=int, default=48, help="prompts per suite")
     arguments.add_argument("--repeats", type=int, default=2, help="rounds of both modes")
+    arguments.add_argument("--tokens-only", action="store_true", help="only the token budget of a demo evaluation")
     args = arguments.parse_args()
+    if args.tokens_only:
+        from benchmarks.workload import resolve_model
+        from lora_ogpsa.models.loading import load_tokenizer
+
+        budget = token_budget(load_tokenizer(resolve_model(args.model, args.quick)))
+        print(table(list(budget[0]), [list(row.values()) for row in budget]))
+        print(f"wrote {write_json('generation_tokens', {'suites': budget}, args.output_dir)}")
+        return
     from benchmarks.workload import resolve_model
     from lora_ogpsa.demo.assets import load_harmbench
     from lora_ogpsa.demo.splits import DemoSizes, benign_eval_prompts

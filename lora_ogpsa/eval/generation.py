@@ -126,15 +126,21 @@ class _PrefixCache:
         """The shared prefix's cache, or None when the prompts share fewer than `MIN_TOKENS` tokens (every
         prompt keeps at least one token of its own, which `generate` needs to start from; `limit` caps the
         prefix further)."""
-        length = min(map(len, rows), default=0) - 1
+        length = cls.shared_length(rows)
         length = length if limit is None else min(length, limit)
-        for row in rows:
-            length = next((i for i in range(length) if row[i] != rows[0][i]), length)
         if length < cls.MIN_TOKENS:
             return None
         ids = list(rows[0][:length])
         output = model(input_ids=torch.tensor([ids], device=_device(model)), use_cache=True)
         return cls(ids, output.past_key_values)
+
+    @staticmethod
+    def shared_length(rows: Sequence[list[int]]) -> int:
+        """How many leading tokens all rows share, leaving every row at least one token of its own."""
+        length = min(map(len, rows), default=0) - 1
+        for row in rows:
+            length = next((i for i in range(length) if row[i] != rows[0][i]), length)
+        return max(length, 0)
 
     def inputs(self, rows: Sequence[list[int]], pad_token_id: int) -> dict[str, Any]:
         """`generate`'s inputs for one batch: the full ids and mask, and a copy of the cache for every row."""
