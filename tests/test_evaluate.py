@@ -72,7 +72,7 @@ def test_a_shared_prefix_computed_once_gives_the_responses_of_full_prompts(tiny,
     original = evaluate._PrefixCache.build.__func__
     monkeypatch.setattr(evaluate._PrefixCache, "build",
                         classmethod(lambda cls, *a: built.append(original(cls, *a)) or built[-1]))
-    shared = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    shared = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, share_prefix=True)
     assert built and built[0] is not None and len(built[0].ids) >= evaluate._PrefixCache.MIN_TOKENS
     assert shared == generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, share_prefix=False)
     assert shared == [generate(model, tokenizer, [prompt], max_new_tokens=6, share_prefix=False)[0]
@@ -124,11 +124,12 @@ def test_response_nll_with_a_shared_prefix_equals_whole_sequences(tiny, monkeypa
     original = evaluate._PrefixCache.build.__func__
     monkeypatch.setattr(evaluate._PrefixCache, "build",
                         classmethod(lambda cls, *a, **k: built.append(original(cls, *a, **k)) or built[-1]))
-    shared = response_nll(model, tokenizer, prompts, answers, batch_size=2)
+    shared = response_nll(model, tokenizer, prompts, answers, batch_size=2, share_prefix=True)
     assert built[0] is not None and len(built[0].ids) >= evaluate._PrefixCache.MIN_TOKENS
     assert shared == pytest.approx(response_nll(model, tokenizer, prompts, answers, batch_size=2, share_prefix=False),
                                    rel=1e-5)
-    same_prompt = response_nll(model, tokenizer, prompts[:1] * 2, ["Apple.", "A pear."], batch_size=2)
+    same_prompt = response_nll(model, tokenizer, prompts[:1] * 2, ["Apple.", "A pear."], batch_size=2,
+                               share_prefix=True)
     assert same_prompt == pytest.approx(response_nll(model, tokenizer, prompts[:1] * 2, ["Apple.", "A pear."],
                                                      share_prefix=False), rel=1e-5)
 
