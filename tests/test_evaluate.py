@@ -38,7 +38,7 @@ def tiny(tiny_dir):
 
 # ---- generation ----
 
-def test_generate_restores_modes_and_padding_side(tiny):
+def test_generate_restores_modes_and_leaves_the_padding_side(tiny):
     model, tokenizer = tiny
     model.train()
     model.model.layers[0].eval()  # a submodule with its own flag must keep it
@@ -57,6 +57,33 @@ def test_generate_is_deterministic_and_keeps_prompt_order(tiny):
     assert batched == generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=3)
     reversed_order = generate(model, tokenizer, prompts[::-1], max_new_tokens=4, batch_size=3)
     assert reversed_order[::-1] == batched
+
+
+def test_a_shared_prefix_computed_once_gives_the_responses_of_full_prompts(tiny, monkeypatch):
+    """Prompts opening with the same system message: the prefix's cache is computed once and copied into every
+    batch (padding between prefix and suffix), and the responses equal those of whole, left-padded prompts and
+    of one prompt at a time."""
+    model, tokenizer = tiny
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short sentence."}
+    prompts = [[system, {"role": "user", "content": text}] for text in
+               ("How do I kill a stuck process?", "Hi", "What is the capital of France, and why is it there?",
+                "Name a colour.", "Write a haiku about the sea in spring, with rain")]
+    built = []
+    original = evaluate._PrefixCache.build.__func__
+    monkeypatch.setattr(evaluate._PrefixCache, "build",
+                        classmethod(lambda cls, *a: built.append(original(cls, *a)) or built[-1]))
+    shared = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, share_prefix=True)
+    assert built and built[0] is not None and len(built[0].ids) >= evaluate._PrefixCache.MIN_TOKENS
+    assert shared == generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, share_prefix=False)
+    assert shared == [generate(model, tokenizer, [prompt], max_new_tokens=6, share_prefix=False)[0]
+                      for prompt in prompts]
+
+
+def test_prompts_without_a_common_prefix_take_the_plain_path(tiny):
+    model, _ = tiny
+    rows = [[5, 6, 7, 8, 9, 10], [5, 6, 1, 2, 3]]  # 2 shared tokens: below MIN_TOKENS
+    assert evaluate._PrefixCache.build(model, rows) is None
+    assert evaluate._PrefixCache.build(model, [[5, 6, 7, 8, 9]]) is not None  # one prompt: all but its last token
 
 
 # ---- NLL of given answers ----
@@ -84,6 +111,27 @@ def test_response_nll_does_not_depend_on_batching(tiny):
     three = response_nll(model, tokenizer, prompts, answers, batch_size=3)
     assert three == pytest.approx(one, rel=1e-5)
     assert 0 < one < 20
+
+
+def test_response_nll_with_a_shared_prefix_equals_whole_sequences(tiny, monkeypatch):
+    """A system message every prompt starts with: its cache is computed once, and the NLL is that of whole
+    sequences (the prefix stops before the first answer token)."""
+    model, tokenizer = tiny
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short sentence."}
+    prompts = [[system, {"role": "user", "content": text}] for text in ("Name a fruit.", "Hi", "Why is the sky blue?")]
+    answers = ["Apple.", "Hello! How can I help?", "Air scatters blue light more than red."]
+    built = []
+    original = evaluate._PrefixCache.build.__func__
+    monkeypatch.setattr(evaluate._PrefixCache, "build",
+                        classmethod(lambda cls, *a, **k: built.append(original(cls, *a, **k)) or built[-1]))
+    shared = response_nll(model, tokenizer, prompts, answers, batch_size=2, share_prefix=True)
+    assert built[0] is not None and len(built[0].ids) >= evaluate._PrefixCache.MIN_TOKENS
+    assert shared == pytest.approx(response_nll(model, tokenizer, prompts, answers, batch_size=2, share_prefix=False),
+                                   rel=1e-5)
+    same_prompt = response_nll(model, tokenizer, prompts[:1] * 2, ["Apple.", "A pear."], batch_size=2,
+                               share_prefix=True)
+    assert same_prompt == pytest.approx(response_nll(model, tokenizer, prompts[:1] * 2, ["Apple.", "A pear."],
+                                                     share_prefix=False), rel=1e-5)
 
 
 # ---- utility checker ----

@@ -171,3 +171,22 @@ def test_base_model_id_names_what_users_will_load(tiny_model_dir, data_files, tm
                  "64", "--base-model-id", "my-org/my-base"]) == 0
     assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-org/my-base"
     assert ModelCard.load(output / "README.md").data.base_model == "my-org/my-base"
+
+
+def test_the_card_recreates_the_exact_4bit_base_it_was_trained_on():
+    """The card's snippet builds the BitsAndBytesConfig training used (NF4, double quantization, compute dtype);
+    a full-precision run's card has no such section."""
+    import re
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from lora_ogpsa.export.card import _quantization
+    from lora_ogpsa.models.loading import default_device, nf4_config
+
+    text = _quantization({"quantize": True, "model": "/models/base"})
+    line = re.search(r"^quantization = (BitsAndBytesConfig\(.*\))$", text, re.MULTILINE).group(1)
+    built = eval(line, {"BitsAndBytesConfig": BitsAndBytesConfig, "torch": torch})  # the card's own snippet
+    assert built.to_dict() == nf4_config(default_device()).to_dict()
+    assert built.bnb_4bit_use_double_quant and 'from_pretrained("/models/base"' in text
+    assert _quantization({"quantize": False}) == ""

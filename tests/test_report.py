@@ -83,3 +83,34 @@ def test_verdict_says_whether_the_model_is_usable_and_compares_with_plain():
     assert "usable by this project's bar" in text and "do not overlap" in text and "At 50% HarmBench" in text
     bad = verdict({"models": {"ogpsa": {**good, "dangerous_sounding_refusal_rate": 0.6}}, "tax": {}})
     assert "not yet usable: dangerous-sounding benign refused 60%" in bad and "cannot be compared" in bad
+
+
+def test_intervals_are_cut_to_what_a_rate_or_a_tax_can_be():
+    from lora_ogpsa.experiment.stats import across_seeds, clip_interval, tax_range
+
+    assert clip_interval([-0.2, 0.4], 0.0, 1.0) == [0.0, 0.4] and clip_interval(None, 0.0, 1.0) is None
+    assert clip_interval([0.7, 1.3], 0.0, 1.0) == [0.7, 1.0]
+    assert tax_range(BASE) == (0.0, 200.0)  # the base answers everything: no tax below 0
+    # three seeds whose HarmBench refusal spreads widely: the t-interval passes 100 %, the reported one stops there
+    seeds = {seed: {"models": {"base": {**BASE, "dangerous_sounding_refusal_rate": 0.0},
+                               "ogpsa": {**_point(safety, 0.9, 0.1), "dangerous_sounding_refusal_rate": 0.1}},
+                    "trajectories": {"ogpsa": [BASE, _point(safety, 0.9, 0.1)]}, "lambda_curves": {}}
+             for seed, safety in enumerate((0.5, 0.98, 1.0))}
+    final = across_seeds(seeds)["finals"]["ogpsa"]["harmful_refusal_rate"]
+    assert final["ci"][1] == 1.0 and final["ci"][0] < final["mean"] < 1.0
+    # a tax interval from wide per-point intervals stops at the tax the base allows (0 here)
+    wide = [{**p, "utility_accuracy_ci": [p["utility_accuracy"] - 0.4, p["utility_accuracy"] + 0.4],
+             "over_refusal_rate_ci": [p["over_refusal_rate"] - 0.3, p["over_refusal_rate"] + 0.3]}
+            for p in TRAJECTORIES["ogpsa"]]
+    assert tax_at(wide, 0.3)["ci"][0] == 0.0
+
+
+def test_coinciding_points_share_one_label_in_the_plot():
+    from lora_ogpsa.experiment.report import point_labels
+
+    last = _point(0.8, 0.8, 0.2, label="sft-32")
+    curves = {"ogpsa": [{**BASE, "label": "base"}, last, {**last, "label": "final"}],
+              "plain": [{**BASE, "label": "base"}, _point(0.6, 0.4, 0.5, label="sft-32"),
+                        _point(0.6, 0.4, 0.5, label="final")]}
+    labels = point_labels(curves, "utility_accuracy")
+    assert labels == {(0.0, 1.0): "base", (0.8, 0.8): "sft-32 = final", (0.6, 0.4): "sft-32 = final"}

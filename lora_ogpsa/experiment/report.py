@@ -30,7 +30,7 @@ def build_report(*, model_path: str, settings: Mapping[str, Any], models: Mappin
                  trajectories: Mapping[str, Sequence[Mapping[str, Any]]], timings: Mapping[str, float],
                  lambda_curves: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  seeds: Mapping[str, Any] | None = None) -> dict:
-    """The report.json document (schema: README, issue 13's contract). Per-prompt responses are kept apart
+    """The report.json document (its schema: docs/demo.md, "The report"). Per-prompt responses are kept apart
     (`responses`: final models only), so the trajectories stay small; every point keeps its per-prompt
     outcomes as bit strings (`flags`, for `stats.paired_tax_difference`). `seeds`: `across_seeds` of every
     training seed (the report's models are the first seed's)."""
@@ -267,15 +267,13 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     curves = {**report["trajectories"], **{f"{k} λ": v for k, v in report.get("lambda_curves", {}).items()}}
-    for method, points in curves.items():
-        safety = [p["harmful_refusal_rate"] for p in points]
-        for axis, metric in zip(axes, ("utility_accuracy", "over_refusal_rate"), strict=True):
-            values = [math.nan if p.get(metric) is None else p[metric] for p in points]
-            axis.plot(safety, values, marker="o", linestyle="--" if method.endswith(" λ") else "-",
-                      label=METHOD_NAMES.get(method, method))
-            for x, y, point in zip(safety, values, points, strict=True):
-                axis.annotate(point.get("label", ""), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     for axis, metric in zip(axes, ("utility_accuracy", "over_refusal_rate"), strict=True):
+        for method, points in curves.items():
+            values = [math.nan if p.get(metric) is None else p[metric] for p in points]
+            axis.plot([p["harmful_refusal_rate"] for p in points], values, marker="o",
+                      linestyle="--" if method.endswith(" λ") else "-", label=METHOD_NAMES.get(method, method))
+        for (x, y), text in point_labels(curves, metric).items():
+            axis.annotate(text, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         axis.set_xlabel("HarmBench prompts refused")
         axis.set_ylabel(LABELS[metric])
         axis.set_xlim(-0.02, 1.02)
@@ -287,6 +285,21 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def point_labels(curves: Mapping[str, Sequence[Mapping[str, Any]]], metric: str) -> dict[tuple[float, float], str]:
+    """One label per plotted position: points that coincide (the last checkpoint and the final adapter, which
+    are the same weights; the base, first point of every curve) share one text, "sft-32 = final", instead of
+    labels printed on top of each other."""
+    labels: dict[tuple[float, float], list[str]] = {}
+    for points in curves.values():
+        for point in points:
+            if point.get(metric) is None or not point.get("label"):
+                continue
+            names = labels.setdefault((round(point["harmful_refusal_rate"], 4), round(point[metric], 4)), [])
+            if point["label"] not in names:
+                names.append(point["label"])
+    return {position: " = ".join(names) for position, names in labels.items()}
 
 
 def _format(value: Any, metric: str) -> str:

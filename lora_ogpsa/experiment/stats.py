@@ -78,7 +78,20 @@ def tax_at(points: Sequence[Mapping[str, Any]], level: float) -> dict[str, Any] 
                   if p.get(f"{metric}_ci")]
         widths.append(interpolate_at(spread, level, metric) if len(spread) == len(points) else None)
     half = None if None in widths else 100 * math.hypot(*widths)
-    return {"tax": tax, "ci": None if half is None else [tax - half, tax + half]}
+    return {"tax": tax, "ci": None if half is None else clip_interval([tax - half, tax + half], *tax_range(base))}
+
+
+def tax_range(base: Mapping[str, float]) -> tuple[float, float]:
+    """The taxes a model can have against this base, in points: from utility 100 % with no over-refusal to
+    utility 0 % with every benign prompt refused."""
+    best = alignment_tax({"utility_accuracy": 1.0, "over_refusal_rate": 0.0}, base)
+    worst = alignment_tax({"utility_accuracy": 0.0, "over_refusal_rate": 1.0}, base)
+    return best, worst
+
+
+def clip_interval(ci: Sequence[float] | None, low: float, high: float) -> list[float] | None:
+    """An interval cut to what the quantity can be (a t-interval of rates can pass 0 or 100 %)."""
+    return None if ci is None else [min(max(ci[0], low), high), max(min(ci[1], high), low)]
 
 
 def frontiers(trajectories: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -102,20 +115,32 @@ def across_seeds(reports: Mapping[int, Mapping[str, Any]], levels: Sequence[floa
 
     per_seed = {seed: tax_table(frontiers(report["trajectories"], report["lambda_curves"]), levels)
                 for seed, report in reports.items()}
+    bases = [report["models"]["base"] for report in reports.values() if "base" in report["models"]]
+    bounds = (min(tax_range(base)[0] for base in bases), max(tax_range(base)[1] for base in bases)) if bases \
+        else (-math.inf, math.inf)
     tax: dict[str, dict[str, Any]] = {}
     for name in sorted({name for table in per_seed.values() for name in table}):
         tax[name] = {}
         for level in (f"{level:g}" for level in levels):
             values = [table.get(name, {}).get(level) for table in per_seed.values()]
             if all(value is not None for value in values):
-                tax[name][level] = {**mean_ci([value["tax"] for value in values]),
+                found = mean_ci([value["tax"] for value in values])
+                tax[name][level] = {**found, "ci": clip_interval(found["ci"], *bounds),
                                     "per_seed": [value["tax"] for value in values]}
     names = sorted({name for report in reports.values() for name in report["models"]})
     keys = ("harmful_refusal_rate", "dangerous_sounding_refusal_rate", "over_refusal_rate", "utility_accuracy")
-    finals = {name: {key: mean_ci([report["models"][name][key] for report in reports.values()
-                                   if name in report["models"]]) for key in keys} for name in names}
+    finals = {name: {key: _rate_mean_ci([report["models"][name][key] for report in reports.values()
+                                         if name in report["models"]]) for key in keys} for name in names}
     return {"seeds": list(reports), "tax": tax, "finals": finals,
             "per_seed_tax": {str(seed): table for seed, table in per_seed.items()}}
+
+
+def _rate_mean_ci(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and t-interval across seeds of a rate, the interval cut to [0, 1]."""
+    from lora_ogpsa.eval.stats import mean_ci
+
+    found = mean_ci(values)
+    return {**found, "ci": clip_interval(found["ci"], 0.0, 1.0)}
 
 
 def prompt_flags(point: Mapping[str, Any]) -> dict[str, str] | None:

@@ -36,7 +36,7 @@ def write_model_card(path: Path, *, run_config: Mapping[str, Any], subspace: Sub
     stages = [*earlier_stages, run_config]
     sections = [_title(run_config, stages, source), *(_stage(stage) for stage in stages),
                 _reference(run_config, subspace), _training(metrics), _evaluation(evaluation),
-                _usage(run_config), _settings(run_config)]
+                _usage(run_config), _quantization(run_config), _settings(run_config)]
     body = "\n\n".join(section for section in sections if section)
     card_data = _card_data(run_config, stages, evaluation)
     ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n").save(path)
@@ -173,6 +173,31 @@ def _usage(run_config: Mapping[str, Any]) -> str:
             f"or merge it: `lora-ogpsa merge --model {base} --adapter THIS_DIRECTORY --output MERGED`. "
             "`ogpsa_subspace.safetensors` is only needed to continue training under the same constraint; leave "
             "it out when publishing (`lora-ogpsa export --no-subspace`).")
+
+
+def _quantization(run_config: Mapping[str, Any]) -> str:
+    """The exact 4-bit base the adapter was trained on, and a snippet that recreates it: a plain
+    `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` (no double quantization) gives other
+    weights, so PEFT on it is another model than the one trained and merged."""
+    if not run_config.get("quantize"):
+        return ""
+    from lora_ogpsa.models.loading import default_device, nf4_config
+
+    device = default_device()
+    dtype = str(nf4_config(device).bnb_4bit_compute_dtype).removeprefix("torch.")
+    snippet = ("import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, "
+               "BitsAndBytesConfig\n\n"
+               'quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
+               f"bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.{dtype})\n"
+               f'base = AutoModelForCausalLM.from_pretrained("{base_model_of(run_config)}", '
+               "quantization_config=quantization, dtype=torch.float32)\n"
+               'model = PeftModel.from_pretrained(base, "THIS_DIRECTORY")')
+    return ("## The 4-bit base it was trained on\n\n"
+            f"NF4 with double quantization, compute dtype {dtype}, bitsandbytes' default uint8 storage "
+            f"(lora-ogpsa computes in bfloat16 on a CUDA device that supports it, in float32 otherwise; this card "
+            f"was written on {device.type}). A 4-bit base without double quantization is another model. "
+            f"The same base:\n\n```python\n{snippet}\n```\n\n"
+            "`lora-ogpsa merge --base dequantized` merges into these 4-bit weights, dequantized.")
 
 
 def write_merged_card(path: Path, *, base_model: str, adapter_dir: Path, base: str, dtype: str,
