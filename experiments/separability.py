@@ -66,7 +66,7 @@ def main() -> None:
     results = {"command": "python -m experiments.separability " + shlex.join(sys.argv[1:]), "split": "dev",
                "seeds": [args.seed], "rows": {"harmful": len(harmful), "lookalike": len(lookalike)},
                "margin_tokens": args.margin_tokens, "points": {}, "updates": []}
-    for point in ["fresh", *args.checkpoints]:
+    for point in [*([] if args.no_fresh else ["fresh"]), *args.checkpoints]:
         model, parameters = _model(model_path, None if point == "fresh" else Path(point), args.seed)
         gradients = {name: _rise_gradients(model, parameters, rows) for name, rows in batches.items()}
         results["points"][point] = separability(gradients["harmful"], gradients["lookalike"], seed=args.seed)
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--harmful", type=int, default=48, help="HarmBench dev prompts")
     parser.add_argument("--lookalike", type=int, default=48, help="dev look-alike prompts")
     parser.add_argument("--margin-tokens", type=int, default=4)
+    parser.add_argument("--no-fresh", action="store_true", help="skip the fresh adapter (e.g. updates only)")
     parser.add_argument("--seed", type=int, default=0, help="the fresh adapter's seed and the halves' split")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--output", type=Path, default=Path("experiments/results/separability_dev.json"))
