@@ -217,7 +217,7 @@ def _read_header(shard: Path) -> dict[str, TensorInfo]:
 
 def _parse_config(base_dir: Path) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(str(base_dir))
+        return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"--model {base_dir / 'config.json'}: transformers cannot read it "
                          f"({first_line(error)})") from error
@@ -228,7 +228,7 @@ def _meta_model(config: PretrainedConfig) -> torch.nn.Module:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError) as error:
         raise InputError(f"--model: transformers cannot build a causal LM from its config.json "
                          f"({first_line(error)})") from error

@@ -70,8 +70,9 @@ def check_model_dir(path: str | Path) -> Path:
         raise InputError(f"--model {path}: no such directory; give a local Hugging Face model directory")
     if not (path / "config.json").is_file():
         raise InputError(f"--model {path}: no config.json in it; give a directory written by save_pretrained")
+    refuse_model_code(path)
     try:  # transformers validates every field (types, ranges) here, in milliseconds: before any work, not at load
-        AutoConfig.from_pretrained(str(path))
+        AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (ValueError, TypeError, OSError, KeyError, StrictDataclassError) as error:
         # huggingface_hub's validation error puts the field on its first line and what is wrong on its last
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -81,6 +82,23 @@ def check_model_dir(path: str | Path) -> Path:
     for shard, _ in weight_files(path):
         safetensors_header(shard, flag="--model")
     return path
+
+
+def refuse_model_code(path: Path, *, flag: str = "--model") -> None:
+    """Refuse a model directory that carries its own Python code (`*.py` files, or an `auto_map` in
+    `config.json` / `tokenizer_config.json`), before transformers reads it: lora-ogpsa never runs code from a
+    model directory (`trust_remote_code=False` on every load, and nothing asks on stdin).
+
+    Raises:
+        InputError: naming the file that brings code.
+    """
+    code = sorted(item.name for item in path.glob("*.py"))
+    mapped = [name for name in ("config.json", "tokenizer_config.json") if (path / name).is_file()
+              and isinstance(found := read_json(path / name, flag=flag), dict) and found.get("auto_map")]
+    if code or mapped:
+        what = f"an auto_map in {mapped[0]}" if mapped else f"Python code ({', '.join(code[:3])})"
+        raise InputError(f"{flag} {path}: {what} — model code, which lora-ogpsa never runs (trust_remote_code is "
+                         "always false); use a model whose architecture transformers ships, saved without code")
 
 
 def weight_files(model_dir: Path) -> list[tuple[Path, list[str]]]:
@@ -148,7 +166,7 @@ def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = Non
         InputError: the tokenizer does not load, or it has no chat template and none is given.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+        tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)), trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise InputError(f"--model {path}: cannot load its tokenizer ({first_line(error)})") from error
     if chat_template_path is not None:
@@ -197,7 +215,7 @@ def load_base_model(
     if quantize:
         kwargs["quantization_config"] = nf4_config(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"--model {path}: cannot load it as a causal LM ({first_line(error)})") from error
     if quantize:
