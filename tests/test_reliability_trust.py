@@ -1,8 +1,10 @@
 """Trust nothing a file says: no code from a model directory runs, no output is an input, a resume never mixes
 two runs, an adapter is numbers before it is used. Each case exits as stated and changes no user file."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,3 +112,102 @@ def test_every_auto_class_load_passes_trust_remote_code_false():
             if not (isinstance(value, ast.Constant) and value.value is False):
                 missing.append(f"{path.name}:{node.lineno}")
     assert missing == [] and checked >= 8, (missing, checked)  # 8: the loads this package makes today
+
+
+# ---- a resume that cannot be exact is refused before anything is written ----
+
+def _sft(tiny_model_dir, data_files, output, *extra, data=None):
+    return ["sft", "--model", tiny_model_dir, "--data", data or data_files["sft"], "--reference",
+            data_files["reference"], "--output", output, "--no-quantize", "--lora-r", "2", "--max-length", "64",
+            "--batch-size", "4", "--reference-examples", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, data_files, tmp_path_factory):
+    """A finished run with checkpoints 1 and 2, trained on its own copies of the model and the data (the
+    cases below change them in place)."""
+    root = tmp_path_factory.mktemp("finished")
+    model, data = shutil.copytree(tiny_model_dir, root / "model"), shutil.copy(data_files["sft"], root / "sft.jsonl")
+    args = _sft(model, data_files, root / "run", "--max-steps", "2", "--save-steps", "1", data=data)
+    assert _run(args) == 0
+    return root
+
+
+@contextlib.contextmanager
+def _in_place(finished, tmp_path):
+    """The finished run's model, data and output as they are (changed in place by a case: the run config records
+    their paths), restored from a copy afterwards."""
+    names = ("model", "sft.jsonl", "run")
+    for name in names:
+        (shutil.copytree if (finished / name).is_dir() else shutil.copy)(finished / name, tmp_path / name)
+    try:
+        yield (finished / name for name in names)
+    finally:
+        for name in names:
+            shutil.rmtree(finished / name, ignore_errors=True) if (finished / name).is_dir() else None
+            shutil.move(tmp_path / name, finished / name)
+        shutil.rmtree(finished / "run.partial", ignore_errors=True)
+
+
+def _swap_rows(data):
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([rows[1], rows[0], *rows[2:]]) + "\n")  # same rows, same count: another order
+
+
+def _new_weights(model):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model / "model.safetensors"))
+    name = sorted(name for name in tensors if name.endswith("q_proj.weight"))[0]
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _state_step(run, step):
+    path = run / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "global_step": step}))
+
+
+RESUME_CASES = {  # case: (change to the copies (model, data, run), extra flags, the message)
+    "data rewritten in place (same row count)": (lambda m, d, r: _swap_rows(d), [],
+                                                 r"training_sha256 \(the training data changed\)"),
+    "base weights replaced at the same path": (lambda m, d, r: _new_weights(m), [],
+                                               r"model_sha256 \(the base weights changed\)"),
+    "checkpoint's run config deleted": (lambda m, d, r: (r / "checkpoint-2" / "ogpsa_config.json").unlink(),
+                                        ["--learning-rate", "5e-3", "--lora_alpha", "64"],
+                                        r"checkpoint-2/ogpsa_config.json is missing, so the settings"),
+    "trainer_state.json global_step 100": (lambda m, d, r: _state_step(r, 100), [],
+                                           r"trainer_state.json: global_step is 100, the checkpoint's name says 2"),
+    "checkpoint past --max-steps": (lambda m, d, r: None, ["--max-steps", "1"],
+                                    r"checkpoint-2 is past --max-steps 1; give --max-steps 2 or more"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_a_resume_that_cannot_be_exact_is_refused(finished, data_files, tmp_path, capsys, case):
+    change, extra, message = RESUME_CASES[case]
+    with _in_place(finished, tmp_path) as (model, data, run):
+        change(model, data, run)
+        before = file_digests(run)
+        assert _run(_sft(model, data_files, run, "--resume", "--max-steps", "3", *extra, data=data)) == 2
+        error = _one_error(capsys)
+        assert re.search(message, error) and "model:" not in error and "data:" not in error, error
+        assert file_digests(run) == before and not (finished / "run.partial").exists()
+
+
+def test_resume_of_a_finished_run_without_checkpoints_is_refused(tiny_model_dir, data_files, tmp_path, capsys):
+    """It trained a new run from step 0 and renamed it over the finished output, exit 0."""
+    run = tmp_path / "run"
+    assert _run(_sft(tiny_model_dir, data_files, run, "--max-steps", "2")) == 0
+    before = file_digests(run)
+    args = _sft(tiny_model_dir, data_files, run, "--resume", "--max-steps", "6", "--learning-rate", "5e-4")
+    assert _run(args) == 2
+    assert "--resume: nothing to resume in" in _one_error(capsys)
+    assert file_digests(run) == before and not (tmp_path / "run.partial").exists()
+
+
+def test_resume_with_the_same_files_still_continues(finished, data_files, tmp_path):
+    with _in_place(finished, tmp_path) as (model, data, run):
+        assert _run(_sft(model, data_files, run, "--resume", "--max-steps", "3", "--save-steps", "1", data=data)) == 0
+        assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3

@@ -330,10 +330,16 @@ def model_fingerprint(model_path: str | Path) -> str:
     files = sorted(path for path in directory.iterdir() if path.is_file() and _is_model_file(path.name))
     if not any(path.suffix in (".safetensors", ".bin") for path in files):
         raise InputError(f"--model {directory}: no *.safetensors or *.bin weights in it")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
-    return digest.hexdigest()[:16]
+    key = tuple((str(path.resolve()), path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+    if key not in _FINGERPRINTS:  # a run asks more than once (its config, its resume check): hash once
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+        _FINGERPRINTS[key] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _is_model_file(name: str) -> bool:
