@@ -2,6 +2,7 @@
 two runs, an adapter is numbers before it is used. Each case exits as stated and changes no user file."""
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -211,3 +212,54 @@ def test_resume_with_the_same_files_still_continues(finished, data_files, tmp_pa
     with _in_place(finished, tmp_path) as (model, data, run):
         assert _run(_sft(model, data_files, run, "--resume", "--max-steps", "3", "--save-steps", "1", data=data)) == 0
         assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+# ---- every file a command writes is in its output check and its lock ----
+
+def _eval(model, prompts, output, *extra):
+    return ["eval", "--model", model, "--prompts", prompts, "--output", output, "--max-new-tokens", "2", *extra]
+
+
+def test_eval_never_writes_its_samples_file_over_the_prompts(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "mine.samples.jsonl"
+    prompts.write_text('{"prompt": "What is 2 plus 2?", "answers": ["4"]}\n')
+    before = prompts.read_bytes()
+    assert _run(_eval(tiny_model_dir, prompts, tmp_path / "mine.json", "--overwrite")) == 2
+    error = _one_error(capsys)
+    assert "its per-prompt records go to" in error and "which is the input --prompts" in error, error
+    assert prompts.read_bytes() == before and not (tmp_path / "mine.json").exists()
+
+
+def test_an_eval_whose_samples_file_is_another_evals_output_is_refused(tiny_model_dir, tmp_path, capsys):
+    from lora_ogpsa.utils.files import output_lock
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    with output_lock(tmp_path / "x.samples.jsonl"):  # held by an eval with --output x.samples.jsonl
+        assert _run(_eval(tiny_model_dir, prompts, tmp_path / "x.json")) == 2
+    assert "in use by another run" in _one_error(capsys)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.txt"]
+
+
+def test_a_full_disk_during_eval_keeps_both_old_files(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from lora_ogpsa.utils import files
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\nhow are you\n")
+    output = tmp_path / "x.json"
+    assert _run(_eval(tiny_model_dir, prompts, output)) == 0
+    before = file_digests(tmp_path)
+    real = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self.name == ".x.json.partial":  # the summary, written after the samples
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(files.Path, "write_text", full_disk)
+    assert _run(_eval(tiny_model_dir, prompts, output, "--overwrite", "--limit", "1")) == 1
+    assert re.search(r"failed: no space left on .* while writing .*x.json", _one_error(capsys))
+    assert file_digests(tmp_path) == before  # both files as they were, no temporary left
+    monkeypatch.setattr(files.Path, "write_text", real)
+    assert _run(_eval(tiny_model_dir, prompts, output, "--overwrite", "--limit", "1")) == 0  # and a rerun works
+    assert json.loads(output.read_text())["n"] == 1

@@ -259,14 +259,39 @@ def _write_text_atomic(path: Path, text: str) -> None:
         partial.unlink(missing_ok=True)
 
 
+def write_texts_together(text_by_path: dict[Path, str]) -> None:
+    """Write several files as one: every text goes to its `.NAME.partial` sibling first, and only when all are
+    written are they renamed into place (a full disk or a crash on the way leaves every old file as it was and
+    no temporary behind)."""
+    partials = {Path(path): Path(path).with_name(f".{Path(path).name}.partial") for path in text_by_path}
+    try:
+        for path, text in text_by_path.items():
+            partials[Path(path)].write_text(text, encoding="utf-8")
+        for path, partial in partials.items():
+            os.replace(partial, path)
+    finally:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
+
+
+def json_text(payload: Any) -> str:
+    """The text `write_json` writes: pretty, sorted JSON with a final newline."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def jsonl_text(rows: Iterable[Any]) -> str:
+    """The text `write_jsonl` writes: one JSON object per line, UTF-8, not ASCII-escaped."""
+    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Pretty, sorted JSON, written to a temporary sibling and renamed."""
-    _write_text_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    _write_text_atomic(Path(path), json_text(payload))
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
     """One JSON object per line (UTF-8, not ASCII-escaped), written to a temporary sibling and renamed."""
-    _write_text_atomic(Path(path), "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    _write_text_atomic(Path(path), jsonl_text(rows))
 
 
 def read_json(path: Path, *, flag: str | None = None) -> Any:
