@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import file_digests
 
 from lora_ogpsa.cli import main
@@ -263,3 +264,62 @@ def test_a_full_disk_during_eval_keeps_both_old_files(tiny_model_dir, tmp_path, 
     monkeypatch.setattr(files.Path, "write_text", real)
     assert _run(_eval(tiny_model_dir, prompts, output, "--overwrite", "--limit", "1")) == 0  # and a rerun works
     assert json.loads(output.read_text())["n"] == 1
+
+
+# ---- an adapter is checked as numbers before it is used ----
+
+def _spoiled_adapter(finished, target, how):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(finished / "run", target, ignore=shutil.ignore_patterns("checkpoint-*"))
+    path = target / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    name = sorted(name for name in tensors if ".lora_B." in name)[0]
+    if how == "int32":
+        tensors = {key: (value * 1e6).to(torch.int32) for key, value in tensors.items()}
+    else:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return target
+
+
+ADAPTER_MESSAGES = {"int32": r"is stored as torch.int32, not floating point; not a trained LoRA adapter",
+                    "nan": r"has NaN/Inf values; the adapter is corrupt"}
+
+
+@pytest.mark.parametrize("how", sorted(ADAPTER_MESSAGES))
+@pytest.mark.parametrize("command", ["eval", "export", "merge --no-audit", "dpo --adapter"])
+def test_an_adapter_that_is_not_finite_floats_is_refused(finished, data_files, tmp_path, capsys, how, command):
+    adapter = _spoiled_adapter(finished, tmp_path / "adapter", how)
+    before = file_digests(adapter)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    model, out = finished / "model", tmp_path / "out"
+    args = {"eval": _eval(model, prompts, tmp_path / "out.json", "--adapter", adapter),
+            "export": ["export", "--adapter", adapter, "--output", out],
+            "merge --no-audit": ["merge", "--model", model, "--adapter", adapter, "--output", out, "--no-audit"],
+            "dpo --adapter": ["dpo", "--model", model, "--adapter", adapter, "--data", data_files["dpo"],
+                              "--reference", data_files["reference"], "--output", out, "--no-quantize",
+                              "--max-steps", "1"]}[command]
+    assert _run(args) == 2
+    error = _one_error(capsys)
+    assert re.search(ADAPTER_MESSAGES[how], error) and "adapter_model.safetensors: tensor " in error, error
+    assert file_digests(adapter) == before and not any(path.name.startswith("out") for path in tmp_path.iterdir())
+
+
+def test_merge_into_dequantized_weights_is_refused_for_a_full_precision_adapter(finished, tmp_path, capsys):
+    """Its audit passed though the merged logits differed from the trained model's by 0.094."""
+    args = ["merge", "--model", finished / "model", "--adapter", finished / "run", "--output", tmp_path / "m"]
+    assert _run([*args, "--base", "dequantized"]) == 2
+    assert "--base dequantized: " in (error := _one_error(capsys)) and "quantize: false" in error, error
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_into_the_original_weights_warns_for_a_4bit_adapter(finished, tmp_path, caplog):
+    adapter = shutil.copytree(finished / "run", tmp_path / "adapter", ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((adapter / "ogpsa_config.json").read_text())
+    (adapter / "ogpsa_config.json").write_text(json.dumps({**config, "quantize": True}))
+    assert _run(["merge", "--model", finished / "model", "--adapter", adapter, "--output", tmp_path / "m",
+                 "--no-audit"]) == 0
+    assert "was trained on the 4-bit base" in caplog.text and (tmp_path / "m" / "model.safetensors").is_file()

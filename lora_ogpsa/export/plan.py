@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from lora_ogpsa.models.loading import (
     ADAPTER_NAME,
     SAFE_INDEX,
+    check_adapter_numbers,
     nf4_config,
     resolve_model_dir,
     weight_files,
@@ -194,10 +195,7 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as error:
         raise InputError(f"--adapter {path}: not a readable safetensors file ({first_line(error)}); it is "
                          "truncated or corrupt — copy it again") from error
-    for name, tensor in tensor_by_name.items():
-        if not is_finite(tensor):
-            raise InputError(f"--adapter {path}: tensor {name} has NaN/Inf values; the adapter is corrupt "
-                             "(did training diverge?)")
+    check_adapter_numbers(tensor_by_name, path)
     return tensor_by_name
 
 

@@ -26,7 +26,14 @@ from transformers import (
 )
 
 from lora_ogpsa.utils.errors import InputError, first_line
-from lora_ogpsa.utils.files import ADAPTER_CONFIG, ADAPTER_FILE, file_sha256, read_json, safetensors_header
+from lora_ogpsa.utils.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    file_sha256,
+    read_json,
+    read_safetensors,
+    safetensors_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +161,28 @@ def check_adapter_dir(path: str | Path, *, flag: str = "--adapter") -> Path:
         if fixed_rank and rank != config["r"]:
             raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has rank {rank}, {ADAPTER_CONFIG} says "
                              f"r={config['r']}; the config does not belong to these weights")
+    check_adapter_numbers(read_safetensors(path / ADAPTER_FILE, flag=flag), path / ADAPTER_FILE, flag=flag)
     return path
+
+
+def check_adapter_numbers(tensor_by_name: dict[str, torch.Tensor], where: str | Path, *,
+                          flag: str = "--adapter") -> None:
+    """Every LoRA tensor of an adapter is floating point and every floating tensor finite: an adapter stored as
+    integers, or with a NaN/Inf, is refused before it is evaluated, merged, exported or trained on.
+
+    Raises:
+        InputError: naming the file, the tensor and what it holds.
+    """
+    for name, tensor in tensor_by_name.items():
+        if ".lora_" in name and not tensor.is_floating_point():
+            raise InputError(f"{flag} {where}: tensor {name} is stored as {tensor.dtype}, not floating point; not a "
+                             "trained LoRA adapter — re-save it from the trained model")
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        low, high = tensor.aminmax()  # one NaN-propagating pass, no mask
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise InputError(f"{flag} {where}: tensor {name} has NaN/Inf values; the adapter is corrupt (did "
+                             "training diverge?) — use an earlier checkpoint")
 
 
 def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = None) -> PreTrainedTokenizerBase:
