@@ -323,3 +323,49 @@ def test_merge_into_the_original_weights_warns_for_a_4bit_adapter(finished, tmp_
     assert _run(["merge", "--model", finished / "model", "--adapter", adapter, "--output", tmp_path / "m",
                  "--no-audit"]) == 0
     assert "was trained on the 4-bit base" in caplog.text and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+# ---- the Python API's contracts: what was given and what is expected ----
+
+def test_ogpsa_callback_with_an_empty_reference_raises_before_training():
+    from lora_ogpsa import OGPSACallback, OGPSAConfig
+
+    callback = OGPSACallback(OGPSAConfig(), [])
+    with pytest.raises(ValueError, match="no reference batches; the protected subspace would be empty"):
+        callback.on_train_begin(args=None, state=None, control=None, model=None)
+    OGPSACallback(OGPSAConfig(project="none"), []).on_train_begin(None, None, None)  # plain LoRA needs none
+
+
+@pytest.mark.parametrize("samples, message", [
+    (torch.zeros(0, 4, 3), r"shape \(0, 4, 3\) holds no sample; give S >= 1"),
+    (torch.ones(5, 3, dtype=torch.int64), r"must be floating point \(gradients\), got torch.int64"),
+    (torch.ones(5), r"must have shape \(S, \*param_shape\), got \(5,\)"),
+    ([[1.0, 2.0]], r"must be a torch.Tensor \(S, \*param_shape\), got list"),
+])
+def test_compute_subspace_says_what_was_given_and_what_is_expected(samples, message):
+    from lora_ogpsa import compute_subspace
+
+    with pytest.raises((ValueError, TypeError), match=message):
+        compute_subspace({"w": samples}, max_directions=2, energy=0.9)
+
+
+@pytest.mark.parametrize("vectors, basis, message", [
+    (torch.ones(3, 4), torch.ones(4), r"`basis` must be \(k, n\), .* got shape \(4,\)"),
+    (torch.ones(3, 4), torch.ones(1, 1, 4), r"`basis` must be \(k, n\), .* got shape \(1, 1, 4\)"),
+    (torch.ones(3, 4, dtype=torch.int32), torch.eye(4)[:1], r"`vectors` must be a floating-point tensor, got torch.int32"),
+    (torch.ones(3, 5), torch.eye(4)[:1], r"`vectors` must be \(\.\.\., n\) with n = 4 entries .* got shape \(3, 5\)"),
+    (torch.ones(3, 4), torch.eye(4, dtype=torch.int64)[:1], r"`basis` must be a floating-point tensor"),
+])
+def test_project_out_says_what_was_given_and_what_is_expected(vectors, basis, message):
+    from lora_ogpsa import project_out
+
+    with pytest.raises(ValueError, match=message):
+        project_out(vectors, basis)
+
+
+def test_project_out_still_projects():
+    from lora_ogpsa import project_out
+
+    basis = torch.eye(4)[:2]  # (k=2, n=4)
+    assert torch.equal(project_out(torch.ones(3, 4), basis), torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3))
+    assert torch.equal(project_out(torch.ones(4), torch.zeros(0, 4)), torch.ones(4))  # k = 0: unchanged

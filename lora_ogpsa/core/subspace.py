@@ -171,18 +171,31 @@ def compute_subspace(
         (or all-dropped) sample matrix gives k = 0; rank-deficient samples give only their real directions.
 
     Raises:
-        ValueError: `max_directions` < 1, `energy` outside (0, 1], or a tensor with fewer than 2 dimensions.
+        ValueError: `max_directions` < 1, `energy` outside (0, 1], or a tensor with fewer than 2 dimensions,
+            not floating point, or with no sample (S = 0).
     """
     _check_arguments(max_directions, energy)
     matrices: dict[str, torch.Tensor] = {}
     for name, samples in samples_by_name.items():
-        if samples.dim() < 2:
-            raise ValueError(f"samples for {name!r} must have shape (S, *param_shape), got {tuple(samples.shape)}")
+        _check_samples(name, samples)
         matrices[name] = samples.detach().reshape(samples.shape[0], -1).float()  # (S, n)
     subspace = Subspace({})
     for names in _groups_of_equal_shape(matrices):
         _store(subspace, names, _solve_group([matrices[name] for name in names], max_directions, energy))
     return _finish(subspace, list(samples_by_name))
+
+
+def _check_samples(name: str, samples: torch.Tensor) -> None:
+    """`compute_subspace`'s contract for one tensor's samples: a floating tensor `(S, *param_shape)`, S >= 1."""
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"samples for {name!r} must be a torch.Tensor (S, *param_shape), got {type(samples).__name__}")
+    if samples.dim() < 2:
+        raise ValueError(f"samples for {name!r} must have shape (S, *param_shape), got {tuple(samples.shape)}")
+    if not samples.is_floating_point():
+        raise ValueError(f"samples for {name!r} must be floating point (gradients), got {samples.dtype}")
+    if samples.shape[0] < 1 or samples[0].numel() < 1:
+        raise ValueError(f"samples for {name!r}: shape {tuple(samples.shape)} holds no sample; give S >= 1 gradient "
+                         "samples of a non-empty parameter")
 
 
 def _check_arguments(max_directions: int, energy: float) -> None:
