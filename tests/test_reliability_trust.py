@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -171,7 +172,33 @@ def _state_step(run, step):
     path.write_text(json.dumps({**state, "global_step": step}))
 
 
+def _pickled(run, marker):
+    class Planted:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (run / "checkpoint-2" / "rng_state.pth").write_bytes(pickle.dumps(Planted()))
+
+
+def _wrong_k(run):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = run / "checkpoint-2" / "ogpsa_subspace.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    name = sorted(name for name, basis in tensors.items() if basis.shape[0] > 0)[0]
+    basis, _ = torch.linalg.qr(torch.randn(tensors[name].shape[1], tensors[name].shape[0] + 1))
+    tensors[name] = basis.T.contiguous()  # orthonormal, one direction more than was computed
+    save_file(tensors, str(path), metadata=metadata)
+
+
 RESUME_CASES = {  # case: (change to the copies (model, data, run), extra flags, the message)
+    "a pickle in the checkpoint": (lambda m, d, r: _pickled(r, m.parent / "pickle-ran"), [],
+                                   r"--resume .*checkpoint-2/rng_state.pth: not a plain tensor file"),
+    "a subspace of the wrong k": (lambda m, d, r: _wrong_k(r), [],
+                                  r"ogpsa_subspace.safetensors: basis .* has k = \d+ directions, the values recorded "
+                                  r"with it \d+; the file was altered"),
     "data rewritten in place (same row count)": (lambda m, d, r: _swap_rows(d), [],
                                                  r"training_sha256 \(the training data changed\)"),
     "base weights replaced at the same path": (lambda m, d, r: _new_weights(m), [],
@@ -196,6 +223,7 @@ def test_a_resume_that_cannot_be_exact_is_refused(finished, data_files, tmp_path
         error = _one_error(capsys)
         assert re.search(message, error) and "model:" not in error and "data:" not in error, error
         assert file_digests(run) == before and not (finished / "run.partial").exists()
+        assert not (finished / "pickle-ran").exists()
 
 
 def test_resume_of_a_finished_run_without_checkpoints_is_refused(tiny_model_dir, data_files, tmp_path, capsys):
@@ -369,3 +397,41 @@ def test_project_out_still_projects():
     basis = torch.eye(4)[:2]  # (k=2, n=4)
     assert torch.equal(project_out(torch.ones(3, 4), basis), torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3))
     assert torch.equal(project_out(torch.ones(4), torch.zeros(0, 4)), torch.ones(4))  # k = 0: unchanged
+
+
+# ---- bounds: work a file can cause is limited, and said in one line ----
+
+def test_a_chat_template_that_never_ends_is_refused(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch):
+    from lora_ogpsa.models import loading
+
+    monkeypatch.setattr(loading, "TEMPLATE_SECONDS", 1.0)  # a real template renders in milliseconds
+    template = tmp_path / "loops.jinja"
+    template.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+                        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    args = ["sft", "--model", tiny_model_dir, "--data", data_files["sft"], "--reference", data_files["reference"],
+            "--output", tmp_path / "out", "--no-quantize", "--chat_template_path", template]
+    assert _run(args) == 2
+    assert "its chat template did not render a 3-message conversation in 1 s" in _one_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("big.txt", b"x" * ((1 << 20) + 10) + b"\n", r"big.txt:1: the line is over the 1 MiB limit per row"),
+    ("big.jsonl", b'{"prompt": "' + b"x" * (1 << 20) + b'"}\n', r"big.jsonl:1: the row is 1.0 MiB, over the 1 MiB"),
+    ("binary.txt", b"hello\n\x00\x01\x02\xff\n", r"binary.txt:2: a NUL byte — a binary file, not text"),
+    ("latin1.txt", b"caf\xe9\n", r"latin1.txt:1: not UTF-8 text \(byte 3\)"),
+])
+def test_eval_prompt_files_are_bounded_text(tiny_model_dir, tmp_path, capsys, name, content, message):
+    prompts = tmp_path / name
+    prompts.write_bytes(content)
+    assert _run(_eval(tiny_model_dir, prompts, tmp_path / "out.json")) == 2
+    assert re.search(message, _one_error(capsys))
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_the_demo_checks_its_cache_can_be_written_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    args = ["demo", "--output", tmp_path / "demo", "--cache-dir", tmp_path / "file" / "cache", "--max-steps", "1"]
+    assert _run(args) == 2
+    assert re.search(r"--cache-dir .*file/cache/x: cannot write in .*file", _one_error(capsys))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]

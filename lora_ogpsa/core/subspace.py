@@ -147,6 +147,7 @@ class Subspace:
             _check_names(path, basis_by_name, numel_by_name)
         singular_values = _tensors_from_json(header.pop("singular_values", "{}"))
         mean_coefficients = _tensors_from_json(header.pop("mean_coefficients", "{}"))
+        _check_recorded_k(path, basis_by_name, singular_values, mean_coefficients)
         energy = json.loads(header.pop("energy", "{}"))
         dropped = json.loads(header.pop("dropped_samples", "{}"))
         input_energy = json.loads(header.pop("input_energy", "{}"))
@@ -372,6 +373,17 @@ def _check_basis(path: Path, name: str, basis: torch.Tensor) -> None:
         if error > ORTHONORMAL_TOLERANCE:
             raise ValueError(f"{path}: basis {name!r} rows are not orthonormal (max |UUᵀ - I| = {error:.2e}); "
                              "the file is corrupt or not a basis")
+
+
+def _check_recorded_k(path: Path, basis_by_name: Mapping[str, torch.Tensor], *recorded: Mapping[str, torch.Tensor]
+                      ) -> None:
+    """Every basis has as many rows (k) as the singular values and mean coefficients recorded with it."""
+    for name, basis in basis_by_name.items():
+        for values in recorded:
+            if name in values and values[name].numel() != basis.shape[0]:
+                raise ValueError(f"{path}: basis {name!r} has k = {basis.shape[0]} directions, the values recorded "
+                                 f"with it {values[name].numel()}; the file was altered — it is not the subspace "
+                                 "this run computed")
 
 
 def _check_names(path: Path, basis_by_name: Mapping[str, torch.Tensor], numel_by_name: Mapping[str, int]) -> None:

@@ -34,6 +34,7 @@ from lora_ogpsa.utils.files import (
     read_safetensors,
     safetensors_header,
 )
+from lora_ogpsa.utils.limits import time_limit
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +204,28 @@ def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = Non
         raise InputError(f"--model {path}: its tokenizer has no chat template (no chat_template.jinja, no "
                          "`chat_template` in tokenizer_config.json); give one with --chat_template_path FILE.jinja "
                          "(sft) or save it as chat_template.jinja in the model directory")
+    _check_template_renders(tokenizer, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TEMPLATE_SECONDS = 10.0
+"""How long rendering a four-message conversation may take (a real template takes milliseconds)."""
+_PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "How are you?"}]
+
+
+def _check_template_renders(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Render a short conversation under a time limit: a template that loops without end is refused here, in
+    one line, instead of hanging the command. A template that raises on it is left to the row checks."""
+    with time_limit(TEMPLATE_SECONDS, f"--model {path}: its chat template did not render a {len(_PROBE)}-message "
+                    f"conversation in {TEMPLATE_SECONDS:g} s (a loop without end?); fix the template or give "
+                    "another with --chat_template_path"):
+        try:
+            tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
+        except Exception:
+            logger.debug("the chat template raised on the probe conversation", exc_info=True)
 
 
 def _read_chat_template(path: Path) -> str:

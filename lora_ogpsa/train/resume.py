@@ -16,7 +16,7 @@ from lora_ogpsa.data.rows import Rows
 from lora_ogpsa.models import loading
 from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
 from lora_ogpsa.utils import files
-from lora_ogpsa.utils.errors import InputError
+from lora_ogpsa.utils.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def check_resume(run_config: dict, checkpoint: Path, max_steps: int) -> None:
                          "with cannot be compared; resume from a checkpoint that has it, or start again with "
                          "--overwrite")
     _check_trainer_state(checkpoint, max_steps)
+    _check_checkpoint_files(checkpoint, run_config)
     recorded = files.read_json(recorded_path, flag="--resume")
     if not isinstance(recorded, dict):
         raise InputError(f"--resume {recorded_path}: not a JSON object; the checkpoint is corrupt")
@@ -154,6 +155,38 @@ def _why(key: str, recorded: dict) -> str:
     if key not in _CONTENT:
         return ""
     return f" ({_CONTENT[key] if key in recorded else 'not recorded by the checkpoint: an older lora-ogpsa'})"
+
+
+def _check_checkpoint_files(checkpoint: Path, run_config: dict) -> None:
+    """The checkpoint's subspace reads and has at most --max-directions directions per tensor, and every
+    torch file (optimizer, scheduler, RNG state) loads as plain tensors (`weights_only`, no pickle runs): each
+    refused naming its file, before anything is written."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    from lora_ogpsa.core.subspace import Subspace
+
+    if (checkpoint / files.SUBSPACE_FILE).is_file():
+        try:
+            subspace = Subspace.load(checkpoint / files.SUBSPACE_FILE)
+        except ValueError as error:
+            raise InputError(f"--resume: {first_line(error)}; resume from an earlier checkpoint (delete this one) or "
+                             "start a new --output") from error
+        cap = run_config.get("ogpsa", {}).get("max_directions")
+        over = next(((name, basis.shape[0]) for name, basis in subspace.basis_by_name.items()
+                     if cap and basis.shape[0] > cap), None)
+        if over:
+            raise InputError(f"--resume {checkpoint / files.SUBSPACE_FILE}: basis {over[0]} has k = {over[1]} "
+                             f"directions, over --max-directions {cap}; the file is not this run's — resume from an "
+                             "earlier checkpoint or start a new --output")
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for what it refuses
+            raise InputError(f"--resume {path}: not a plain tensor file ({type(error).__name__}): it holds Python "
+                             "objects only a full unpickle would load, which lora-ogpsa never does, or it is "
+                             "truncated — resume from an earlier checkpoint or start again with --overwrite") from error
 
 
 def _check_trainer_state(checkpoint: Path, max_steps: int) -> None:

@@ -1,0 +1,41 @@
+"""Bounds on work a file can make a command do: a time limit for code driven by the user's files (a chat
+template is a program: nested loops in it would otherwise hang the command forever)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+from lora_ogpsa.utils.errors import InputError
+
+
+class _Expired(BaseException):
+    """Raised by the alarm inside the timed block; a BaseException, so no `except Exception` in the block
+    (a template's own error handling, ours) swallows it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, message: str) -> Iterator[None]:
+    """Run the block for at most `seconds` of wall time, else raise InputError(message).
+
+    The limit is a SIGALRM timer, so it holds in the main thread only (elsewhere the block runs unbounded); the
+    previous handler and timer are put back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Expired as error:
+        raise InputError(message) from error
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
