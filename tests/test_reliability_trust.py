@@ -316,21 +316,28 @@ ADAPTER_MESSAGES = {"int32": r"is stored as torch.int32, not floating point; not
                     "nan": r"has NaN/Inf values; the adapter is corrupt"}
 
 
-@pytest.mark.parametrize("how", sorted(ADAPTER_MESSAGES))
-@pytest.mark.parametrize("command", ["eval", "export", "merge --no-audit", "dpo --adapter"])
-def test_an_adapter_that_is_not_finite_floats_is_refused(finished, data_files, tmp_path, capsys, how, command):
-    adapter = _spoiled_adapter(finished, tmp_path / "adapter", how)
-    before = file_digests(adapter)
-    prompts = tmp_path / "p.txt"
+ADAPTER_COMMANDS = ("eval", "export", "merge --no-audit", "dpo --adapter")
+
+
+def adapter_command(command, model, adapter, data_files, directory):
+    """The command line of one of ADAPTER_COMMANDS using `adapter`; it writes nothing but under `directory/out*`."""
+    prompts = directory / "p.txt"
     prompts.write_text("hello\n")
-    model, out = finished / "model", tmp_path / "out"
-    args = {"eval": _eval(model, prompts, tmp_path / "out.json", "--adapter", adapter),
+    out = directory / "out"
+    return {"eval": _eval(model, prompts, directory / "out.json", "--adapter", adapter),
             "export": ["export", "--adapter", adapter, "--output", out],
             "merge --no-audit": ["merge", "--model", model, "--adapter", adapter, "--output", out, "--no-audit"],
             "dpo --adapter": ["dpo", "--model", model, "--adapter", adapter, "--data", data_files["dpo"],
                               "--reference", data_files["reference"], "--output", out, "--no-quantize",
                               "--max-steps", "1"]}[command]
-    assert _run(args) == 2
+
+
+@pytest.mark.parametrize("how", sorted(ADAPTER_MESSAGES))
+@pytest.mark.parametrize("command", ADAPTER_COMMANDS)
+def test_an_adapter_that_is_not_finite_floats_is_refused(finished, data_files, tmp_path, capsys, how, command):
+    adapter = _spoiled_adapter(finished, tmp_path / "adapter", how)
+    before = file_digests(adapter)
+    assert _run(adapter_command(command, finished / "model", adapter, data_files, tmp_path)) == 2
     error = _one_error(capsys)
     assert re.search(ADAPTER_MESSAGES[how], error) and "adapter_model.safetensors: tensor " in error, error
     assert file_digests(adapter) == before and not any(path.name.startswith("out") for path in tmp_path.iterdir())
@@ -415,12 +422,15 @@ def test_a_chat_template_that_never_ends_is_refused(tiny_model_dir, data_files, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name, content, message", [
+PROMPT_FILES = [  # (file name, content, message) of eval --prompts files refused in one line
     ("big.txt", b"x" * ((1 << 20) + 10) + b"\n", r"big.txt:1: the line is over the 1 MiB limit per row"),
     ("big.jsonl", b'{"prompt": "' + b"x" * (1 << 20) + b'"}\n', r"big.jsonl:1: the row is 1.0 MiB, over the 1 MiB"),
     ("binary.txt", b"hello\n\x00\x01\x02\xff\n", r"binary.txt:2: a NUL byte — a binary file, not text"),
     ("latin1.txt", b"caf\xe9\n", r"latin1.txt:1: not UTF-8 text \(byte 3\)"),
-])
+]
+
+
+@pytest.mark.parametrize("name, content, message", PROMPT_FILES)
 def test_eval_prompt_files_are_bounded_text(tiny_model_dir, tmp_path, capsys, name, content, message):
     prompts = tmp_path / name
     prompts.write_bytes(content)
