@@ -194,8 +194,9 @@ def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = Non
     Raises:
         InputError: the tokenizer does not load, or it has no chat template and none is given.
     """
+    directory = check_model_dir(path)  # its own one-line errors, not wrapped as a tokenizer failure
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise InputError(f"--model {path}: cannot load its tokenizer ({first_line(error)})") from error
     if chat_template_path is not None:
