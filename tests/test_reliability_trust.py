@@ -446,3 +446,16 @@ def test_the_demo_checks_its_cache_can_be_written_before_any_work(tmp_path, caps
     assert _run(args) == 2
     assert re.search(r"--cache-dir .*file/cache/x: cannot write in .*file", _one_error(capsys))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_resume_of_a_finished_align_run_is_refused(tiny_model_dir, data_files, tmp_path, capsys):
+    """Both stages finished: --resume would train nothing and replace the run with a copy of itself."""
+    run = tmp_path / "aligned"
+    args = ["align", "--model", tiny_model_dir, "--sft-data", data_files["sft"], "--dpo-data", data_files["dpo"],
+            "--reference", data_files["reference"], "--output", run, "--no-quantize", "--lora-r", "2",
+            "--max-length", "64", "--batch-size", "4", "--reference-examples", "4", "--max-steps", "1"]
+    assert _run(args) == 0
+    before = file_digests(run)
+    assert _run([*args, "--resume"]) == 2
+    assert "--resume: nothing to resume in" in (error := _one_error(capsys)) and "both stages" in error, error
+    assert file_digests(run) == before and not (tmp_path / "aligned.partial").exists()
