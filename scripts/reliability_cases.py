@@ -110,7 +110,7 @@ def main() -> None:
 def _trust_cases(root: Path, model: Path, data: dict, trust) -> list[tuple]:
     """The cases of tests/test_reliability_trust.py: no model code runs, no output is an input, a resume never
     mixes two runs, an adapter is numbers, prompt files and chat templates are bounded."""
-    from lora_ogpsa.models import loading
+    from lora_ogpsa.utils import limits
 
     rows, prompts = [], root / "p.txt"
     for how in ("config auto_map", "tokenizer auto_map", "a .py file beside config.json"):
@@ -148,7 +148,7 @@ def _trust_cases(root: Path, model: Path, data: dict, trust) -> list[tuple]:
         rows.append((f"--prompts {name}", "eval", *_run(trust._eval(model, root / name, root / "e2.json"))))
     template = root / "loops.jinja"
     template.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")
-    loading.TEMPLATE_SECONDS = 1.0  # the shipped limit is 10 s
+    limits.TEMPLATE_SECONDS = 1.0  # the shipped limit is 10 s
     rows.append(("a chat template that never ends (limit 1 s here)", "sft",
                  *_run(["sft", "--model", model, "--data", data["sft"], "--reference", data["reference"],
                         "--output", root / "o2", "--no-quantize", "--chat_template_path", template])))

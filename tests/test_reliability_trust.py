@@ -410,9 +410,9 @@ def test_project_out_still_projects():
 # ---- bounds: work a file can cause is limited, and said in one line ----
 
 def test_a_chat_template_that_never_ends_is_refused(tiny_model_dir, data_files, tmp_path, capsys, monkeypatch):
-    from lora_ogpsa.models import loading
+    from lora_ogpsa.utils import limits
 
-    monkeypatch.setattr(loading, "TEMPLATE_SECONDS", 1.0)  # a real template renders in milliseconds
+    monkeypatch.setattr(limits, "TEMPLATE_SECONDS", 1.0)  # a real template renders in milliseconds
     template = tmp_path / "loops.jinja"
     template.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
@@ -429,6 +429,24 @@ PROMPT_FILES = [  # (file name, content, message) of eval --prompts files refuse
     ("binary.txt", b"hello\n\x00\x01\x02\xff\n", r"binary.txt:2: a NUL byte — a binary file, not text"),
     ("latin1.txt", b"caf\xe9\n", r"latin1.txt:1: not UTF-8 text \(byte 3\)"),
 ]
+
+
+def test_a_chat_template_that_never_ends_on_one_row_is_refused_naming_it(tiny_model_dir, data_files, tmp_path,
+                                                                         capsys, monkeypatch):
+    from lora_ogpsa.utils import limits
+
+    monkeypatch.setattr(limits, "TEMPLATE_SECONDS", 1.0)
+    template = tmp_path / "trap.jinja"
+    template.write_text("{% for m in messages %}{% if 'trap' in m['content'] %}{% for a in range(100000) %}"
+                        "{% for b in range(100000) %}{% endfor %}{% endfor %}{% endif %}{{ m['content'] }}{% endfor %}")
+    data = tmp_path / "d.jsonl"
+    rows = data_files["sft"].read_text().splitlines()
+    data.write_text("\n".join([rows[0], rows[1].replace("How do I", "trap: how do I"), *rows[2:]]) + "\n")
+    args = ["sft", "--model", tiny_model_dir, "--data", data, "--reference", data_files["reference"],
+            "--output", tmp_path / "out", "--no-quantize", "--chat_template_path", template, "--ogpsa_project", "none"]
+    assert _run(args) == 2
+    assert re.search(r"--data .*d.jsonl:2: the chat template did not render this row in 1 s", _one_error(capsys))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name, content, message", PROMPT_FILES)

@@ -25,6 +25,7 @@ from transformers import (
     set_seed,
 )
 
+from lora_ogpsa.utils import limits
 from lora_ogpsa.utils.errors import InputError, first_line
 from lora_ogpsa.utils.files import (
     ADAPTER_CONFIG,
@@ -34,7 +35,6 @@ from lora_ogpsa.utils.files import (
     read_safetensors,
     safetensors_header,
 )
-from lora_ogpsa.utils.limits import time_limit
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +211,6 @@ def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = Non
     return tokenizer
 
 
-TEMPLATE_SECONDS = 10.0
-"""How long rendering a four-message conversation may take (a real template takes milliseconds)."""
 _PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
           {"role": "user", "content": "How are you?"}]
 
@@ -220,9 +218,10 @@ _PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "
 def _check_template_renders(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
     """Render a short conversation under a time limit: a template that loops without end is refused here, in
     one line, instead of hanging the command. A template that raises on it is left to the row checks."""
-    with time_limit(TEMPLATE_SECONDS, f"--model {path}: its chat template did not render a {len(_PROBE)}-message "
-                    f"conversation in {TEMPLATE_SECONDS:g} s (a loop without end?); fix the template or give "
-                    "another with --chat_template_path"):
+    seconds = limits.TEMPLATE_SECONDS
+    with limits.time_limit(seconds, f"--model {path}: its chat template did not render a {len(_PROBE)}-message "
+                           f"conversation in {seconds:g} s (a loop without end?); fix the template or give another "
+                           "with --chat_template_path"):
         try:
             tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
         except Exception:

@@ -10,6 +10,14 @@ from collections.abc import Iterator
 
 from lora_ogpsa.utils.errors import InputError
 
+TEMPLATE_SECONDS = 10.0
+"""How long rendering one row (or the probe conversation) through a chat template may take; a real template
+takes milliseconds."""
+
+
+class TimeLimitError(InputError):
+    """A block driven by the user's files ran over its time limit (bad input: exit 2, one line)."""
+
 
 class _Expired(BaseException):
     """Raised by the alarm inside the timed block; a BaseException, so no `except Exception` in the block
@@ -18,7 +26,7 @@ class _Expired(BaseException):
 
 @contextlib.contextmanager
 def time_limit(seconds: float, message: str) -> Iterator[None]:
-    """Run the block for at most `seconds` of wall time, else raise InputError(message).
+    """Run the block for at most `seconds` of wall time, else raise TimeLimitError (an InputError) with `message`.
 
     The limit is a SIGALRM timer, so it holds in the main thread only (elsewhere the block runs unbounded); the
     previous handler and timer are put back afterwards.
@@ -35,7 +43,15 @@ def time_limit(seconds: float, message: str) -> Iterator[None]:
     try:
         yield
     except _Expired as error:
-        raise InputError(message) from error
+        raise TimeLimitError(message) from error
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def template_time_limit(where: str) -> contextlib.AbstractContextManager[None]:
+    """`time_limit` of TEMPLATE_SECONDS for rendering one row through the chat template, the error naming
+    `where` (FLAG FILE:LINE)."""
+    return time_limit(TEMPLATE_SECONDS, f"{where}: the chat template did not render this row in {TEMPLATE_SECONDS:g} "
+                                        "s (a loop without end?); fix the template or give another with "
+                                        "--chat_template_path")
