@@ -103,7 +103,8 @@ class OGPSACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.config.project == "none":
             return
-        if not (self.reference_batches or self.margin_batches):  # checked here: a benchmark installs its own basis
+        # checked here, not in __init__: a benchmark installs its own basis without a reference set
+        if self.config.project != "none" and not (self.reference_batches or self.margin_batches):
             raise ValueError("OGPSACallback: no reference batches; the protected subspace would be empty and the "
                              "reference loss NaN — pass build_reference_set(rows, tokenizer, config)")
         run_first(self, inspect.currentframe())
