@@ -477,3 +477,27 @@ def test_resume_of_a_finished_align_run_is_refused(tiny_model_dir, data_files, t
     assert _run([*args, "--resume"]) == 2
     assert "--resume: nothing to resume in" in (error := _one_error(capsys)) and "both stages" in error, error
     assert file_digests(run) == before and not (tmp_path / "aligned.partial").exists()
+
+
+def test_time_limit_stops_a_loop_and_puts_an_outer_timer_back():
+    import signal
+
+    from lora_ogpsa.utils.errors import InputError
+    from lora_ogpsa.utils.limits import time_limit
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    signal.setitimer(signal.ITIMER_REAL, 30.0)  # an outer timer, e.g. a test runner's
+    try:
+        with pytest.raises(InputError, match="over its time"), time_limit(0.2, "over its time"):
+            while True:
+                pass
+        with time_limit(5.0, "unused"):
+            quick = sum(range(1000))
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert quick == 499500 and 20.0 < left <= 30.0 and not fired  # the outer timer runs on, not restarted
+        signal.raise_signal(signal.SIGALRM)
+        assert fired == [True]  # the outer handler is back too
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

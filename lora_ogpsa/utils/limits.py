@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from lora_ogpsa.utils.errors import InputError
@@ -29,7 +30,7 @@ def time_limit(seconds: float, message: str) -> Iterator[None]:
     """Run the block for at most `seconds` of wall time, else raise TimeLimitError (an InputError) with `message`.
 
     The limit is a SIGALRM timer, so it holds in the main thread only (elsewhere the block runs unbounded); the
-    previous handler and timer are put back afterwards.
+    previous handler and an outer timer (its time left) are put back afterwards.
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
@@ -39,7 +40,8 @@ def time_limit(seconds: float, message: str) -> Iterator[None]:
         raise _Expired
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)  # an outer timer: put back after
+    started = time.monotonic()
     try:
         yield
     except _Expired as error:
@@ -47,6 +49,9 @@ def time_limit(seconds: float, message: str) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_delay > 0:
+            left = max(outer_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
 def template_time_limit(where: str) -> contextlib.AbstractContextManager[None]:
