@@ -37,9 +37,9 @@ def _agreement(first: list[str], second: list[str], verdict: Callable[[int, str]
 def token_budget(tokenizer) -> list[dict[str, int]]:
     """Per suite of one demo evaluation (test split): prompts, prompt tokens, the tokens after the shared prefix,
     and the most new tokens decoded."""
+    from lora_ogpsa.demo.plan import Plan
     from lora_ogpsa.demo.splits import default_split_evaluation
     from lora_ogpsa.eval.generation import _PrefixCache, _prompt_ids
-    from lora_ogpsa.experiment.plan import Plan
 
     plan = Plan()
     test = default_split_evaluation(plan.data_sizes, plan.data_seed)[plan.eval_split]

@@ -18,7 +18,7 @@ from typing import Any
 
 from lora_ogpsa.train.arguments import dataclass_types
 from lora_ogpsa.train.parser import Parser as _Parser
-from lora_ogpsa.utils.errors import InputError, interrupted
+from lora_ogpsa.utils.errors import InputError, disk_full_line, interrupted
 
 logger = logging.getLogger("lora_ogpsa")
 
@@ -336,6 +336,7 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lora-ogpsa`; returns the exit status."""
+    args = None
     try:
         args = parse_args(argv)
         _configure_logging(args.console_log_level)
@@ -349,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except Exception as error:  # the last line of defence: one line, the traceback in the debug log
         logger.debug("failure", exc_info=True)
+        if full := disk_full_line(error, getattr(args, "output", None) or getattr(args, "output_dir", None)):
+            print(f"{PROG}: failed: {full}", file=sys.stderr)
+            return 1
         print(f"{PROG}: failed: {type(error).__name__}: {_one_line(error)} (--log-level DEBUG shows the "
               "traceback)", file=sys.stderr)
         return 1

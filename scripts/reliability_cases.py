@@ -1,7 +1,8 @@
-"""Print the release checklist of bad-input cases: every case of tests/test_cli_errors.py and of
-tests/test_faults.py's bad-input tables, run through `lora-ogpsa` on a tiny model, with its exit status and
-message (the tests assert these; this shows them). The kill -9 / full-disk / concurrency cases are tests only
-(tests/test_faults.py, tests/test_reliability.py).
+"""Print the release checklist of bad-input cases: every case of tests/test_cli_errors.py, of
+tests/test_faults.py's bad-input tables and of tests/test_reliability_trust.py's tables (model code, a resume
+that cannot be exact, adapters that are not numbers, bounded prompt files), run through `lora-ogpsa` on a tiny
+model, with its exit status and message (the tests assert these; this shows them). The kill -9 / full-disk /
+concurrency / signal cases are tests only (tests/test_faults.py, tests/test_reliability*.py).
 
     python scripts/reliability_cases.py > /tmp/cases.md
 """
@@ -97,12 +98,64 @@ def main() -> None:
                                            "--max-steps", "1"])))
     rows.append(("eval --output its own --prompts (--overwrite)", "eval",
                  *_run(["eval", "--model", model, "--prompts", prompts, "--output", prompts, "--overwrite"])))
+    rows += _trust_cases(root, model, data, _module("test_reliability_trust"))
     print("| case | command | exit | message |\n|---|---|---|---|")
     for case, command, status, message in rows:
         shown = message.replace(str(root), "…").replace("|", "\\|")
         print(f"| {case} | {command} | {status} | {shown[:170]} |")
     print(f"\n{len(rows)} cases; {sum(status == 2 for *_, status, _ in rows)} exit 2")
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _trust_cases(root: Path, model: Path, data: dict, trust) -> list[tuple]:
+    """The cases of tests/test_reliability_trust.py: no model code runs, no output is an input, a resume never
+    mixes two runs, an adapter is numbers, prompt files and chat templates are bounded."""
+    from lora_ogpsa.utils import limits
+
+    rows, prompts = [], root / "p.txt"
+    for how in ("config auto_map", "tokenizer auto_map", "a .py file beside config.json"):
+        coded = trust._model_with_code(model, root / f"coded-{len(rows)}", root / "code-ran", how)
+        rows.append((f"--model with {how}", "eval", *_run(trust._eval(coded, prompts, root / "e1.json"))))
+    rows.append(("--trust_remote_code true", "sft", *_run(["sft", "--model", model, "--data", data["sft"],
+                                                            "--output", root / "o1", "--trust_remote_code", "true"])))
+    samples = root / "mine.samples.jsonl"
+    samples.write_text('{"prompt": "What is 2 plus 2?"}\n')
+    rows.append(("--prompts D/mine.samples.jsonl --output D/mine.json", "eval",
+                 *_run(trust._eval(model, samples, root / "mine.json", "--overwrite"))))
+    finished = root / "trust"
+    finished.mkdir()
+    shutil.copytree(model, finished / "model")
+    shutil.copy(data["sft"], finished / "sft.jsonl")
+    _run(trust._sft(finished / "model", data, finished / "run", "--max-steps", "2", "--save-steps", "1",
+                    data=finished / "sft.jsonl"))
+    for case, (change, extra, _) in sorted(trust.RESUME_CASES.items()):
+        with tempfile.TemporaryDirectory() as aside, trust._in_place(finished, Path(aside)) as (m, d, r):
+            change(m, d, r)
+            rows.append((f"--resume: {case}", "sft", *_run(trust._sft(m, data, r, "--resume", "--max-steps", "3",
+                                                                       *extra, data=d))))
+    for how in sorted(trust.ADAPTER_MESSAGES):
+        for command in trust.ADAPTER_COMMANDS:
+            directory = root / f"a{len(rows)}"
+            directory.mkdir()
+            adapter = trust._spoiled_adapter(finished, directory / "adapter", how)
+            args = trust.adapter_command(command, finished / "model", adapter, data, directory)
+            rows.append((f"{how} adapter", command, *_run(args)))
+    rows.append(("--base dequantized, adapter trained in full precision", "merge",
+                 *_run(["merge", "--model", finished / "model", "--adapter", finished / "run", "--output",
+                        root / "m1", "--base", "dequantized"])))
+    for name, content, _ in trust.PROMPT_FILES:
+        (root / name).write_bytes(content)
+        rows.append((f"--prompts {name}", "eval", *_run(trust._eval(model, root / name, root / "e2.json"))))
+    template = root / "loops.jinja"
+    template.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")
+    limits.TEMPLATE_SECONDS = 1.0  # the shipped limit is 10 s
+    rows.append(("a chat template that never ends (limit 1 s here)", "sft",
+                 *_run(["sft", "--model", model, "--data", data["sft"], "--reference", data["reference"],
+                        "--output", root / "o2", "--no-quantize", "--chat_template_path", template])))
+    (root / "file").write_text("x")
+    rows.append(("--cache-dir under a file", "demo", *_run(["demo", "--output", root / "d", "--cache-dir",
+                                                             root / "file" / "cache"])))
+    return rows
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_benchmark_runs_on_a_tiny_model(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--output-dir", str(tmp_path)],
-                               cwd=ROOT, capture_output=True, text=True, check=False, timeout=600)
+                               cwd=ROOT, capture_output=True, text=True, check=False, timeout=1800)  # a busy 2-core machine: 600 s ran out
     assert completed.returncode == 0, completed.stderr[-3000:]
     written = {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
     assert set(written) == {"subspace", "overhead", "refresh", "refusal_margin", "barrier", "memory_quick",

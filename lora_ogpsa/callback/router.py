@@ -113,6 +113,10 @@ class OGPSACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self._active:
             return
+        # checked here, not in __init__: a benchmark installs its own basis without a reference set
+        if self.config.project != "none" and not (self.reference_batches or self.margin_batches):
+            raise ValueError("OGPSACallback: no reference batches; the protected subspace would be empty and the "
+                             "reference loss NaN — pass build_reference_set(rows, tokenizer, config)")
         run_first(self, inspect.currentframe())
         refuse_sharded_training(args)
         for name, given in (("replay", self.replay), ("the look-alike barrier", self.lookalike_batches)):

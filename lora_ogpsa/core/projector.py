@@ -27,14 +27,29 @@ def project_out(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     Returns:
         `(..., n)` in the dtype of `vectors`: `v − Uᵀ(U v)` computed in float32.
     """
+    _check_projection(vectors, basis)
     if basis.shape[0] == 0:
         return vectors
-    if vectors.shape[-1] != basis.shape[1]:
-        raise ValueError(f"vectors have {vectors.shape[-1]} entries, the basis {basis.shape[1]}")
     values = vectors.float()
     basis = basis.to(device=values.device, dtype=torch.float32)
     coefficients = values @ basis.T  # (..., k)
     return (values - coefficients @ basis).to(vectors.dtype)
+
+
+def _check_projection(vectors: torch.Tensor, basis: torch.Tensor) -> None:
+    """`project_out`'s contract: tensors, floating point, `vectors (..., n)` and `basis (k, n)`."""
+    for name, value in (("vectors", vectors), ("basis", basis)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"project_out: `{name}` must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise ValueError(f"project_out: `{name}` must be a floating-point tensor, got {value.dtype}; cast it "
+                             "with .float() (an integer result would be truncated, not orthogonal)")
+    if basis.dim() != 2:
+        raise ValueError(f"project_out: `basis` must be (k, n), one orthonormal row per direction, got shape "
+                         f"{tuple(basis.shape)}")
+    if vectors.dim() < 1 or vectors.shape[-1] != basis.shape[1]:
+        raise ValueError(f"project_out: `vectors` must be (..., n) with n = {basis.shape[1]} entries (the basis's "
+                         f"row length), got shape {tuple(vectors.shape)}")
 
 
 @torch.no_grad()

@@ -147,6 +147,7 @@ class Subspace:
             _check_names(path, basis_by_name, numel_by_name)
         singular_values = _tensors_from_json(header.pop("singular_values", "{}"))
         mean_coefficients = _tensors_from_json(header.pop("mean_coefficients", "{}"))
+        _check_recorded_k(path, basis_by_name, singular_values, mean_coefficients)
         energy = json.loads(header.pop("energy", "{}"))
         dropped = json.loads(header.pop("dropped_samples", "{}"))
         input_energy = json.loads(header.pop("input_energy", "{}"))
@@ -171,18 +172,31 @@ def compute_subspace(
         (or all-dropped) sample matrix gives k = 0; rank-deficient samples give only their real directions.
 
     Raises:
-        ValueError: `max_directions` < 1, `energy` outside (0, 1], or a tensor with fewer than 2 dimensions.
+        ValueError: `max_directions` < 1, `energy` outside (0, 1], or a tensor with fewer than 2 dimensions,
+            not floating point, or with no sample (S = 0).
     """
     _check_arguments(max_directions, energy)
     matrices: dict[str, torch.Tensor] = {}
     for name, samples in samples_by_name.items():
-        if samples.dim() < 2:
-            raise ValueError(f"samples for {name!r} must have shape (S, *param_shape), got {tuple(samples.shape)}")
+        _check_samples(name, samples)
         matrices[name] = samples.detach().reshape(samples.shape[0], -1).float()  # (S, n)
     subspace = Subspace({})
     for names in _groups_of_equal_shape(matrices):
         _store(subspace, names, _solve_group([matrices[name] for name in names], max_directions, energy))
     return _finish(subspace, list(samples_by_name))
+
+
+def _check_samples(name: str, samples: torch.Tensor) -> None:
+    """`compute_subspace`'s contract for one tensor's samples: a floating tensor `(S, *param_shape)`, S >= 1."""
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"samples for {name!r} must be a torch.Tensor (S, *param_shape), got {type(samples).__name__}")
+    if samples.dim() < 2:
+        raise ValueError(f"samples for {name!r} must have shape (S, *param_shape), got {tuple(samples.shape)}")
+    if not samples.is_floating_point():
+        raise ValueError(f"samples for {name!r} must be floating point (gradients), got {samples.dtype}")
+    if samples.shape[0] < 1 or samples[0].numel() < 1:
+        raise ValueError(f"samples for {name!r}: shape {tuple(samples.shape)} holds no sample; give S >= 1 gradient "
+                         "samples of a non-empty parameter")
 
 
 def _check_arguments(max_directions: int, energy: float) -> None:
@@ -359,6 +373,17 @@ def _check_basis(path: Path, name: str, basis: torch.Tensor) -> None:
         if error > ORTHONORMAL_TOLERANCE:
             raise ValueError(f"{path}: basis {name!r} rows are not orthonormal (max |UUᵀ - I| = {error:.2e}); "
                              "the file is corrupt or not a basis")
+
+
+def _check_recorded_k(path: Path, basis_by_name: Mapping[str, torch.Tensor], *recorded: Mapping[str, torch.Tensor]
+                      ) -> None:
+    """Every basis has as many rows (k) as the singular values and mean coefficients recorded with it."""
+    for name, basis in basis_by_name.items():
+        for values in recorded:
+            if name in values and values[name].numel() != basis.shape[0]:
+                raise ValueError(f"{path}: basis {name!r} has k = {basis.shape[0]} directions, the values recorded "
+                                 f"with it {values[name].numel()}; the file was altered — it is not the subspace "
+                                 "this run computed")
 
 
 def _check_names(path: Path, basis_by_name: Mapping[str, torch.Tensor], numel_by_name: Mapping[str, int]) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from lora_ogpsa.utils.errors import InputError, first_line
 from lora_ogpsa.utils.files import iter_jsonl
+from lora_ogpsa.utils.limits import TimeLimitError, template_time_limit
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +335,18 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_leng
     return kept
 
 
+def _fits(row: dict, tokenizer: Any, kind: DataKind, max_length: int | None, completion_only_loss: bool | None,
+          assistant_only_loss: bool) -> bool:
+    """Whether the rendered row keeps at least one response token within `max_length` (every response of a
+    preference row)."""
+    if kind == "sft":
+        return any(tokenize_sft_row(tokenizer, row, max_length=max_length, completion_only_loss=completion_only_loss,
+                                    assistant_only_loss=assistant_only_loss).completion_mask)
+    return all(any(tokenize_prompt_completion(tokenizer, {"prompt": row["prompt"], "completion": row[field]},
+                                              max_length=max_length).completion_mask)
+               for field in ("chosen", "rejected"))
+
+
 def check_rows_fit(rows: Rows, tokenizer: Any, *, max_length: int | None, kind: DataKind,
                    flag: str = "--data", completion_only_loss: bool | None = None,
                    assistant_only_loss: bool = False) -> Rows:
@@ -351,15 +364,11 @@ def check_rows_fit(rows: Rows, tokenizer: Any, *, max_length: int | None, kind: 
 
     for row, line in zip(rows.rows, lines, strict=True):
         try:
-            if kind == "sft":
-                fits = any(tokenize_sft_row(tokenizer, row, max_length=max_length,
-                                            completion_only_loss=completion_only_loss,
-                                            assistant_only_loss=assistant_only_loss).completion_mask)
-            else:
-                fits = all(any(tokenize_prompt_completion(tokenizer, {"prompt": row["prompt"], "completion": row[field]},
-                                                          max_length=max_length).completion_mask)
-                           for field in ("chosen", "rejected"))
+            with template_time_limit(f"{flag} {rows.source}:{line}"):  # a template is a program: bounded
+                fits = _fits(row, tokenizer, kind, max_length, completion_only_loss, assistant_only_loss)
         except (TemplateError, ValueError) as error:  # a template's raise_exception, or no template at all
+            if isinstance(error, TimeLimitError):
+                raise
             if not isinstance(row.get("prompt", row.get("messages")), list):
                 raise
             raise InputError(f"{flag} {rows.source}:{line}: the model's chat template rejects this row "

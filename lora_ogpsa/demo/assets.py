@@ -119,13 +119,14 @@ def _convert_gguf(source: Path, output: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": source.name}
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), trust_remote_code=False, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), dtype=torch.float32,
+                                                  trust_remote_code=False, **kwargs)
     # A GGUF-loaded model carries a GgufConfig and refuses save_pretrained: rebuild a plain model from the
     # config without it and copy the (already dequantized) weights across.
     config = loaded.config
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.save_pretrained(str(output))

@@ -73,6 +73,9 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
         methods = tuple(dataclasses.replace(method, stages="sft") for method in methods)
     output = output_path(output)
     replace = _check_demo_output(output, overwrite)
+    from lora_ogpsa.demo.assets import default_cache_dir  # the cache is written too: checked before any work
+
+    probe_writable(Path(cache_dir).expanduser() / "x" if cache_dir else default_cache_dir() / "x", flag="--cache-dir")
     with output_lock(output):
         if not replace:
             return _run_demo(output, plan, methods, model, cache_dir, evaluation_cache)

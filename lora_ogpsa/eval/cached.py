@@ -79,7 +79,7 @@ class Evaluator:
 
         self._tokenizer = self._tokenizer or load_tokenizer(self.model_path)
         if merged:
-            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32, trust_remote_code=False)
             return evaluate_suites(model, self._tokenizer, self.suites, **self.kwargs)
         base = self._base_model()
         if adapter is None:

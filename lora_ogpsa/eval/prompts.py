@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_ogpsa.data.rows import check_messages
+from lora_ogpsa.data.rows import MAX_ROW_BYTES, check_messages
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import iter_jsonl
+from lora_ogpsa.utils.files import iter_jsonl, read_text_lines
 
 Prompt = str | list[dict[str, str]]
 
@@ -63,10 +63,11 @@ def _read_prompt_file(path: Path) -> PromptSet:
         raise InputError(f"--prompts {path}: unknown file type '{path.suffix}'; give a .txt file (one prompt per "
                          "line) or a .jsonl file with a 'prompt' field")
     if path.suffix.lower() == ".txt":
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = read_text_lines(path, flag="--prompts", max_line_bytes=MAX_ROW_BYTES)
+        prompts = [part.strip() for _, line in lines for part in line.splitlines() if part.strip()]
         answers: list[tuple[str, ...] | None] = [None] * len(prompts)
     else:
-        rows = [_parse_prompt_row(record, f"--prompts {path}:{number}") for number, record in iter_jsonl(path, flag="--prompts")]
+        rows = [_parse_prompt_row(record, f"--prompts {path}:{number}") for number, record in iter_jsonl(path, flag="--prompts", max_line_bytes=MAX_ROW_BYTES)]
         prompts, answers = [row[0] for row in rows], [row[1] for row in rows]
     if not prompts:
         raise InputError(f"--prompts {path}: no prompts in it; write one prompt per line (.txt) or one JSON object "

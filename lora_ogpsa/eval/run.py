@@ -23,7 +23,14 @@ from lora_ogpsa.eval.stats import bootstrap_ci
 from lora_ogpsa.models.loading import check_adapter_dir, load_adapter, load_base_model, load_tokenizer
 from lora_ogpsa.models.shapes import check_adapter_fits
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import output_lock, output_path, probe_writable, write_json, write_jsonl
+from lora_ogpsa.utils.files import (
+    json_text,
+    jsonl_text,
+    output_lock,
+    output_path,
+    probe_writable,
+    write_texts_together,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +73,9 @@ def run_eval(model_path: str | Path, prompts: PromptSet | str | Path, output: st
     """
     output = output_path(output)
     _check_settings(output, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, overwrite=overwrite)
-    with output_lock(output):
+    _check_samples_apart(output, {"--model": model_path, "--adapter": adapter_dir,
+                                  "--prompts": prompts.source if isinstance(prompts, PromptSet) else prompts})
+    with output_lock(output), output_lock(samples_path(output)):  # both files it writes: no other eval writes them
         return _run_eval(model_path, prompts, output, adapter_dir=adapter_dir, quantize=quantize,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
                          system_prompt=system_prompt, seed=seed, device=device)
@@ -92,8 +101,7 @@ def _run_eval(model_path, prompts, output: Path, *, adapter_dir, quantize: bool,
                   seed=seed, samples_file=samples_path(output).name,
                   provenance=provenance(model_path, adapter_dir, prompt_set.source))
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(samples_path(output), result["responses"])
-    write_json(output, result)
+    write_texts_together({samples_path(output): jsonl_text(result["responses"]), output: json_text(result)})
     logger.info("wrote %s: %d responses, refusal rate %.3f", output, result["n"], result["refusal_rate"])
     return result
 
@@ -119,6 +127,16 @@ def provenance(model_path: str | Path, adapter_dir: str | Path | None, source: s
             "model_dir": str(Path(directory).resolve()), "model_sha256": model_fingerprint(directory),
             "adapter_sha256": file_sha256(Path(adapter_dir) / ADAPTER_FILE) if adapter_dir is not None else None,
             "split": split}
+
+
+def _check_samples_apart(output: Path, inputs: dict[str, Any]) -> None:
+    """The samples file written beside `output` is none of the inputs (`--prompts D/mine.samples.jsonl` with
+    `--output D/mine.json` would replace the user's prompts with per-prompt records)."""
+    samples = samples_path(output)
+    for flag, source in inputs.items():
+        if source is not None and Path(source).exists() and Path(source).resolve() == samples.resolve():
+            raise InputError(f"--output {output}: its per-prompt records go to {samples}, which is the input {flag} "
+                             f"{source}; choose another --output name (an output never replaces an input)")
 
 
 def _check_settings(output: Path, *, max_new_tokens: int, batch_size: int, limit: int | None,

@@ -17,6 +17,7 @@ import torch
 
 from lora_ogpsa.core.subspace import Subspace
 from lora_ogpsa.export.card import write_model_card
+from lora_ogpsa.models.loading import check_adapter_numbers
 from lora_ogpsa.utils.errors import InputError
 from lora_ogpsa.utils.files import (
     ADAPTER_CONFIG,
@@ -117,6 +118,7 @@ def export_adapter(source: Path, output: Path, *, include_subspace: bool = True,
     if not (source / ADAPTER_CONFIG).is_file():
         raise InputError(f"--adapter {source}: no {ADAPTER_CONFIG}; give a training output or checkpoint directory")
     tensors = read_safetensors(source / ADAPTER_FILE, flag="--adapter")
+    check_adapter_numbers(tensors, source / ADAPTER_FILE)  # NaN never equals itself: refused here, named
     output = output_path(output)
     check_output_dir(output, overwrite=overwrite, flag="--output")
     subspace = None

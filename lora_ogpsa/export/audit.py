@@ -106,7 +106,7 @@ def _reference_logits(base_dir: Path, adapter_dir: Path, *, quantize: bool, inpu
 
 
 def _merged_logits(merged_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    model, info = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32,
+    model, info = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, trust_remote_code=False,
                                                        output_loading_info=True)
     try:
         problems = {kind: sorted(keys)[:3] for kind, keys in info.items() if keys}

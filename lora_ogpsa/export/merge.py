@@ -41,6 +41,7 @@ from lora_ogpsa.utils.errors import InputError
 from lora_ogpsa.utils.files import (
     ADAPTER_CONFIG,
     CARD_FILE,
+    RUN_CONFIG,
     TOKENIZER_FILES,
     atomic_directory,
     output_path,
@@ -206,6 +207,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
         raise InputError(f"--output {output_dir}: already exists; choose a new directory or remove it first")
     probe_writable(output_dir)
     started = time.perf_counter()
+    check_base_fits(Path(adapter_dir), base)
     plan = plan_merge(base_dir, adapter_dir, dequantize=base == "dequantized")
     with atomic_directory(output_dir) as staging:
         shards, nbytes = _write_weights(plan, staging, torch_dtype, progress=progress)
@@ -225,6 +227,25 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, output_dir: str
                 report.merged_tensors, report.replaced_tensors, report.dequantized_tensors, output_dir, shards,
                 nbytes / 1e6, report.seconds)
     return report
+
+
+def check_base_fits(adapter_dir: Path, base: MergeBase) -> None:
+    """`--base dequantized` reproduces a model trained on the 4-bit base: refused for an adapter whose run config
+    says it was trained in full precision (the merged model would differ from the trained one); the reverse,
+    `original` for a 4-bit-trained adapter, is allowed (the common choice) and warned about.
+
+    Raises:
+        InputError: dequantized for a full-precision-trained adapter.
+    """
+    path = adapter_dir / RUN_CONFIG
+    recorded = read_json(path, flag="--adapter") if path.is_file() else None
+    quantized = recorded.get("quantize") if isinstance(recorded, dict) else None
+    if base == "dequantized" and quantized is False:
+        raise InputError(f"--base dequantized: {path} says the adapter was trained on the full-precision base "
+                         "(quantize: false), which dequantized NF4 weights are not; merge with --base original")
+    if base == "original" and quantized is True:
+        logger.warning("--base original: %s says the adapter was trained on the 4-bit base; the merged model "
+                       "differs slightly from the trained one (--base dequantized reproduces it)", path)
 
 
 def _write_weights(plan: MergePlan, staging: Path, dtype: torch.dtype, *, progress: bool) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from lora_ogpsa.models.loading import (
     ADAPTER_NAME,
     SAFE_INDEX,
+    check_adapter_numbers,
     nf4_config,
     resolve_model_dir,
     weight_files,
@@ -194,10 +195,7 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as error:
         raise InputError(f"--adapter {path}: not a readable safetensors file ({first_line(error)}); it is "
                          "truncated or corrupt — copy it again") from error
-    for name, tensor in tensor_by_name.items():
-        if not is_finite(tensor):
-            raise InputError(f"--adapter {path}: tensor {name} has NaN/Inf values; the adapter is corrupt "
-                             "(did training diverge?)")
+    check_adapter_numbers(tensor_by_name, path)
     return tensor_by_name
 
 
@@ -217,7 +215,7 @@ def _read_header(shard: Path) -> dict[str, TensorInfo]:
 
 def _parse_config(base_dir: Path) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(str(base_dir))
+        return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"--model {base_dir / 'config.json'}: transformers cannot read it "
                          f"({first_line(error)})") from error
@@ -228,7 +226,7 @@ def _meta_model(config: PretrainedConfig) -> torch.nn.Module:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError) as error:
         raise InputError(f"--model: transformers cannot build a causal LM from its config.json "
                          f"({first_line(error)})") from error

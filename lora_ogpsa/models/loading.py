@@ -26,8 +26,16 @@ from transformers import (
     set_seed,
 )
 
+from lora_ogpsa.utils import limits
 from lora_ogpsa.utils.errors import InputError, first_line
-from lora_ogpsa.utils.files import ADAPTER_CONFIG, ADAPTER_FILE, file_sha256, read_json, safetensors_header
+from lora_ogpsa.utils.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    file_sha256,
+    read_json,
+    read_safetensors,
+    safetensors_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +79,9 @@ def check_model_dir(path: str | Path) -> Path:
         raise InputError(f"--model {path}: no such directory; give a local Hugging Face model directory")
     if not (path / "config.json").is_file():
         raise InputError(f"--model {path}: no config.json in it; give a directory written by save_pretrained")
+    refuse_model_code(path)
     try:  # transformers validates every field (types, ranges) here, in milliseconds: before any work, not at load
-        AutoConfig.from_pretrained(str(path))
+        AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (ValueError, TypeError, OSError, KeyError, StrictDataclassError) as error:
         # huggingface_hub's validation error puts the field on its first line and what is wrong on its last
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -82,6 +91,23 @@ def check_model_dir(path: str | Path) -> Path:
     for shard, _ in weight_files(path):
         safetensors_header(shard, flag="--model")
     return path
+
+
+def refuse_model_code(path: Path, *, flag: str = "--model") -> None:
+    """Refuse a model directory that carries its own Python code (`*.py` files, or an `auto_map` in
+    `config.json` / `tokenizer_config.json`), before transformers reads it: lora-ogpsa never runs code from a
+    model directory (`trust_remote_code=False` on every load, and nothing asks on stdin).
+
+    Raises:
+        InputError: naming the file that brings code.
+    """
+    code = sorted(item.name for item in path.glob("*.py"))
+    mapped = [name for name in ("config.json", "tokenizer_config.json") if (path / name).is_file()
+              and isinstance(found := read_json(path / name, flag=flag), dict) and found.get("auto_map")]
+    if code or mapped:
+        what = f"an auto_map in {mapped[0]}" if mapped else f"Python code ({', '.join(code[:3])})"
+        raise InputError(f"{flag} {path}: {what} — model code, which lora-ogpsa never runs (trust_remote_code is "
+                         "always false); use a model whose architecture transformers ships, saved without code")
 
 
 def weight_files(model_dir: Path) -> list[tuple[Path, list[str]]]:
@@ -137,7 +163,28 @@ def check_adapter_dir(path: str | Path, *, flag: str = "--adapter") -> Path:
         if fixed_rank and rank != config["r"]:
             raise InputError(f"{flag} {path / ADAPTER_FILE}: {name} has rank {rank}, {ADAPTER_CONFIG} says "
                              f"r={config['r']}; the config does not belong to these weights")
+    check_adapter_numbers(read_safetensors(path / ADAPTER_FILE, flag=flag), path / ADAPTER_FILE, flag=flag)
     return path
+
+
+def check_adapter_numbers(tensor_by_name: dict[str, torch.Tensor], where: str | Path, *,
+                          flag: str = "--adapter") -> None:
+    """Every LoRA tensor of an adapter is floating point and every floating tensor finite: an adapter stored as
+    integers, or with a NaN/Inf, is refused before it is evaluated, merged, exported or trained on.
+
+    Raises:
+        InputError: naming the file, the tensor and what it holds.
+    """
+    for name, tensor in tensor_by_name.items():
+        if ".lora_" in name and not tensor.is_floating_point():
+            raise InputError(f"{flag} {where}: tensor {name} is stored as {tensor.dtype}, not floating point; not a "
+                             "trained LoRA adapter — re-save it from the trained model")
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        low, high = tensor.aminmax()  # one NaN-propagating pass, no mask
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise InputError(f"{flag} {where}: tensor {name} has NaN/Inf values; the adapter is corrupt (did "
+                             "training diverge?) — use an earlier checkpoint")
 
 
 def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = None) -> PreTrainedTokenizerBase:
@@ -148,8 +195,9 @@ def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = Non
     Raises:
         InputError: the tokenizer does not load, or it has no chat template and none is given.
     """
+    directory = check_model_dir(path)  # its own one-line errors, not wrapped as a tokenizer failure
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise InputError(f"--model {path}: cannot load its tokenizer ({first_line(error)})") from error
     if chat_template_path is not None:
@@ -158,9 +206,27 @@ def load_tokenizer(path: str | Path, chat_template_path: str | Path | None = Non
         raise InputError(f"--model {path}: its tokenizer has no chat template (no chat_template.jinja, no "
                          "`chat_template` in tokenizer_config.json); give one with --chat_template_path FILE.jinja "
                          "(sft) or save it as chat_template.jinja in the model directory")
+    _check_template_renders(tokenizer, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "How are you?"}]
+
+
+def _check_template_renders(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Render a short conversation under a time limit: a template that loops without end is refused here, in
+    one line, instead of hanging the command. A template that raises on it is left to the row checks."""
+    seconds = limits.TEMPLATE_SECONDS
+    with limits.time_limit(seconds, f"--model {path}: its chat template did not render a {len(_PROBE)}-message "
+                           f"conversation in {seconds:g} s (a loop without end?); fix the template or give another "
+                           "with --chat_template_path"):
+        try:
+            tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
+        except Exception:
+            logger.debug("the chat template raised on the probe conversation", exc_info=True)
 
 
 def _read_chat_template(path: Path) -> str:
@@ -198,7 +264,7 @@ def load_base_model(
     if quantize:
         kwargs["quantization_config"] = nf4_config(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"--model {path}: cannot load it as a causal LM ({first_line(error)})") from error
     if quantize:
@@ -317,10 +383,16 @@ def model_fingerprint(model_path: str | Path) -> str:
     files = sorted(path for path in directory.iterdir() if path.is_file() and _is_model_file(path.name))
     if not any(path.suffix in (".safetensors", ".bin") for path in files):
         raise InputError(f"--model {directory}: no *.safetensors or *.bin weights in it")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
-    return digest.hexdigest()[:16]
+    key = tuple((str(path.resolve()), path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+    if key not in _FINGERPRINTS:  # a run asks more than once (its config, its resume check): hash once
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+        _FINGERPRINTS[key] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _is_model_file(name: str) -> bool:

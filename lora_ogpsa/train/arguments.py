@@ -307,6 +307,9 @@ def check_accepted(values: dict[str, Any]) -> None:
     """
     from lora_ogpsa.utils.errors import InputError
 
+    if values.get("trust_remote_code"):  # TRL's field: model code would run; here it never does
+        raise InputError("--trust_remote_code true: lora-ogpsa never runs code from a model directory; use a model "
+                         "whose architecture transformers ships, and drop the flag")
     for cls in (RunArguments, ModelArguments):
         for item in dataclasses.fields(cls):
             accepted = ours(item)["accepts"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -19,7 +18,6 @@ from typing import Literal
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from lora_ogpsa.callback.guards import refuse_sharded_training
 from lora_ogpsa.callback.router import OGPSACallback
@@ -30,8 +28,9 @@ from lora_ogpsa.export.card import write_model_card
 from lora_ogpsa.models import loading, shapes
 from lora_ogpsa.signals import distributed, sharding
 from lora_ogpsa.signals.reference import ReferenceSet, build_lookalike_set, build_reference_set
+from lora_ogpsa.train import resume
 from lora_ogpsa.train.divergence import DivergenceCallback
-from lora_ogpsa.train.settings import RESUMABLE, TrainSettings
+from lora_ogpsa.train.settings import TrainSettings
 from lora_ogpsa.train.stage_files import StageFilesCallback
 from lora_ogpsa.train.trainers import loss_masking
 from lora_ogpsa.utils import files
@@ -76,11 +75,12 @@ def _run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback]) ->
     tokenizer, reference = _validate_common(settings)
     sft_rows = _read_checked(settings.sft_data, "sft", "--sft-data", tokenizer, settings)
     dpo_rows = _read_checked(settings.dpo_data, "preference", "--dpo-data", tokenizer, settings)
+    resume.check_align_resume(settings, sft_rows, dpo_rows, reference)
     work = _prepare_work_dir(settings)
     sft_dir, dpo_dir = work / "sft", work / "dpo"
-    if not _stage_complete(sft_dir):
+    if not resume.stage_complete(sft_dir):
         _train_stage("sft", settings, sft_dir, sft_rows, reference, tokenizer, None, callbacks)
-    if not _stage_complete(dpo_dir):
+    if not resume.stage_complete(dpo_dir):
         dpo_settings = settings.for_dpo_stage()
         _train_stage("dpo", dpo_settings, dpo_dir, dpo_rows, reference, tokenizer, sft_dir, callbacks)
     if distributed.is_main():
@@ -97,6 +97,7 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
     tokenizer, reference = _validate_common(settings)
     rows = _read_checked(data, "sft" if stage == "sft" else "preference", "--data", tokenizer, settings)
     adapter = Path(settings.adapter) if stage == "dpo" and settings.adapter is not None else None  # checked above
+    resume.check_stage_resume(stage, settings, rows, reference, adapter, "")
     work = _prepare_work_dir(settings)
     _train_stage(stage, settings, work, rows, reference, tokenizer, adapter, callbacks)
     if distributed.is_main():
@@ -131,7 +132,7 @@ def _validate_common(settings: TrainSettings):
                                         "--lookalike": settings.lookalike,
                                         "--adapter": settings.adapter})
     files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
-    resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
+    resume.resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
     if settings.ogpsa.project != "none":  # FSDP1 / DeepSpeed (launcher environment or trainer fields) refused
         refuse_sharded_training(SimpleNamespace(**settings.training_arguments))
     partial = files.partial_path(settings.output)
@@ -154,30 +155,6 @@ def _validate_common(settings: TrainSettings):
     if settings.lookalike is not None:
         _read_checked(settings.lookalike, "sft", "--lookalike", tokenizer, settings)
     return tokenizer, reference
-
-
-def resume_checkpoint(settings: TrainSettings) -> Path | None:
-    """`--resume_from_checkpoint PATH` as a path relative to the run's output (e.g. `sft/checkpoint-2`), the
-    same inside `OUTPUT` and `OUTPUT.partial`; None without one, or with `true` (the newest complete one).
-
-    Raises:
-        InputError: the path is not a complete `checkpoint-N` directory of this run.
-    """
-    given = settings.resume_from_checkpoint
-    if given is None or str(given).lower() == "true":
-        return None
-    path, flag = Path(given).resolve(), f"--resume_from_checkpoint {given}"
-    roots = [settings.output.resolve(), files.partial_path(settings.output).resolve()]
-    root = next((root for root in roots if path.is_relative_to(root)), None)
-    if root is None:
-        raise InputError(f"{flag}: not inside --output {settings.output} or its {roots[1].name}; give a "
-                         "checkpoint-N directory of this run")
-    if not (path.name.startswith("checkpoint-") and path.name.split("-", 1)[1].isdigit()) or not path.is_dir():
-        raise InputError(f"{flag}: not a checkpoint-N directory; give one of the run's checkpoints")
-    if not (path / files.COMPLETE_MARKER).is_file():
-        raise InputError(f"{flag}: incomplete checkpoint (a save cut short); give an earlier one, or 'true' for the "
-                         "newest complete one")
-    return path.relative_to(root)
 
 
 def _replay(settings: TrainSettings, tokenizer) -> dict:
@@ -230,10 +207,6 @@ def _prepare_work_dir(settings: TrainSettings) -> Path:
     return work
 
 
-def _stage_complete(directory: Path) -> bool:
-    return (directory / files.RUN_CONFIG).is_file() and (directory / files.ADAPTER_FILE).is_file()
-
-
 def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: Rows, reference: ReferenceSet | None,
                  tokenizer, adapter: Path | None, callbacks: Sequence[TrainerCallback]) -> None:
     """Train one stage into `directory` and write its outputs there (the run config last: the stage marker)."""
@@ -243,7 +216,7 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
         directory.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     model = _load_model(settings, adapter)
-    run_config = settings.to_run_config(stage, rows, reference, adapter)
+    run_config = resume.run_config(stage, settings, rows, reference, adapter)
     ogpsa = None
     if settings.ogpsa.project != "none" or settings.ogpsa.lookalike_barrier:
         ogpsa = OGPSACallback(settings.ogpsa, reference or [], **_replay(settings, tokenizer),
@@ -252,16 +225,9 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     trainer = build_trainer(stage, model, tokenizer, rows.rows, settings, directory,
                             [cb for cb in (DivergenceCallback(), ogpsa, stage_files) if cb is not None]
                             + list(callbacks))
-    chosen = resume_checkpoint(settings)
-    chosen = files.partial_path(settings.output) / chosen if chosen else None
-    checkpoint = files.last_complete_checkpoint(directory) if settings.resume else None
-    newest = get_last_checkpoint(str(directory)) if settings.resume else None
-    if chosen is not None and chosen.parent.resolve() == directory.resolve():
-        checkpoint = newest = chosen  # the user's choice, checked complete before anything was written
-    if newest and (checkpoint is None or Path(newest) != checkpoint):
-        logger.warning("--resume: %s is incomplete (a save cut short); passing over it", newest)
+    checkpoint = resume.chosen_checkpoint(settings, files.partial_path(settings.output), directory, warn=True)
     if checkpoint:
-        _check_resume_settings(run_config, checkpoint)
+        resume.check_resume(run_config, checkpoint, settings.max_steps)
         logger.info("resuming %s from %s, the newest complete checkpoint", stage, checkpoint)
         checkpoint = str(checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -276,36 +242,6 @@ def _train_stage(stage: Stage, settings: TrainSettings, directory: Path, rows: R
     distributed.barrier()  # the next stage (align's DPO) reads what rank 0 wrote
     del trainer, model
     gc.collect()
-
-
-# What `--resume` may change: it affects how a run is logged, saved or how long it goes, not its result.
-_RESUMABLE_TRAINER = {"report_to", "logging_dir", "run_name", "disable_tqdm", "save_total_limit", "project"}
-
-
-def _check_resume_settings(run_config: dict, checkpoint: Path) -> None:
-    """Refuse to resume with settings that change the result (they would be silently ignored or mixed in).
-
-    Raises:
-        InputError: listing every setting that differs from the checkpoint's recorded run config.
-    """
-    recorded_path = checkpoint / files.RUN_CONFIG
-    if not recorded_path.is_file():
-        return  # a checkpoint written by another tool: nothing recorded to compare with
-    recorded = files.read_json(recorded_path)
-    current = {**run_config, "training_arguments": {key: value for key, value in
-                                                    run_config.get("training_arguments", {}).items()
-                                                    if key not in _RESUMABLE_TRAINER}}
-    before = {**recorded, "training_arguments": {key: value for key, value in
-                                                  recorded.get("training_arguments", {}).items()
-                                                  if key not in _RESUMABLE_TRAINER}}
-    changed = sorted(key for key in set(current) | set(before) if key not in RESUMABLE
-                     and json.dumps(current.get(key), sort_keys=True, default=str)
-                     != json.dumps(before.get(key), sort_keys=True, default=str))
-    if changed:
-        details = "; ".join(f"{key}: {before.get(key)!r} -> {current.get(key)!r}" for key in changed[:4])
-        raise InputError(f"--resume: {checkpoint.name} was trained with other settings ({details}"
-                         f"{'; ...' if len(changed) > 4 else ''}); resume with the same settings (only logging, "
-                         "checkpointing and the number of steps may change), or start a new --output")
 
 
 def _load_model(settings: TrainSettings, adapter: Path | None) -> torch.nn.Module:

@@ -259,14 +259,39 @@ def _write_text_atomic(path: Path, text: str) -> None:
         partial.unlink(missing_ok=True)
 
 
+def write_texts_together(text_by_path: dict[Path, str]) -> None:
+    """Write several files as one: every text goes to its `.NAME.partial` sibling first, and only when all are
+    written are they renamed into place (a full disk or a crash on the way leaves every old file as it was and
+    no temporary behind)."""
+    partials = {Path(path): Path(path).with_name(f".{Path(path).name}.partial") for path in text_by_path}
+    try:
+        for path, text in text_by_path.items():
+            partials[Path(path)].write_text(text, encoding="utf-8")
+        for path, partial in partials.items():
+            os.replace(partial, path)
+    finally:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
+
+
+def json_text(payload: Any) -> str:
+    """The text `write_json` writes: pretty, sorted JSON with a final newline."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def jsonl_text(rows: Iterable[Any]) -> str:
+    """The text `write_jsonl` writes: one JSON object per line, UTF-8, not ASCII-escaped."""
+    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Pretty, sorted JSON, written to a temporary sibling and renamed."""
-    _write_text_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    _write_text_atomic(Path(path), json_text(payload))
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
     """One JSON object per line (UTF-8, not ASCII-escaped), written to a temporary sibling and renamed."""
-    _write_text_atomic(Path(path), "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    _write_text_atomic(Path(path), jsonl_text(rows))
 
 
 def read_json(path: Path, *, flag: str | None = None) -> Any:
@@ -304,8 +329,8 @@ def iter_jsonl(path: Path, *, flag: str | None = None,
         kind = next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
         if kind is not None:
             raise InputError(f"{where}: a {kind} archive, not JSON Lines text; decompress it first")
-        for number, raw in enumerate(handle, start=1):
-            if max_line_bytes is not None and len(raw) > max_line_bytes:
+        for number, raw in enumerate(iter(lambda: handle.readline(_read_limit(max_line_bytes)), b""), start=1):
+            if max_line_bytes is not None and len(raw) > max_line_bytes:  # read no further than the limit
                 raise InputError(f"{where}:{number}: the row is {len(raw) / 2**20:.1f} MiB, over the "
                                  f"{max_line_bytes / 2**20:g} MiB limit per row; shorten or split it")
             try:
@@ -331,6 +356,32 @@ def iter_jsonl(path: Path, *, flag: str | None = None,
                                      "that no tokenizer can encode; remove the escape or write the full pair"
                                      ) from error
             yield number, value
+
+
+def _read_limit(max_line_bytes: int | None) -> int:
+    """What one `readline` may read: one byte over the row limit (enough to see a row is too long), or all."""
+    return -1 if max_line_bytes is None else max_line_bytes + 2
+
+
+def read_text_lines(path: Path, *, flag: str, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 text file, each read no further than `max_line_bytes`.
+
+    Raises:
+        InputError: a binary file (a NUL byte), a line that is not UTF-8 or over the limit, naming file and line.
+    """
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(max_line_bytes + 2), b""), start=1):
+            if len(raw) > max_line_bytes:
+                raise InputError(f"{flag} {path}:{number}: the line is over the {max_line_bytes / 2**20:g} MiB limit "
+                                 "per row; shorten or split it")
+            if b"\0" in raw:
+                raise InputError(f"{flag} {path}:{number}: a NUL byte — a binary file, not text; give a UTF-8 text "
+                                 "file with one prompt per line")
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputError(f"{flag} {path}:{number}: not UTF-8 text (byte {error.start}); save it as UTF-8") \
+                    from error
 
 
 def read_jsonl(path: Path, *, flag: str | None = None) -> list[Any]:
