@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 # On a CUDA machine (Python 3.12, torch preinstalled, no internet): installs from wheels/, runs the GPU tests,
-# benchmarks and demo within 8 minutes (README "GPU check"). Without CUDA it prints what it would run.
+# benchmarks and demo within 8 minutes (docs/gpu-check.md). Without CUDA it prints what it would run.
 # The machine's own python3 (its CUDA torch), not .venv (CPU torch).
 GPU_PYTHON ?= python3
 gpu-check:

@@ -1,7 +1,7 @@
 """How the demo's data mix was chosen: the CPU plan of `make demo` with OGPSA alone, for one mix at a time.
 
 Each mix is the CPU plan's `DemoSizes` with a few sizes changed (no DPO pairs: the CPU plan trains SFT only);
-one seed, the 4-bit base, no λ-curve. The README's table of mixes (HarmBench / held-out dangerous-sounding
+one seed, the 4-bit base, no λ-curve. The table of mixes (CONTRASTIVE_SIZES in lora_ogpsa/demo/plan.py) (HarmBench / held-out dangerous-sounding
 refused / utility) came from these runs (`OMP_NUM_THREADS=1`, two at a time):
 
     python -m experiments.demo_mix imperative --sizes sft_lookalike=64 sft_quick=0     # 98 / 43 / 77 %

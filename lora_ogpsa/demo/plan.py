@@ -15,19 +15,19 @@ from lora_ogpsa.utils.errors import InputError
 
 CONTRASTIVE_SIZES = DemoSizes(sft_instructions=70, sft_lookalike=106, sft_quick=56)
 """The demo's data mix. It was chosen before the dev/test protocol (`demo.splits.split_evaluation`), on
-prompts that are now in both splits, so it is not a dev-made choice: the test-split tables (README, findings)
+prompts that are now in both splits, so it is not a dev-made choice: the test-split tables (docs/findings.md)
 take it as fixed and tune nothing else on it; a new mix must be chosen on `--split dev`. Its measurements then
 (one seed each, OGPSA on the CPU plan, 4-bit base; HarmBench / held-out dangerous-sounding refused / utility):
 Do-Not-Answer refusals with 64 ordinary and 64 look-alike
 answers 42 / 19 / 83 %; + 70 imperative-form refusals 98 / 43 / 77 %; + 106 look-alike answers instead of 64:
 85 / 28 / 77 %; + 56 short everyday questions answered 82 / 25 / 83 % (at lr 2e-4 instead of 3e-4: 58 / 22 /
-81 %). Commands and numbers: README, "The demo"."""
+81 %). Commands and numbers: docs/demo.md."""
 
 
 @dataclass
 class Plan:
     """Sizes and settings of one experiment: data mix, training, evaluation, seeds. The defaults are the demo's
-    CPU plan, chosen so that `make demo` fits its time on a 2-core CPU from cold caches (measured; see README);
+    CPU plan, chosen so that `make demo` fits its time on a 2-core CPU from cold caches (measured; see docs/demo.md);
     `Plan.demo()` gives the larger one on a GPU."""
 
     sft_steps: int = 32

@@ -38,7 +38,7 @@ def option(default: Any = None, help: str = "", *, aliases: tuple[str, ...] = ()
         help: the `--help` text (the default is appended by the parser).
         aliases: older names of the flag (both `-` and `_` spellings are accepted).
         commands: the training commands that have this flag.
-        setting: its name in `TrainSettings` when it differs from the field's (the README's short names).
+        setting: its name in `TrainSettings` when it differs from the field's (the short names of docs/cli.md).
         resumable: whether `--resume` may continue a run whose checkpoint recorded another value.
         held: whether `TrainSettings` holds it (else a trainer field travels in `training_arguments`; another
             field is only checked).
