@@ -449,6 +449,27 @@ def test_a_chat_template_that_never_ends_on_one_row_is_refused_naming_it(tiny_mo
     assert not (tmp_path / "out").exists()
 
 
+def test_a_chat_template_that_never_ends_on_one_eval_prompt_is_refused(tiny_model_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    import shutil
+
+    from lora_ogpsa.utils import limits
+
+    monkeypatch.setattr(limits, "TEMPLATE_SECONDS", 1.0)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if 'trap' in m['content'] %}{% for a in range(100000) %}{% for b in range(100000) %}"
+        "{% endfor %}{% endfor %}{% endif %}{% endfor %}" + template)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 2 plus 2?\na trap: what is 3 plus 3?\n")
+    assert _run(_eval(model, prompts, tmp_path / "out.json")) == 2
+    assert "evaluation prompt 'a trap: what is 3 plus 3?': the chat template did not render this row in 1 s" in \
+        _one_error(capsys)
+    assert not (tmp_path / "out.json").exists()
+
+
 @pytest.mark.parametrize("name, content, message", PROMPT_FILES)
 def test_eval_prompt_files_are_bounded_text(tiny_model_dir, tmp_path, capsys, name, content, message):
     prompts = tmp_path / name

@@ -26,6 +26,7 @@ from lora_ogpsa.data.rows import tokenize_prompt_completion
 from lora_ogpsa.eval.prompts import Prompt, UtilityItem
 from lora_ogpsa.eval.stats import bootstrap_ci
 from lora_ogpsa.refusal import OPENING_CHARS, is_refusal
+from lora_ogpsa.utils.limits import template_time_limit
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Prompt], 
 
 def _prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     """A prompt's token ids through the chat template, with the assistant header (what `generate` continues)."""
-    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+    with template_time_limit(f"evaluation prompt {str(prompt)[:60]!r}"):  # a template is a program: bounded
+        text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
