@@ -152,7 +152,7 @@ def main() -> None:
                for row in _run_engine(engine, model_path, args.quick, args.quantize, port + index)]
     summary = report(results)
     name = "fsdp_quick" if args.quick else "fsdp" + ("_4bit" if args.quantize else "")
-    path = write_json(name, {"workload": vars(workload), "quantized": args.quantize, "target_ratio": TARGET_RATIO,
+    path = write_json(name, {"split": "none", "workload": vars(workload), "quantized": args.quantize, "target_ratio": TARGET_RATIO,
                              **summary, "results": results}, args.output_dir)
     print(f"wrote {path}")
 

@@ -108,7 +108,7 @@ def main() -> None:
                "refused": {"whole_prompts": sum(map(is_refusal, plain_refusals)),
                            "shared_prefix": sum(map(is_refusal, shared_refusals))}}
     print(summary, comparison)
-    print(f"wrote {write_json('generation', {'timings': timings, 'comparison': comparison, **summary}, args.output_dir)}")
+    print(f"wrote {write_json('generation', {'split': 'none', 'timings': timings, 'comparison': comparison, **summary}, args.output_dir)}")
 
 
 if __name__ == "__main__":

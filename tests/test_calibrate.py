@@ -176,7 +176,7 @@ def test_unreachable_target_exits_2_naming_the_best_refusal(tiny_model_dir, tmp_
     error = capsys.readouterr().err
     assert status == 2, error
     assert "not reached on dev; the best harmful refusal is 0.0%" in error
-    assert len(error.strip().splitlines()) == 1
+    assert len([line for line in error.splitlines() if line.startswith("lora-ogpsa:")]) == 1  # (progress bars aside)
     assert not output.exists() and not (tmp_path / "out.partial").exists()
     assert len(list((tmp_path / ".out.evaluations").glob("*.json"))) == 2  # kept: a rerun evaluates nothing
 
