@@ -33,6 +33,7 @@ def small_plan(**changes) -> Plan:
     plan = Plan(sft_steps=2, dpo_steps=1, save_steps=1, dpo_save_steps=1, batch_size=4, dpo_batch_size=2,
                     max_length=64, eval_harmful=4, eval_benign=4, eval_utility=4, eval_max_new_tokens=4,
                     eval_batch_size=8, data_sizes=TINY_SIZES, lambdas=(0.25, 0.5, 0.75), lambda_curves=True,
+                    benign_nll=True,
                     ogpsa=OGPSAConfig(max_directions=2, refresh_every=1, reference_examples=4,
                                       reference_batch_size=2))
     return dataclasses.replace(plan, **changes)
@@ -53,7 +54,10 @@ def check_report(report, output, methods):
             assert 0.0 <= metrics[key] <= 1.0, (name, key)
             low, high = metrics[f"{key}_ci"]  # the report contract: an interval for every rate
             assert low <= metrics[key] <= high, (name, key)
-        assert metrics["benign_nll"] > 0.0
+        if report["settings"]["benign_nll"]:
+            assert metrics["benign_nll"] > 0.0
+        else:  # the CPU plan measures no NLL: nothing generated for it, no column in the table
+            assert metrics["benign_nll"] is None and "benign NLL" not in (output / "report.md").read_text()
     assert on_disk["verdict"].startswith("The final OGPSA model refuses")
     assert set(on_disk["responses"]) == {"base", *methods}
     assert {"prompt", "response", "refused", "kind"} <= set(on_disk["responses"]["ogpsa"]["benign"][0])
@@ -123,7 +127,7 @@ def test_demo_with_repeat_seeds_reports_means_and_intervals_across_seeds(tiny_mo
     """The GPU plan's three seeds, here two: every method trained again per seed, the report's models are the
     first seed's, and `across_seeds` holds every final rate and tax as mean and t-interval over the seeds."""
     output = tmp_path / "out"
-    plan = small_plan(dpo_steps=0, repeat_seeds=(1,), lambdas=(0.5,))
+    plan = small_plan(dpo_steps=0, repeat_seeds=(1,), lambdas=(0.5,), benign_nll=False)  # the CPU plan's
     report = run_demo(output=output, model=str(tiny_model_dir), cache_dir=tmp_path / "cache", plan=plan)
     check_report(report, output, ("ogpsa", "plain"))
     assert (output / "seed-1" / "ogpsa" / "adapter_model.safetensors").is_file()

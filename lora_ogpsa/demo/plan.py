@@ -35,9 +35,12 @@ class Plan:
     """0: SFT only. The CPU plan trains no DPO stage: measured on the contrastive data (full-precision base,
     SFT 30 steps then DPO 16 steps at 2e-4), DPO took HarmBench refusal from 35 % to 10 % and utility from 75 %
     to 67 % — it undid the safety the SFT stage had bought. The GPU plan runs SFT then DPO."""
-    save_steps: int = 8
-    """a checkpoint every 8 of the 32 SFT steps: curves of 4 trained models (and the base), so that a tax at a
-    HarmBench level is read between two evaluated checkpoints"""
+    save_steps: int = 11
+    """a checkpoint at steps 11 and 22 of the 32 SFT steps: curves of the base, 2 checkpoints and the final
+    adapter (4 evaluated points), so that a tax at a HarmBench level is read between two evaluated points. One
+    evaluation of the whole test split takes about 45 s on the project's 2-core CPU: a checkpoint every 8 steps
+    (5 points) would put `make demo` past 15 minutes (docs/demo.md). The experiments on this plan
+    (`experiments.alignment_tax --plan demo`) keep a checkpoint every 8 steps."""
     dpo_save_steps: int = 4
     batch_size: int = 8
     dpo_batch_size: int = 4
@@ -60,7 +63,9 @@ class Plan:
     own 32): measured by `python -m experiments.refusal_tokens` on saved responses, the detector's verdicts at
     16 tokens equal those at 24 on all 422 labelled responses and every demo rate (12 tokens change 3 labelled
     verdicts)"""
-    eval_batch_size: int = 48
+    eval_batch_size: int = 96
+    """prompts per generation batch: the same responses as 48 (399 of 399 test refusal prompts), 7 % faster on
+    the 2-core CPU"""
     ogpsa: OGPSAConfig = field(default_factory=lambda: OGPSAConfig(max_directions=8, refresh_every=16,
                                                                    reference_examples=32))
     data_sizes: DemoSizes = field(default_factory=lambda: dataclasses.replace(CONTRASTIVE_SIZES, dpo_pairs=0,
@@ -77,6 +82,10 @@ class Plan:
     """more training seeds: every method is trained and evaluated again with each (in `OUTPUT/seed-N`), and the
     report adds every final rate and tax as mean and 95 % interval across all seeds (`across_seeds`); the
     report's `models` stay the first seed's. The GPU plan: (1, 2), three seeds in all."""
+    benign_nll: bool = False
+    """also score the base model's own answers to the benign prompts (`benign_nll`, a likelihood beside the
+    refusal rates). Off on the CPU plan: on the project's 2-core CPU it took 30-35 s of each 100-110 s
+    evaluation and 2.3 minutes of base-model answers (`make demo`'s timings, docs/demo.md)"""
     evaluate_merged: bool = False
     """evaluate the merged OGPSA model too (it equals base + adapter up to the merge audit's logit difference)"""
 
@@ -88,7 +97,7 @@ class Plan:
         if torch.cuda.is_available():
             plan = dataclasses.replace(plan, sft_steps=120, dpo_steps=60, save_steps=20, dpo_save_steps=15,
                                        batch_size=16, dpo_batch_size=8, max_length=192,
-                                       evaluate_merged=True, eval_max_new_tokens=32, lambda_curves=True,
+                                       evaluate_merged=True, benign_nll=True, eval_max_new_tokens=32, lambda_curves=True,
                                        lambdas=LAMBDAS, data_sizes=CONTRASTIVE_SIZES, repeat_seeds=(1, 2),
                                        ogpsa=OGPSAConfig(max_directions=8, refresh_every=20, reference_examples=64))
         if seeds is not None:

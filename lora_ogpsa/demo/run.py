@@ -99,7 +99,9 @@ def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str 
     model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
     data = build_demo_data(model_path, cache_dir, sizes=plan.data_sizes, seed=plan.data_seed)
     timings["model_and_data"] = time.perf_counter() - started
-    suites = load_eval_suites(data, plan.eval_split, harmful=plan.eval_harmful, benign=plan.eval_benign, utility=plan.eval_utility)
+    suites = load_eval_suites(data, plan.eval_split, harmful=plan.eval_harmful, benign=plan.eval_benign,
+                              utility=plan.eval_utility, answers_from=model_path if plan.benign_nll else None,
+                              cache_dir=cache_dir)
     output.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
     base_metrics = evaluator.evaluate(None, "base")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +108,21 @@ def _rate_ci(metrics: Mapping[str, Any], key: str) -> str:
     return f"{value:.0%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
 
 
+def shown_metrics(points: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The table columns: every metric, the benign NLL only where some point was scored (`Plan.benign_nll`)."""
+    points = list(points)
+    return [metric for metric in METRICS
+            if metric != "benign_nll" or any(point.get(metric) is not None for point in points)]
+
+
 def final_table(report: Mapping[str, Any]) -> str:
     """The final models side by side, as a Markdown table."""
-    header = "| model | " + " | ".join(LABELS[m] for m in METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    shown = shown_metrics(report["models"].values())
+    header = "| model | " + " | ".join(LABELS[m] for m in shown) + " |"
+    lines = [header, "|" + "---|" * (len(shown) + 1)]
     for name, metrics in report["models"].items():
         cells = [_rate_ci(metrics, metric) if metric != "benign_nll" else _format(metrics.get(metric), metric)
-                 for metric in METRICS]
+                 for metric in shown]
         lines.append(f"| {METHOD_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -168,10 +176,11 @@ def markdown(report: Mapping[str, Any]) -> str:
     for method, points in {**report["trajectories"], **{f"{k} λ": v for k, v in
                                                           report.get("lambda_curves", {}).items()}}.items():
         parts.append(f"### {METHOD_NAMES.get(method, method)}\n")
-        parts.append("| point | " + " | ".join(LABELS[m] for m in METRICS) + " |")
-        parts.append("|" + "---|" * (len(METRICS) + 1))
+        shown = shown_metrics(points)
+        parts.append("| point | " + " | ".join(LABELS[m] for m in shown) + " |")
+        parts.append("|" + "---|" * (len(shown) + 1))
         for point in points:
-            cells = [_format(point.get(metric), metric) for metric in METRICS]
+            cells = [_format(point.get(metric), metric) for metric in shown]
             parts.append(f"| {point.get('label', '?')} | " + " | ".join(cells) + " |")
         parts.append("")
     parts += refused_benign_markdown(report)
