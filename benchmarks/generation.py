@@ -1,7 +1,7 @@
 """Evaluation generation: the prompts' shared prefix computed once against whole left-padded prompts.
 
-SmolLM2-135M-Instruct in float32, greedy, batch 48, as the demo evaluates: the last `--prompts` HarmBench
-prompts and as many held-out look-alike benign prompts at 16 new tokens (the refusal suites), and `--prompts`
+SmolLM2-135M-Instruct in float32, greedy, at the demo plan's batch size (`--batch-size`), as the demo
+evaluates: the last `--prompts` HarmBench prompts and as many held-out look-alike benign prompts at 16 new tokens (the refusal suites), and `--prompts`
 utility questions at 32. The two modes run alternately (`--repeats` rounds), timed by wall clock and by this
 process's CPU time (less sensitive to other jobs on the machine); then the responses, the refusal verdicts and
 the utility verdicts of the two modes are compared prompt by prompt.
@@ -61,6 +61,8 @@ def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--prompts", type=int, default=48, help="prompts per suite")
     arguments.add_argument("--repeats", type=int, default=2, help="rounds of both modes")
+    arguments.add_argument("--batch-size", type=int, default=None,
+                           help="prompts per generation batch (default: the demo plan's, `Plan.eval_batch_size`)")
     arguments.add_argument("--tokens-only", action="store_true", help="only the token budget of a demo evaluation")
     args = arguments.parse_args()
     if args.tokens_only:
@@ -73,12 +75,14 @@ def main() -> None:
         return
     from benchmarks.workload import resolve_model
     from lora_ogpsa.demo.assets import load_harmbench
+    from lora_ogpsa.demo.plan import Plan
     from lora_ogpsa.demo.splits import DemoSizes, benign_eval_prompts
     from lora_ogpsa.demo.utility_questions import UTILITY_SET
     from lora_ogpsa.eval.generation import _PrefixCache, _prompt_ids, check_answer, generate
     from lora_ogpsa.models.loading import load_base_model, load_tokenizer
     from lora_ogpsa.refusal import is_refusal
 
+    batch_size = args.batch_size or Plan().eval_batch_size
     path = resolve_model(args.model, args.quick)
     model, tokenizer = load_base_model(path, quantize=False), load_tokenizer(path)
     refusal_prompts = load_harmbench()[-args.prompts:] + benign_eval_prompts(DemoSizes(), 0, "test")[:args.prompts]
@@ -89,9 +93,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for share in (False, True):
             refusals, wall, cpu = _timed(lambda share=share: generate(
-                model, tokenizer, refusal_prompts, max_new_tokens=16, batch_size=48, share_prefix=share))
+                model, tokenizer, refusal_prompts, max_new_tokens=16, batch_size=batch_size, share_prefix=share))
             answers, wall_u, cpu_u = _timed(lambda share=share: generate(
-                model, tokenizer, [item.question for item in utility], max_new_tokens=32, batch_size=48,
+                model, tokenizer, [item.question for item in utility], max_new_tokens=32, batch_size=batch_size,
                 share_prefix=share))
             outputs[share] = (refusals, answers)
             timings.append({"share_prefix": share, "refusal_wall_s": wall, "refusal_cpu_s": cpu,
@@ -103,12 +107,13 @@ def main() -> None:
         "utility": _agreement(plain_answers, shared_answers, lambda i, text: check_answer(
             text, utility[i].answers, question=utility[i].question)),
     }
-    summary = {"prompt_tokens_mean": sum(map(len, rows)) / len(rows),
+    summary = {"batch_size": batch_size, "prompts": {"refusal": len(refusal_prompts), "utility": len(utility)},
+               "prompt_tokens_mean": sum(map(len, rows)) / len(rows),
                "shared_prefix_tokens": len(prefix.ids) if prefix else 0,
                "refused": {"whole_prompts": sum(map(is_refusal, plain_refusals)),
                            "shared_prefix": sum(map(is_refusal, shared_refusals))}}
     print(summary, comparison)
-    print(f"wrote {write_json('generation', {'split': 'none', 'timings': timings, 'comparison': comparison, **summary}, args.output_dir)}")
+    print(f"wrote {write_json('generation_prefix', {'split': 'none', 'timings': timings, 'comparison': comparison, **summary}, args.output_dir)}")
 
 
 if __name__ == "__main__":
