@@ -205,6 +205,11 @@ def test_demo_end_to_end_on_the_real_model(tmp_path):
     assert (output / "merged" / "config.json").is_file()
 
 
+def settings_of(method, model, data, plan, output):
+    """One method's run settings, as the demo configures them (a `compare` configuration)."""
+    return demo.demo_runs(plan, (method,), model, data, output)[(method.name, plan.seed)][1]
+
+
 def test_fingerprint_separates_settings(tiny_model_dir, tmp_path, data_files):
     class Data:
         def path(self, name):
@@ -214,7 +219,7 @@ def test_fingerprint_separates_settings(tiny_model_dir, tmp_path, data_files):
     plan = small_plan()
 
     def fingerprint(method, **ogpsa):
-        settings = demo._method_settings(method, tiny_model_dir, Data(), dataclasses.replace(
+        settings = settings_of(method, tiny_model_dir, Data(), dataclasses.replace(
             plan, ogpsa=dataclasses.replace(plan.ogpsa, **ogpsa)), tmp_path)
         return run_fingerprint(settings, method)
 
@@ -222,7 +227,7 @@ def test_fingerprint_separates_settings(tiny_model_dir, tmp_path, data_files):
     assert fingerprint(method) != fingerprint(method, one_sided=True)
     assert fingerprint(method) != fingerprint(method, max_directions=3)
     assert fingerprint(method) != fingerprint(Method("ogpsa", stages="sft"))
-    values = demo._method_settings(method, tiny_model_dir, Data(), plan, tmp_path).to_run_config(
+    values = settings_of(method, tiny_model_dir, Data(), plan, tmp_path).to_run_config(
         "align", _NoRows(), None, None)
     assert values["ogpsa"]["one_sided"] is False  # the run config itself still records every field
 
@@ -243,8 +248,7 @@ def test_fingerprint_holds_no_path(tiny_model_dir, tmp_path, data_files):
                 return files[{"sft": "sft", "dpo": "dpo", "reference": "reference",
                               "reference_lookalike": "reference"}[name]]
 
-        return run_fingerprint(demo._method_settings(Method("ogpsa"), model, Data(), small_plan(), output),
-                               Method("ogpsa"))
+        return run_fingerprint(settings_of(Method("ogpsa"), model, Data(), small_plan(), output), Method("ogpsa"))
 
     first, second = copied("one"), copied("two")
     assert fingerprint(*first, tmp_path / "out-a") == fingerprint(*second, tmp_path / "out-b")
@@ -303,3 +307,27 @@ def test_lambda_curve_is_in_lambda_order_and_may_go_past_the_final_adapter(tmp_p
     assert [point["lambda"] for point in curve] == [0.0, 0.5, 1.0, 1.5]
     assert [point["scale"] for point in curve] == [0.0, 0.5, 1.0, 1.5]
     assert [point["label"] for point in curve] == ["λ=0", "λ=0.5", "λ=1", "λ=1.5"]
+
+
+def test_the_demo_is_a_compare_configuration(tiny_model_dir, tmp_path, data_files):
+    """The demo's runs are configured as `lora-ogpsa compare` configures a user's: the plan's shared options
+    and each method's own, parsed and checked by `compare.run_settings` (its errors name `methods.NAME`); an SFT
+    run's fingerprint does not read the DPO stage's options, so it is the same however those were filled."""
+    class Data:
+        def path(self, name):
+            return data_files[{"sft": "sft", "dpo": "dpo", "reference": "reference",
+                               "reference_lookalike": "reference"}[name]]
+
+    plan = small_plan(dpo_steps=0)
+    args = demo.demo_comparison(plan, (Method("plain", project="none", stages="sft"),), "sft", tiny_model_dir,
+                                Data(), tmp_path)
+    assert args.stage == "sft" and args.methods["plain"]["ogpsa_project"] == "none"
+    assert args.training["per_device_train_batch_size"] == plan.batch_size and args.max_steps == plan.sft_steps
+    settings = settings_of(Method("plain", project="none", stages="sft"), tiny_model_dir, Data(), plan, tmp_path)
+    assert settings.ogpsa.project == "none" and settings.output == tmp_path / "plain"
+    assert settings.dpo_learning_rate is None  # an SFT run leaves the align stage's options unset
+    unread = dataclasses.replace(settings, dpo_learning_rate=1e-4, dpo_data=str(data_files["dpo"]))
+    assert run_fingerprint(settings, "sft") == run_fingerprint(unread, "sft")
+    assert run_fingerprint(settings, "sft") != run_fingerprint(dataclasses.replace(settings, learning_rate=1e-4), "sft")
+    with pytest.raises(InputError, match=r"methods\.ogpsa: unknown sft option 'max_direction'"):
+        settings_of(Method("ogpsa", stages="sft", ogpsa={"max_direction": 3}), tiny_model_dir, Data(), plan, tmp_path)

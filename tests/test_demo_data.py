@@ -1,6 +1,7 @@
 """The default prompt sets and their splits, and building the demo data on tiny inputs (formats, disjoint
 splits, determinism for a seed, caching)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,13 +13,14 @@ from lora_ogpsa.demo.data import (
     DemoData,
     build_demo_data,
     cached_generate,
-    load_eval_suites,
     trim_to_sentence,
 )
 from lora_ogpsa.demo.everyday_lookalikes import EVERYDAY_BANK
 from lora_ogpsa.demo.harmful_instructions import HARMFUL_INSTRUCTIONS
+from lora_ogpsa.demo.plan import Plan
 from lora_ogpsa.demo.prompts import ORDINARY_PROMPTS, ORDINARY_PROMPTS_FLAT, SOUNDS_DANGEROUS
 from lora_ogpsa.demo.quick_questions import QUICK_QUESTIONS
+from lora_ogpsa.demo.run import demo_suites
 from lora_ogpsa.demo.splits import DemoSizes, split_harmful, split_lookalike, split_ordinary
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
 from lora_ogpsa.models.loading import model_fingerprint
@@ -257,20 +259,21 @@ def test_build_with_the_real_generate_on_a_tiny_model(tiny_dir, tmp_path, fake_s
     sizes = DemoSizes(sft_harmful=3, benign_fraction=0.5, dpo_pairs=2, harmful_heldout=2, reference=2,
                       benign_eval=1)
     data = build_demo_data(tiny_dir, tmp_path, sizes=sizes, max_new_tokens=3, batch_size=8, device="cpu")
-    suites = load_eval_suites(data, "test", harmful=5, benign=3)
+    plan = Plan(eval_split="test", eval_harmful=5, eval_benign=3)
+    suites = demo_suites(data, plan, tiny_dir, tmp_path)
     assert len(suites.harmful) == 5 and len(suites.benign) == 3 and suites.benign_answers == []
     assert all("response" not in row for row in _rows(data.path("benign_test")))  # no answer built for NLL
-    scored = load_eval_suites(data, "test", harmful=5, benign=3, answers_from=tiny_dir, cache_dir=tmp_path)
+    scored = demo_suites(data, dataclasses.replace(plan, benign_nll=True), tiny_dir, tmp_path)
     assert scored.benign == suites.benign and len(scored.benign_answers) == 3
     generations = list((tmp_path / "generations").glob("*.json"))
     assert len(generations) == 1  # the NLL answers reuse the data's generation settings and cache
     assert set(scored.benign) <= set(json.loads(generations[0].read_text())["responses"])
     assert suites.benign == [row["prompt"] for row in _rows(data.path("benign_test"))[:3]]
     assert suites.benign_kinds == ["sounds_dangerous"] * 3 and len(suites.utility) == len(UTILITY_SET) - 40
-    dev = load_eval_suites(data, "dev")
+    dev = demo_suites(data, Plan(eval_split="dev"), tiny_dir, tmp_path)
     assert not set(dev.harmful) & set(suites.harmful) and len(dev.utility) == 40
     with pytest.raises(InputError, match=r"evaluation split 'final': use one of dev, test"):
-        load_eval_suites(data, "final")
+        demo_suites(data, Plan(eval_split="final"), tiny_dir, tmp_path)
     assert DemoData.from_directory(data.directory) == data
 
 

@@ -29,7 +29,7 @@ the sizes, the seed and the generation settings), in TRL's standard formats:
 | `sources.json`          | sources, licences, sizes, seed, settings and row counts     |                       |
 
 The dev/test deal is `splits.split_evaluation`: every choice is made on `dev`; `test` is read only for final
-tables (`load_eval_suites(data, split)`).
+tables (`demo.run.demo_suites`, which reads them as `compare` reads a user's suites).
 
 Refusals are drawn from `refusal.GENERIC_REFUSALS` / `TAILORED_REFUSALS` (24 generic, 15 tailored to the
 Do-Not-Answer risk areas, 2 supportive ones for self-harm prompts). Base answers cut by `max_new_tokens` are
@@ -73,12 +73,11 @@ from lora_ogpsa.demo.splits import (
     split_ordinary,
 )
 from lora_ogpsa.demo.utility_questions import UTILITY_SET
-from lora_ogpsa.eval.generation import EvalSuites, generate
-from lora_ogpsa.eval.prompts import UtilityItem
+from lora_ogpsa.eval.generation import generate
 from lora_ogpsa.models.loading import load_base_model, load_tokenizer, model_fingerprint
 from lora_ogpsa.refusal import is_refusal, pick_refusal
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import atomic_directory, read_jsonl, write_json, write_jsonl
+from lora_ogpsa.utils.files import atomic_directory, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -352,34 +351,6 @@ def _hash(value: Any) -> str:
 
 
 # ---- evaluation suites from the built files ----
-
-def load_eval_suites(data: DemoData, split: str, *, harmful: int | None = None, benign: int | None = None,
-                     utility: int | None = None, answers_from: str | Path | None = None,
-                     cache_dir: str | Path | None = None) -> EvalSuites:
-    """The evaluation suites of one split (`dev` or `test`) of built demo data, optionally only the first n
-    prompts of each.
-
-    `harmbench_*.jsonl` is in a seeded random order, so its first n prompts are a fair sample; the benign set
-    starts with the prompts that merely sound dangerous. With `answers_from` (the base model's directory) the
-    suites carry its greedy answers to the benign prompts, which `benign_nll` scores (`benign_answers`);
-    without, they carry none and no NLL is measured.
-
-    Raises:
-        InputError: `split` is not one of `EVAL_SPLITS`.
-    """
-    if split not in EVAL_SPLITS:
-        raise InputError(f"evaluation split {split!r}: use one of {', '.join(EVAL_SPLITS)}")
-    benign_rows = read_jsonl(data.path(f"benign_{split}"))[:benign]
-    prompts = [row["prompt"] for row in benign_rows]
-    return EvalSuites(
-        harmful=[row["prompt"] for row in read_jsonl(data.path(f"harmbench_{split}"))[:harmful]],
-        benign=prompts,
-        benign_answers=benign_answers(data, answers_from, prompts, cache_dir) if answers_from is not None else [],
-        benign_kinds=[row["kind"] for row in benign_rows],
-        utility=[UtilityItem(row["prompt"], tuple(row["answers"]))
-                 for row in read_jsonl(data.path(f"utility_{split}"))][:utility],
-    )
-
 
 def benign_answers(data: DemoData, model_path: str | Path, prompts: Sequence[str],
                    cache_dir: str | Path | None = None) -> list[str]:

@@ -91,7 +91,7 @@ def run_demo(*, output: Path, compare: bool = False, max_steps: int | None = Non
 def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str | None, cache_dir: str | None,
               evaluation_cache: Path | None) -> dict[str, Any]:
     from lora_ogpsa.demo.assets import ensure_default_model
-    from lora_ogpsa.demo.data import build_demo_data, load_eval_suites
+    from lora_ogpsa.demo.data import build_demo_data
     from lora_ogpsa.models.loading import check_model_dir
 
     timings: dict[str, float] = {}
@@ -99,16 +99,11 @@ def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str 
     model_path = check_model_dir(model) if model else ensure_default_model(cache_dir)
     data = build_demo_data(model_path, cache_dir, sizes=plan.data_sizes, seed=plan.data_seed)
     timings["model_and_data"] = time.perf_counter() - started
-    suites = load_eval_suites(data, plan.eval_split, harmful=plan.eval_harmful, benign=plan.eval_benign,
-                              utility=plan.eval_utility, answers_from=model_path if plan.benign_nll else None,
-                              cache_dir=cache_dir)
+    suites = demo_suites(data, plan, model_path, cache_dir)
     output.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
     base_metrics = evaluator.evaluate(None, "base")
-    runs = {(method.name, seed): (method.stages, _method_settings(
-        method, model_path, data, dataclasses.replace(plan, seed=seed),
-        output if seed == plan.seed else output / f"seed-{seed}"))
-        for seed in (plan.seed, *plan.repeat_seeds) for method in methods}
+    runs = demo_runs(plan, methods, model_path, data, output)
     per_seed = train_and_evaluate(runs, evaluator, base_metrics, plan.lambdas if plan.lambda_curves else None,
                                   timings)
     trajectories, curves, finals = (per_seed[plan.seed][key] for key in ("trajectories", "lambda_curves", "models"))
@@ -154,19 +149,77 @@ def _check_demo_output(output: Path, overwrite: bool) -> bool:
     return False
 
 
-def _method_settings(method: Method, model_path: Path, data, plan: Plan, output: Path) -> TrainSettings:
-    sft_data = str(_replay_data(data, method.reference, output, plan.seed) if method.replay else data.path("sft"))
-    ogpsa = dataclasses.replace(plan.ogpsa, project=method.project, **method.ogpsa)
-    return TrainSettings(model=model_path, output=output / method.name, reference=str(data.path(method.reference)),
-                         sft_data=sft_data, dpo_data=str(data.path("dpo")), data=sft_data, max_steps=plan.sft_steps,
-                         dpo_max_steps=plan.dpo_steps or 1, save_steps=plan.save_steps, batch_size=plan.batch_size,
-                         dpo_batch_size=plan.dpo_batch_size, dpo_save_steps=plan.dpo_save_steps,
-                         learning_rate=plan.learning_rate,
-                         dpo_learning_rate=plan.dpo_learning_rate, seed=plan.seed, max_length=plan.max_length,
-                         lora_r=plan.lora_r, quantize=plan.quantize, overwrite=True, logging_steps=1, ogpsa=ogpsa,
-                         replay=str(data.path(method.projected_replay)) if method.projected_replay else None,
-                         lookalike=str(data.path(method.lookalike)) if method.lookalike else None,
-                         replay_fraction=method.replay_fraction)
+def demo_runs(plan: Plan, methods: tuple[Method, ...], model_path: Path, data, output: Path
+              ) -> dict[tuple[str, int], tuple[str, TrainSettings]]:
+    """Every (method, seed) run of a plan, configured as `lora-ogpsa compare` configures its runs
+    (`demo_comparison`, checked and parsed by `compare.run_settings`): the first seed's in `output/<method>`,
+    every other seed's in `output/seed-N/<method>`. Methods of both stages make one comparison per stage."""
+    from lora_ogpsa.experiment.compare import run_settings
+
+    seeds = (plan.seed, *plan.repeat_seeds)
+    found: dict[tuple[str, int], tuple[str, TrainSettings]] = {}
+    for stage in dict.fromkeys(method.stages for method in methods):
+        group = tuple(method for method in methods if method.stages == stage)
+        settings = run_settings(demo_comparison(plan, group, stage, model_path, data, output), model_path,
+                                lambda name, seed: (output if seed == plan.seed else output / f"seed-{seed}") / name)
+        found.update({key: (stage, value) for key, value in settings.items()})
+    return {(method.name, seed): found[(method.name, seed)] for seed in seeds for method in methods}
+
+
+def demo_comparison(plan: Plan, methods: tuple[Method, ...], stage: str, model_path: Path, data, output: Path):
+    """The plan as a `compare` configuration (`CompareArguments`): the demo's data, the plan's training
+    options shared by every method, each method the options it sets over them."""
+    from lora_ogpsa.experiment.arguments import CompareArguments
+
+    training = {"per_device_train_batch_size": plan.batch_size, "learning_rate": plan.learning_rate,
+                "max_length": plan.max_length, "lora_r": plan.lora_r, "quantize": plan.quantize, "logging_steps": 1,
+                **{key: value for key, value in dataclasses.asdict(plan.ogpsa).items() if key != "project"}}
+    if stage == "align":
+        training.update(dpo_max_steps=plan.dpo_steps, dpo_learning_rate=plan.dpo_learning_rate,
+                        dpo_batch_size=plan.dpo_batch_size, dpo_save_steps=plan.dpo_save_steps)
+    rows = {"data": str(data.path("sft"))} if stage != "align" else {"sft_data": str(data.path("sft")),
+                                                                     "dpo_data": str(data.path("dpo"))}
+    return CompareArguments(model=str(model_path), stage=stage, **rows, reference=str(data.path("reference_lookalike")),
+                            methods={method.name: method_options(method, plan, stage, data, output) for method in methods},
+                            training=training, seeds=[plan.seed, *plan.repeat_seeds], max_steps=plan.sft_steps,
+                            save_steps=plan.save_steps, lambdas=list(plan.lambdas) if plan.lambda_curves else None,
+                            split=plan.eval_split, output_dir=str(output))
+
+
+def method_options(method: Method, plan: Plan, stage: str, data, output: Path) -> dict[str, Any]:
+    """A demo `Method` as a `compare` method: the training options it sets (the flags of `lora-ogpsa sft`)."""
+    options: dict[str, Any] = {"ogpsa_project": method.project, "reference": str(data.path(method.reference))}
+    if method.replay:  # the reference rows mixed into the SFT rows (shuffled with the plan's first seed)
+        options["data" if stage != "align" else "sft_data"] = str(_replay_data(data, method.reference, output,
+                                                                               plan.seed))
+    if method.projected_replay:
+        options.update(replay=str(data.path(method.projected_replay)), replay_fraction=method.replay_fraction)
+    if method.lookalike:
+        options["lookalike"] = str(data.path(method.lookalike))
+    return {**options, **method.ogpsa}
+
+
+def demo_suites(data, plan: Plan, model_path: Path, cache_dir: str | None):
+    """The plan's evaluation split of the demo's suites, read as `compare` reads a user's (`experiment.suites`:
+    each suite's dev and test parts as two files), cut to the plan's sizes; with `Plan.benign_nll`, the base
+    model's answers to the benign prompts too."""
+    from lora_ogpsa.demo.data import benign_answers
+    from lora_ogpsa.demo.splits import EVAL_SPLITS
+    from lora_ogpsa.experiment.suites import load_suites
+
+    files = {name: str(data.path(f"{stem}_dev")) for name, stem in
+             (("harmful", "harmbench"), ("benign", "benign"), ("utility", "utility"))}
+    files.update({f"{name}_test": path.replace("_dev.jsonl", "_test.jsonl") for name, path in list(files.items())})
+    if plan.eval_split not in EVAL_SPLITS:
+        raise InputError(f"evaluation split {plan.eval_split!r}: use one of {', '.join(EVAL_SPLITS)}")
+    suites = load_suites(files).by_split[plan.eval_split]
+    suites = dataclasses.replace(suites, harmful=suites.harmful[:plan.eval_harmful],
+                                 benign=suites.benign[:plan.eval_benign],
+                                 benign_kinds=suites.benign_kinds[:plan.eval_benign],
+                                 utility=suites.utility[:plan.eval_utility])
+    if plan.benign_nll:
+        suites.benign_answers = benign_answers(data, model_path, suites.benign, cache_dir)
+    return suites
 
 
 def _replay_data(data, reference: str, output: Path, seed: int) -> Path:

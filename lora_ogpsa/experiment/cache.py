@@ -31,13 +31,22 @@ def run_fingerprint(settings: TrainSettings, stages: Any) -> str:
     lookalike = values.pop("lookalike", None)
     if lookalike:
         values["lookalike_sha256"] = _file_hash(Path(lookalike))
-    for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows"):
+    for key in ("output", "overwrite", "resume", "training_rows", "training_source", "skipped_rows",
+                *_UNREAD[values["stage"]]):
         values.pop(key, None)
     values["model"] = model_fingerprint(settings.model)
     for key in ("data", "sft_data", "dpo_data", "reference", "replay"):
         path = values.pop(key, None)
         values[key + "_sha256"] = _file_hash(Path(path)) if path else None
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_UNREAD = {"sft": ("sft_data", "dpo_data", "dpo_learning_rate", "dpo_max_steps", "dpo_batch_size", "dpo_save_steps"),
+           "dpo": ("sft_data", "dpo_data", "dpo_learning_rate", "dpo_max_steps", "dpo_batch_size", "dpo_save_steps"),
+           "align": ("data",)}
+"""Settings a stage never reads (the align stage's own files and DPO options in an `sft` run, `data` in an
+`align` run): left out, so that a run is found again however those were filled (`compare` leaves them unset,
+a plan may set them for every method)."""
 
 
 class _NoRows(list):

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,27 +107,51 @@ def plan_compare(args: CompareArguments, suite_args: SuiteArguments) -> CompareP
     if args.model is None:
         raise InputError("model: required; give the base model's directory")
     model = check_model_dir(args.model)
+    methods, baseline = _check(args)
+    loaded = load_suites({key: getattr(suite_args, key) for key in SUITE_KEYS}, seed=suite_args.split_seed,
+                         dev_share=suite_args.dev_share, limit=suite_args.limit)
+    settings = _settings(args, model, methods, lambda name, seed: output / f"seed-{seed}" / name)
+    return ComparePlan(args, model, output, methods, baseline, settings, loaded, suite_args.max_new_tokens,
+                       suite_args.eval_batch_size)
+
+
+def run_settings(args: CompareArguments, model: Path,
+                 run_dir: Callable[[str, int], Path]) -> dict[tuple[str, int], Any]:
+    """Every run's `TrainSettings` of a comparison, each trained into `run_dir(method, seed)`, after the same
+    checks as `plan_compare` (the demo lays its runs out so, and evaluates its own suites).
+
+    Raises:
+        InputError: as `plan_compare`.
+    """
+    methods, _ = _check(args)
+    return _settings(args, model, methods, run_dir)
+
+
+def _check(args: CompareArguments) -> tuple[dict[str, dict[str, Any]], str]:
+    """The checks of everything but the model, the output and the suites; the methods and the baseline."""
     _choice("stage", args.stage, STAGES)
     _choice("split", args.split, SPLITS)
     methods = _methods(args.methods)
     baseline = args.baseline or next(iter(methods))
     if baseline not in methods:
         raise InputError(f"baseline: {baseline!r} is not a method; name one of {', '.join(methods)}")
-    seeds = _seeds(args.seeds)
+    _seeds(args.seeds)
     _steps(args.max_steps, args.save_steps)
     _fractions("lambdas", args.lambdas or [], below_one=True)
     _fractions("levels", args.levels)
     for key in DATA_KEYS[args.stage]:
         if getattr(args, key) is None:
             raise InputError(f"{key}: stage {args.stage} trains on it; give the training rows file")
-    loaded = load_suites({key: getattr(suite_args, key) for key in SUITE_KEYS}, seed=suite_args.split_seed,
-                         dev_share=suite_args.dev_share, limit=suite_args.limit)
+    return methods, baseline
+
+
+def _settings(args: CompareArguments, model: Path, methods: dict[str, dict[str, Any]],
+              run_dir: Callable[[str, int], Path]) -> dict[tuple[str, int], Any]:
     shared = _overrides("training", args.training)
-    _run_settings(args, model, output, None, shared, {}, seeds[0])  # the shared options alone first
-    settings = {(name, seed): _run_settings(args, model, output, name, shared, overrides, seed)
-                for seed in seeds for name, overrides in methods.items()}
-    return ComparePlan(args, model, output, methods, baseline, settings, loaded, suite_args.max_new_tokens,
-                       suite_args.eval_batch_size)
+    seeds = list(args.seeds)
+    _run_settings(args, model, run_dir("shared", seeds[0]), None, shared, {}, seeds[0])  # the shared options first
+    return {(name, seed): _run_settings(args, model, run_dir(name, seed), name, shared, overrides, seed)
+            for seed in seeds for name, overrides in methods.items()}
 
 
 def _output(path: str | None) -> Path:
@@ -198,16 +222,16 @@ def _fractions(key: str, values: Any, *, below_one: bool = False) -> None:
             raise InputError(f"{key}: every value must be in (0, {top}, got {value!r}")
 
 
-def _run_settings(args: CompareArguments, model: Path, output: Path, name: str | None, shared: dict[str, Any],
+def _run_settings(args: CompareArguments, model: Path, directory: Path, name: str | None, shared: dict[str, Any],
                   overrides: dict[str, Any], seed: int):
-    """One run's `TrainSettings`: the comparison's data and steps, the shared options, then the method's (name
-    None: the shared options alone, checked first so that an error in them is named `training`)."""
+    """One run's `TrainSettings`, trained into `directory`: the comparison's data and steps, the shared
+    options, then the method's (name None: the shared options alone, checked first so that an error in them is
+    named `training`)."""
     from lora_ogpsa.train.parser import training_settings
 
     values = {key: getattr(args, key) for key in (*DATA_KEYS[args.stage], "reference")}
     values.update(model_name_or_path=str(model), max_steps=args.max_steps, save_steps=args.save_steps, seed=seed)
-    values.update({**shared, **overrides, "output_dir": str(output / f"seed-{seed}" / (name or "shared")),
-                   "overwrite": True})
+    values.update({**shared, **overrides, "output_dir": str(directory), "overwrite": True})
     settings = training_settings(args.stage, values, where="training" if name is None else f"methods.{name}")
     if name is None:
         return settings  # the shared options alone: what a method adds is checked with the method
