@@ -99,6 +99,7 @@ def child(engine: str, model_path: str, workload: Workload, quantize: bool) -> d
     refresh_peak = memory.peak() - in_use
     held_lora = sum(sharding.local(p).numel() for p in parameters.values())
     del wrapped
+    dist.barrier()  # rank 0 hosts the rendezvous store: no rank leaves while another still needs it
     dist.destroy_process_group()
     return {"engine": engine, "rank": int(os.environ["RANK"]), "device": str(device), "quantized": quantize,
             "base_held_mb": _base_held_mb(model), "in_use_mb": in_use, "refresh_extra_peak_mb": refresh_peak,
