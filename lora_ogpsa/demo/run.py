@@ -207,9 +207,9 @@ def demo_suites(data, plan: Plan, model_path: Path, cache_dir: str | None):
     from lora_ogpsa.demo.splits import EVAL_SPLITS
     from lora_ogpsa.experiment.suites import load_suites
 
-    files = {name: str(data.path(f"{stem}_dev")) for name, stem in
-             (("harmful", "harmbench"), ("benign", "benign"), ("utility", "utility"))}
-    files.update({f"{name}_test": path.replace("_dev.jsonl", "_test.jsonl") for name, path in list(files.items())})
+    stems = {"harmful": "harmbench", "benign": "benign", "utility": "utility"}
+    files = {f"{name}{suffix}": str(data.path(f"{stem}_{split}")) for name, stem in stems.items()
+             for suffix, split in (("", "dev"), ("_test", "test"))}
     if plan.eval_split not in EVAL_SPLITS:
         raise InputError(f"evaluation split {plan.eval_split!r}: use one of {', '.join(EVAL_SPLITS)}")
     suites = load_suites(files).by_split[plan.eval_split]
