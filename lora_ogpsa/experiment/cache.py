@@ -41,9 +41,8 @@ def run_fingerprint(settings: TrainSettings, stages: Any) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-_UNREAD = {"sft": ("sft_data", "dpo_data", "dpo_learning_rate", "dpo_max_steps", "dpo_batch_size", "dpo_save_steps"),
-           "dpo": ("sft_data", "dpo_data", "dpo_learning_rate", "dpo_max_steps", "dpo_batch_size", "dpo_save_steps"),
-           "align": ("data",)}
+_ALIGN_ONLY = ("sft_data", "dpo_data", "dpo_learning_rate", "dpo_max_steps", "dpo_batch_size", "dpo_save_steps")
+_UNREAD = {"sft": _ALIGN_ONLY, "dpo": _ALIGN_ONLY, "align": ("data",)}
 """Settings a stage never reads (the align stage's own files and DPO options in an `sft` run, `data` in an
 `align` run): left out, so that a run is found again however those were filled (`compare` leaves them unset,
 a plan may set them for every method)."""
