@@ -100,10 +100,10 @@ VARIANTS = {
     # the look-alike barrier (`--lookalike_barrier`): τ the margin floor, on plain QLoRA and on the demo's OGPSA
     **{f"barrier-t{floor:g}": Method(f"barrier-t{floor:g}", project="none", stages="sft", lookalike="lookalike",
                                      ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
-       for floor in (-2.0, -1.0, 0.0, 2.0, 4.0)},
+       for floor in (-3.0, -2.0, -1.0, 0.0, 2.0, 4.0)},
     **{f"ogpsa-barrier-t{floor:g}": Method(f"ogpsa-barrier-t{floor:g}", stages="sft", lookalike="lookalike",
                                            ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
-       for floor in (-2.0, -1.0, 0.0, 2.0, 4.0)},
+       for floor in (-3.0, -2.0, -1.0, 0.0, 2.0, 4.0)},
     # τ = 1e6: every margin is below the floor, so none may fall to first order (one-sided, no room)
     "barrier-nofall": Method("barrier-nofall", project="none", stages="sft", lookalike="lookalike",
                              ogpsa={"lookalike_barrier": True, "barrier_floor": 1e6}),
