@@ -2,7 +2,8 @@
 
 Measured in one process, interleaved: a plain training step (forward/backward of one batch and AdamW), the
 barrier's per-step work (G d₀, the dual solve, the correction; with every constraint active, the worst case), and a
-barrier refresh (per-example margin gradients of n_L look-alike rows + the Gram matrix). The ratio at refresh period
+barrier refresh (per-example margin gradients of n_L look-alike rows + the Gram matrix, which a refresh's first step
+builds once). The ratio at refresh period
 R is (step + apply + refresh / R) / step; R = 1 is "every step", fresh gradients.
 
     python -m benchmarks.barrier                 # SmolLM2-135M, 4-bit, r = 16, n_L = 48
@@ -75,11 +76,12 @@ def main() -> None:
 
     step()  # warm-up
     barrier.refresh(model, 0)
+    barrier.prepare()
     timings = {"step": [], "step_with_barrier": [], "refresh": []}
     for _ in range(repeats):
         timings["step"].append(_timed(step))
         timings["step_with_barrier"].append(_timed(apply))
-        timings["refresh"].append(_timed(lambda: barrier.refresh(model, 0)))
+        timings["refresh"].append(_timed(lambda: (barrier.refresh(model, 0), barrier.prepare())))
     median = {name: statistics.median(values) for name, values in timings.items()}
     apply_seconds = max(median["step_with_barrier"] - median["step"], 0.0)
     ratio = {str(period): (median["step"] + apply_seconds + median["refresh"] / period) / median["step"]

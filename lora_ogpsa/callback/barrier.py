@@ -86,10 +86,16 @@ class LookalikeBarrier:
         self._before = {name: p.detach().float().clone() for name, p in self.parameters.items()}
 
     @torch.no_grad()
-    def apply_(self) -> BarrierStats:
-        """After the optimizer step (and the reference projection): θ ← θ_old + d*; the margins tracked."""
+    def prepare(self) -> None:
+        """The Gram matrix G Gᵀ of the constraint rows (projected off the reference basis), once per refresh or
+        basis change; `apply_` calls it when needed."""
         if self._gram is None:
             self._gram = gram_matrix(self.rows_by_name, self._basis_by_name)
+
+    @torch.no_grad()
+    def apply_(self) -> BarrierStats:
+        """After the optimizer step (and the reference projection): θ ← θ_old + d*; the margins tracked."""
+        self.prepare()
         updates = {name: (p.detach().float() - self._before[name]).flatten() for name, p in self.parameters.items()}
         progress_before = self._descent(updates)
         bounds = margin_bounds(self.margins, floor=self.config.barrier_floor,
