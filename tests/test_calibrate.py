@@ -166,19 +166,20 @@ def test_calibrate_chooses_the_checkpoint_and_lambda_on_dev_and_reads_test_once(
 
 def test_unreachable_target_exits_2_naming_the_best_refusal(tiny_model_dir, tmp_path, capsys):
     """Real greedy generation on the tiny random model (it refuses nothing): no λ reaches 50 %, exit 2 with the
-    best rate, and no output directory is left."""
+    best rate, and no output directory is left; the largest λ is read first, so the rest of the grid is never
+    evaluated."""
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=0)
     files = write_suites(tmp_path, harmful=4, benign=4, utility=0)
     output = tmp_path / "out"
     status = main(["calibrate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--harmful",
                    files["harmful"], "--benign", files["benign"], "--target_refusal", "0.5", "--output_dir",
-                   str(output), "--grid", "1.0", "--max_new_tokens", "4"])
+                   str(output), "--grid", "0.5", "1.0", "--max_new_tokens", "4"])
     error = capsys.readouterr().err
     assert status == 2, error
-    assert "not reached on dev; the best harmful refusal is 0.0%" in error
+    assert "not reached on dev; the best harmful refusal is 0.0%" in error and "at λ=1)" in error
     assert len([line for line in error.splitlines() if line.startswith("lora-ogpsa:")]) == 1  # (progress bars aside)
     assert not output.exists() and not (tmp_path / "out.partial").exists()
-    assert len(list((tmp_path / ".out.evaluations").glob("*.json"))) == 2  # kept: a rerun evaluates nothing
+    assert len(list((tmp_path / ".out.evaluations").glob("*.json"))) == 2  # base and λ = 1, kept for a rerun
 
 
 @pytest.mark.parametrize(("change", "message"), [

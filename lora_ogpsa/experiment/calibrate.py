@@ -6,7 +6,8 @@ the suites every checkpoint is evaluated on a grid of λ; between the two grid p
 first reaches the target, λ is bisected (refusal is a rate over prompts, so it is monotone in λ only on
 average: the curve is checked and `monotone` says whether the evaluated points were). Among every evaluated
 point that reaches the target, the one with the least tax (utility lost + benign refusal gained against the
-base, points) is chosen; the test part is read once, on the written adapter and the base.
+base, points) is chosen; the test part is read once, on the written adapter and the base. Every checkpoint is
+read at the largest λ first: a target none of them reaches there stops the run before the rest of the grid.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def calibrate(model: str | Path, adapters: Sequence[str | Path], suites: Suites,
     with atomic_directory(output, overwrite=overwrite) as work:
         dev = Evaluator(model_path, suites.by_split["dev"], max_new_tokens, batch_size, cache)
         base = dev.evaluate(None, "base")
+        _check_reachable(dev, paths, target_refusal, max(grid))
         curves = {str(path): dev_curve(dev, path, base, target_refusal, grid, bisection_steps) for path in paths}
         choice = choose(curves, base, target_refusal)
         _write_adapter(Path(choice["adapter"]), work, choice["lambda"])
@@ -86,6 +88,20 @@ def _check_numbers(target: float, grid: Sequence[float], steps: int) -> None:
         raise InputError(f"--grid: every λ must be in (0, 1], got {list(grid)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise InputError(f"--bisection_steps: must be an integer >= 0, got {steps!r}")
+
+
+def _check_reachable(evaluator: Evaluator, paths: Sequence[Path], target: float, scale: float) -> None:
+    """Every checkpoint at the largest λ first (the grid reuses these evaluations): where none reaches the
+    target, stop before the rest of the grid with the best refusal reached.
+
+    Raises:
+        InputError: the target is above every checkpoint's refusal at the largest λ.
+    """
+    refusal = {path: evaluator.evaluate(path, f"λ={scale:g}", scale=scale)["harmful_refusal_rate"] for path in paths}
+    best = max(refusal, key=refusal.get)
+    if refusal[best] < target:
+        raise InputError(f"--target_refusal {target:g}: not reached on dev; the best harmful refusal is "
+                         f"{refusal[best]:.1%} ({best} at λ={scale:g}); lower the target or train further")
 
 
 def dev_curve(evaluator: Evaluator, adapter: Path, base: Mapping[str, Any], target: float, grid: Sequence[float],
