@@ -34,7 +34,7 @@ import torch
 
 from lora_ogpsa.data.rows import as_prompt_completion
 from lora_ogpsa.demo.assets import default_cache_dir, ensure_default_model
-from lora_ogpsa.demo.data import build_demo_data, cached_generate
+from lora_ogpsa.demo.data import benign_answers, build_demo_data, cached_generate
 from lora_ogpsa.demo.plan import Plan
 from lora_ogpsa.models.loading import (
     attach_lora,
@@ -100,13 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dev_rows(model_path: Path, data, args) -> tuple[list[dict], list[dict]]:
-    """Harmful dev prompts with the base model's answer; dev look-alikes with theirs (from the built benign set)."""
+    """Harmful dev prompts with the base model's answer; dev look-alikes with theirs (`demo.data.benign_answers`:
+    the answers the benign sets were built with, from the same per-prompt cache)."""
     prompts = [row["prompt"] for row in read_jsonl(data.path("harmbench_dev"))][:args.harmful]
     answers = cached_generate(model_path, prompts, args.cache_dir or default_cache_dir(), max_new_tokens=16,
                               batch_size=16)
     harmful = [_row(prompt, answers[prompt]) for prompt in prompts if answers[prompt].strip()]
-    lookalike = [_row(row["prompt"], row["response"]) for row in read_jsonl(data.path("benign_dev"))
-                 if row["kind"] == "sounds_dangerous" and row["response"].strip()][:args.lookalike]
+    sounding = [row["prompt"] for row in read_jsonl(data.path("benign_dev")) if row["kind"] == "sounds_dangerous"]
+    lookalike = [_row(prompt, answer) for prompt, answer in
+                 zip(sounding, benign_answers(data, model_path, sounding, args.cache_dir), strict=True) if answer.strip()]
+    lookalike = lookalike[:args.lookalike]
     return harmful, lookalike
 
 
