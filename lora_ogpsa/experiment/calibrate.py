@@ -100,8 +100,12 @@ def _check_reachable(evaluator: Evaluator, paths: Sequence[Path], target: float,
     refusal = {path: evaluator.evaluate(path, f"λ={scale:g}", scale=scale)["harmful_refusal_rate"] for path in paths}
     best = max(refusal, key=refusal.get)
     if refusal[best] < target:
-        raise InputError(f"--target_refusal {target:g}: not reached on dev; the best harmful refusal is "
-                         f"{refusal[best]:.1%} ({best} at λ={scale:g}); lower the target or train further")
+        raise _unreached(target, refusal[best], best, scale)
+
+
+def _unreached(target: float, refusal: float, adapter: str | Path, scale: float) -> InputError:
+    return InputError(f"--target_refusal {target:g}: not reached on dev; the best harmful refusal is {refusal:.1%} "
+                      f"({adapter} at λ={scale:g}); lower the target or train further")
 
 
 def dev_curve(evaluator: Evaluator, adapter: Path, base: Mapping[str, Any], target: float, grid: Sequence[float],
@@ -151,9 +155,7 @@ def choose(curves: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], tar
     reaching = [found for found in candidates if found[3]["harmful_refusal_rate"] >= target]
     if not reaching:
         best = max(candidates, key=lambda found: found[3]["harmful_refusal_rate"])
-        raise InputError(f"--target_refusal {target:g}: not reached on dev; the best harmful refusal is "
-                         f"{best[3]['harmful_refusal_rate']:.1%} ({best[2]} at λ={best[1]:g}); lower the target "
-                         "or train further")
+        raise _unreached(target, best[3]["harmful_refusal_rate"], best[2], best[1])
     found_tax, scale, adapter, point = min(reaching, key=lambda found: (found[0], found[1]))
     return {"adapter": adapter, "lambda": scale, "tax": found_tax, "dev": _rates(point)}
 
