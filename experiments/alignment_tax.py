@@ -41,6 +41,7 @@ from lora_ogpsa.demo.plan import CONTRASTIVE_SIZES, Method, Plan
 from lora_ogpsa.demo.run import run_demo
 from lora_ogpsa.demo.splits import DemoSizes
 from lora_ogpsa.experiment import stats
+from lora_ogpsa.experiment.report import stops_markdown
 from lora_ogpsa.experiment.stats import PAIRED_METRICS, SAFETY_LEVELS, across_seeds
 from lora_ogpsa.utils.files import write_json
 
@@ -134,6 +135,8 @@ def plan(args: argparse.Namespace, seed: int) -> Plan:
         demo = dataclasses.replace(Plan.demo(), seed=seed, repeat_seeds=(), eval_split=args.split, save_steps=8)
         if args.max_steps:  # train to matched safety: every method to the same step cap, a checkpoint every 8
             demo = dataclasses.replace(demo, sft_steps=args.max_steps, save_steps=8)
+        if args.until_refusal:  # train to matched safety: each method stops where its dev refusal reaches it
+            demo = dataclasses.replace(demo, until_refusal=args.until_refusal)
         if args.dpo_steps:  # SFT then DPO (the `-align` variants), on the demo's mix with its DPO pairs built
             demo = dataclasses.replace(demo, dpo_steps=args.dpo_steps, dpo_save_steps=args.dpo_steps,
                                        data_sizes=CONTRASTIVE_SIZES)
@@ -162,6 +165,9 @@ def merged_report(paths: list[Path], variants: list[str]) -> dict:
         for key in ("models", "trajectories", "lambda_curves"):
             report.setdefault(key, {}).update({name: value for name, value in part[key].items()
                                                if name in variants or name == "base"})
+        for seed, stops in part.get("stops", {}).items():  # trained to a dev target: where each run stopped
+            report.setdefault("stops", {}).setdefault(seed, {}).update(
+                {name: value for name, value in stops.items() if name in variants})
     missing = sorted(set(variants) - set(report["models"]))
     if missing:
         raise SystemExit(f"no report of {', '.join(missing)} among {', '.join(map(str, found))}")
@@ -191,7 +197,8 @@ def markdown(summary: dict) -> str:
                              "utility_accuracy")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + paired_markdown(summary.get("paired", {}), levels)
-                     + crossings_markdown(summary.get("crossings", {}), levels)) + "\n"
+                     + crossings_markdown(summary.get("crossings", {}), levels)
+                     + stops_markdown({"stops": summary.get("stops")})) + "\n"
 
 
 def crossings(reports: dict[int, dict], levels: list[float]) -> dict:
@@ -281,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --plan demo: the SFT step cap of every method instead of the demo's 32 (a "
                              "checkpoint every 8), so that a method that learns to refuse slowly still has a curve "
                              "through the levels it reaches by the cap")
+    parser.add_argument("--until-refusal", type=float, default=None,
+                        help="with --plan demo: train each method only until a checkpoint's HarmBench refusal on the "
+                             "dev split reaches this rate (--max-steps, or the demo's 32, is then the cap; "
+                             "`compare --until_refusal`); the report says where each run stopped")
     parser.add_argument("--data", choices=sorted(DATA_MIXES), default="contrastive",
                         help="the data mix (see DATA_MIXES)")
     parser.add_argument("--eval-tokens", type=int, default=24,
@@ -350,6 +361,7 @@ def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
                **{key: value for key, value in across_seeds(reports, args.levels).items() if key != "seeds"},
                "paired": paired_differences(reports, [VARIANTS[name].name for name in args.variants], args.levels),
                "crossings": crossings(reports, args.levels),
+               "stops": {seed: stops for report in reports.values() for seed, stops in report.get("stops", {}).items()},
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
                             for seed, report in reports.items()}}
     args.summary.parent.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,25 @@ def test_demo_with_repeat_seeds_reports_means_and_intervals_across_seeds(tiny_mo
     assert "Across seeds [0, 1]" in report["verdict"]
 
 
+def test_demo_trains_each_method_to_a_dev_refusal_target_or_its_cap(tiny_model_dir, tmp_path, fake_sources):
+    """`Plan.until_refusal`: every run reads its checkpoints' HarmBench refusal on the dev split (the tiny model
+    never refuses, so both run to the cap) and the report says where each stopped."""
+    output = tmp_path / "out"
+    plan = small_plan(dpo_steps=0, until_refusal=0.9, lambdas=(0.5,), benign_nll=False)
+    report = run_demo(output=output, model=str(tiny_model_dir), cache_dir=tmp_path / "cache", plan=plan)
+    stops = report["stops"]["0"]
+    assert set(stops) == {"ogpsa", "plain"}
+    for record in stops.values():
+        assert record["stopped_at"] is None and record["split"] == "dev" and record["target"] == 0.9
+        assert [reading["step"] for reading in record["readings"]] == [1, 2]
+    assert json.loads((output / "plain" / "until_refusal.json").read_text()) == stops["plain"]
+    assert "| 0 | plain QLoRA | cap (2 steps) | 0% |" in (output / "report.md").read_text()
+    readings = [json.loads(path.read_text()) for path in (output / "evaluations").glob("*.json")]
+    dev = {row["prompt"] for found in readings if found["n_benign"] == 0 for row in found["responses"]["harmful"]}
+    test = {row["prompt"] for row in report["responses"]["base"]["harmful"]}
+    assert dev and test and not dev & test  # the stop read the dev split, the curves the test split
+
+
 def seeds_rate(output, name):
     """The seed-1 final HarmBench refusal of `name`, from the evaluation cache (the adapter's hash)."""
     from lora_ogpsa.utils.files import file_sha256

@@ -39,6 +39,13 @@ def test_demo_plan_is_make_demos_cpu_plan_with_the_seed():
     assert got.quantize and got.sft_steps == Plan().sft_steps  # the experiment's own options are ignored
 
 
+def test_demo_plan_trains_to_a_dev_refusal_target_when_asked():
+    args = alignment_tax.build_parser().parse_args(["--plan", "demo", "--max-steps", "128", "--until-refusal", "0.7"])
+    got = alignment_tax.plan(args, 0)
+    assert (got.sft_steps, got.save_steps, got.until_refusal) == (128, 8, 0.7)
+    assert alignment_tax.plan(alignment_tax.build_parser().parse_args(["--plan", "demo"]), 0).until_refusal is None
+
+
 def test_experiment_plan_takes_its_options():
     args = alignment_tax.build_parser().parse_args(["--steps", "5", "--full-precision", "--data", "demo"])
     got = alignment_tax.plan(args, 1)

@@ -42,6 +42,10 @@ class Plan:
     (5 points) would put `make demo` past 15 minutes (docs/demo.md). The experiments on this plan
     (`experiments.alignment_tax --plan demo`) keep a checkpoint every 8 steps."""
     dpo_save_steps: int = 4
+    until_refusal: float | None = None
+    """train each method only until a checkpoint's HarmBench refusal on the dev split reaches this rate
+    (`sft_steps` is then the cap; `compare --until_refusal`, `experiment.stopping`); None: every method trains
+    `sft_steps`"""
     batch_size: int = 8
     dpo_batch_size: int = 4
     max_length: int = 160

@@ -104,8 +104,15 @@ def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str 
     evaluator = Evaluator(model_path, suites, plan.eval_max_new_tokens, plan.eval_batch_size, evaluation_cache or output / "evaluations")
     base_metrics = evaluator.evaluate(None, "base")
     runs = demo_runs(plan, methods, model_path, data, output)
+    until = None
+    if plan.until_refusal is not None:  # read on the dev split, whatever split the curves are evaluated on
+        from lora_ogpsa.experiment.compare import refusal_target
+
+        dev = demo_suites(data, dataclasses.replace(plan, eval_split="dev", benign_nll=False), model_path, cache_dir)
+        until = refusal_target(plan.until_refusal, model_path, dev, plan.eval_max_new_tokens, plan.eval_batch_size,
+                               evaluation_cache or output / "evaluations")
     per_seed = train_and_evaluate(runs, evaluator, base_metrics, plan.lambdas if plan.lambda_curves else None,
-                                  timings)
+                                  timings, until)
     trajectories, curves, finals = (per_seed[plan.seed][key] for key in ("trajectories", "lambda_curves", "models"))
     seeds = per_seed if plan.repeat_seeds else {}  # every method again per seed, in OUTPUT/seed-N
     if any(method.name == "ogpsa" for method in methods):
@@ -182,7 +189,7 @@ def demo_comparison(plan: Plan, methods: tuple[Method, ...], stage: str, model_p
     return CompareArguments(model=str(model_path), stage=stage, **rows, reference=str(data.path("reference_lookalike")),
                             methods={method.name: method_options(method, plan, stage, data, output) for method in methods},
                             training=training, seeds=[plan.seed, *plan.repeat_seeds], max_steps=plan.sft_steps,
-                            save_steps=plan.save_steps, lambdas=list(plan.lambdas) if plan.lambda_curves else None,
+                            save_steps=plan.save_steps, until_refusal=plan.until_refusal, lambdas=list(plan.lambdas) if plan.lambda_curves else None,
                             split=plan.eval_split, output_dir=str(output))
 
 

@@ -69,6 +69,11 @@ class CompareArguments:
     max_steps: int = option(32, "Optimizer steps per run (per stage for align).", commands=COMPARE)
     save_steps: int = option(8, "A checkpoint every this many steps: each is evaluated (the curve along which "
                              "methods are matched in safety).", commands=COMPARE)
+    until_refusal: float | None = option(None, "Train each run only until a checkpoint's harmful refusal on the "
+                                         "dev split reaches this rate, in (0, 1] (read every save_steps; max_steps "
+                                         "is then the cap): every method trained to matched safety. The report "
+                                         "says where each run stopped, or that it stopped at the cap.",
+                                         commands=COMPARE)
     lambdas: list[float] | None = option(None, "Also evaluate each final adapter scaled by these λ in (0, 1) (the "
                                          "λ-curve; default: none).", commands=COMPARE)
     levels: list[float] = option(None, "Harmful-refusal levels at which the tax is read.", commands=COMPARE,

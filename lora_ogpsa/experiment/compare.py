@@ -67,8 +67,8 @@ class ComparePlan:
                  if getattr(args, key)}
         return {"model": str(self.model), "stage": args.stage, "methods": self.methods, "baseline": self.baseline,
                 "training": parse_mapping(args.training) if args.training else {}, "seeds": list(args.seeds),
-                "max_steps": args.max_steps, "save_steps": args.save_steps, "lambdas": args.lambdas,
-                "levels": list(args.levels), "split": args.split, "max_new_tokens": self.max_new_tokens,
+                "max_steps": args.max_steps, "save_steps": args.save_steps, "until_refusal": args.until_refusal,
+                "lambdas": args.lambdas, "levels": list(args.levels), "split": args.split, "max_new_tokens": self.max_new_tokens,
                 "data": {key: {"path": path, "sha256": file_sha256(Path(path))[:16]} for key, path in files.items()},
                 "suites": self.suites.describe(),
                 "evaluated_on": "full-precision base + adapter (greedy); choices read dev, final tables test"}
@@ -110,6 +110,9 @@ def plan_compare(args: CompareArguments, suite_args: SuiteArguments) -> CompareP
     methods, baseline = _check(args)
     loaded = load_suites({key: getattr(suite_args, key) for key in SUITE_KEYS}, seed=suite_args.split_seed,
                          dev_share=suite_args.dev_share, limit=suite_args.limit)
+    if args.until_refusal is not None and not loaded.by_split["dev"].harmful:
+        raise InputError("until_refusal: read on the harmful suite's dev part, and it is empty; give a harmful "
+                         "suite with a dev part")
     settings = _settings(args, model, methods, lambda name, seed: output / f"seed-{seed}" / name)
     return ComparePlan(args, model, output, methods, baseline, settings, loaded, suite_args.max_new_tokens,
                        suite_args.eval_batch_size)
@@ -139,6 +142,13 @@ def _check(args: CompareArguments) -> tuple[dict[str, dict[str, Any]], str]:
     _steps(args.max_steps, args.save_steps)
     _fractions("lambdas", args.lambdas or [], below_one=True)
     _fractions("levels", args.levels)
+    if args.until_refusal is not None:
+        _fractions("until_refusal", [args.until_refusal])
+        if args.stage == "align":
+            raise InputError("until_refusal: stage align trains SFT then DPO, and a stop inside SFT would change "
+                             "what DPO starts from; use stage sft or dpo, or leave until_refusal unset")
+        if args.save_steps < 1:
+            raise InputError("until_refusal: read at every checkpoint, and save_steps is 0; give save_steps >= 1")
     for key in DATA_KEYS[args.stage]:
         if getattr(args, key) is None:
             raise InputError(f"{key}: stage {args.stage} trains on it; give the training rows file")
@@ -258,8 +268,20 @@ def _run(plan: ComparePlan) -> dict[str, Any]:
     base = evaluator.evaluate(None, "base")
     runs = {key: (args.stage, settings) for key, settings in plan.settings.items()}
     timings: dict[str, float] = {}
-    per_seed = train_and_evaluate(runs, evaluator, base, args.lambdas, timings)
+    until = None if args.until_refusal is None else refusal_target(
+        args.until_refusal, plan.model, plan.suites.by_split["dev"], plan.max_new_tokens, plan.batch_size,
+        plan.output / "evaluations")
+    per_seed = train_and_evaluate(runs, evaluator, base, args.lambdas, timings, until)
     timings["total"] = time.perf_counter() - started
     report = build_compare_report(plan, per_seed, timings)
     write_report(report, plan.output)
     return report
+
+
+def refusal_target(rate: float, model: Path, dev, max_new_tokens: int, batch_size: int, cache: Path):
+    """`--until_refusal`'s target: `rate`, read on the dev split's harmful suite alone (`dev`: its `EvalSuites`)."""
+    from lora_ogpsa.eval.cached import Evaluator
+    from lora_ogpsa.experiment.stopping import RefusalTarget
+
+    harmful = dataclasses.replace(dev, benign=[], benign_kinds=[], benign_answers=[], utility=[])
+    return RefusalTarget(rate, Evaluator(model, harmful, max_new_tokens, batch_size, cache))

@@ -37,6 +37,9 @@ def add_comparison(report: dict[str, Any], per_seed: Mapping[int, Mapping[str, A
                                               for name, points in seeded[key].items()}
                                         for key in ("trajectories", "lambda_curves")}
                             for seed, seeded in per_seed.items()})
+    stops = {str(seed): seeded["stops"] for seed, seeded in per_seed.items() if seeded.get("stops")}
+    if stops:  # trained to a dev target (`stopping`): where each run stopped, or that it hit the cap
+        report["stops"] = stops
 
 
 def compare_verdict(report: Mapping[str, Any]) -> str:

@@ -171,7 +171,8 @@ def markdown(report: Mapping[str, Any]) -> str:
              "Utility lost + over-refusal gained against the base, in points, where each curve (checkpoints, "
              "or the final adapter scaled by λ) first reaches a HarmBench refusal level:", "",
              tax_markdown(report), "", "## At matched safety (checkpoints)", "",
-             matched_table(report), "", *seeds_markdown(report), *paired_markdown(report), "![safety vs utility](report.png)", "",
+             matched_table(report), "", *seeds_markdown(report), *paired_markdown(report), *stops_markdown(report),
+             "![safety vs utility](report.png)", "",
              "## Trajectories", ""]
     for method, points in {**report["trajectories"], **{f"{k} λ": v for k, v in
                                                           report.get("lambda_curves", {}).items()}}.items():
@@ -231,6 +232,24 @@ def paired_markdown(report: Mapping[str, Any]) -> list[str]:
         for level, found in by_level.items():
             cells = [_paired_cell(found.get(metric)) for metric in PAIRED_LABELS]
             lines.append(f"| {METHOD_NAMES.get(name, name)} | {float(level):.0%} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def stops_markdown(report: Mapping[str, Any]) -> list[str]:
+    """Where each run trained to a dev refusal target stopped (`report["stops"]`), when the runs had one."""
+    from lora_ogpsa.experiment.stopping import stop_summary
+
+    stops = report.get("stops")
+    if not stops:
+        return []
+    target = next(iter(next(iter(stops.values())).values()))["target"]
+    lines = ["## Trained to matched safety", "",
+             f"Each run trained until a checkpoint's harmful refusal on the **dev** split reached {target:.0%}, or "
+             "to the step cap (`cap`: it never did).", "", "| seed | method | stopped | highest dev harmful refusal |",
+             "|---|---|---|---|"]
+    for seed, by_method in stops.items():
+        lines += [f"| {seed} " + line for line in stop_summary({METHOD_NAMES.get(name, name): record
+                                                                for name, record in by_method.items()})]
     return [*lines, ""]
 
 
