@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments import alignment_tax, demo_mix, refusal_tokens
 from lora_ogpsa.config import OGPSAConfig
@@ -114,3 +115,28 @@ def test_methods_are_paired_against_plain_sft_or_plain_sft_then_dpo(monkeypatch,
     paired = alignment_tax.paired_differences({0: {"trajectories": {}}}, names, [0.5])
     assert sorted(paired) == sorted(name for name in names if baseline and name != baseline)
     assert {against for _, against in calls} == ({baseline} if baseline else set())
+
+
+def test_separability_constrained_direction_keeps_every_lookalike_margin_and_reads_planted_geometry():
+    """`experiments.separability` on planted gradients: the constrained direction leaves every look-alike
+    margin unchanged to first order; look-alikes orthogonal to the harmful rows cost nothing (cosine 0, all of the
+    harmful progress kept), look-alikes equal to them leave nothing (held-out rise 1 per unit unconstrained)."""
+    from experiments import separability
+
+    generator = torch.Generator().manual_seed(0)
+    harmful = torch.randn(16, 40, generator=generator) + torch.cat([torch.full((20,), 2.0), torch.zeros(20)])
+    constraints = torch.randn(6, 40, generator=generator)
+    direction = separability.constrained(harmful.mean(0), constraints)
+    assert (constraints @ direction).abs().max() < 1e-4 * direction.norm()
+
+    orthogonal = torch.cat([torch.zeros(16, 20), torch.randn(16, 20, generator=generator)], dim=1)
+    harmful_only = torch.cat([harmful[:, :20], torch.zeros(16, 20)], dim=1)
+    apart = separability.separability(harmful_only, orthogonal, seed=0)
+    assert abs(apart["cosine_harmful_lookalike"]) < 1e-6 and apart["constrained_norm_kept"] == pytest.approx(1.0)
+    assert apart["heldout_harmful_progress_kept"] == pytest.approx(1.0, abs=1e-4)
+    same = separability.separability(harmful, harmful.clone(), seed=0)
+    assert same["cosine_harmful_lookalike"] == pytest.approx(1.0)
+    assert same["heldout_lookalike_per_harmful_unconstrained"] == pytest.approx(1.0, abs=0.3)
+    rise = separability.update_rise({"harmful": harmful_only, "lookalike": orthogonal}, harmful_only.mean(0),
+                                    torch.zeros(40))
+    assert rise["lookalike_rise"] == pytest.approx(0.0, abs=1e-5) and rise["harmful_rise"] > 0
