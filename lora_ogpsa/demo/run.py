@@ -189,8 +189,9 @@ def demo_comparison(plan: Plan, methods: tuple[Method, ...], stage: str, model_p
     return CompareArguments(model=str(model_path), stage=stage, **rows, reference=str(data.path("reference_lookalike")),
                             methods={method.name: method_options(method, plan, stage, data, output) for method in methods},
                             training=training, seeds=[plan.seed, *plan.repeat_seeds], max_steps=plan.sft_steps,
-                            save_steps=plan.save_steps, until_refusal=plan.until_refusal, lambdas=list(plan.lambdas) if plan.lambda_curves else None,
-                            split=plan.eval_split, output_dir=str(output))
+                            save_steps=plan.save_steps, until_refusal=plan.until_refusal,
+                            lambdas=list(plan.lambdas) if plan.lambda_curves else None, split=plan.eval_split,
+                            output_dir=str(output))
 
 
 def method_options(method: Method, plan: Plan, stage: str, data, output: Path) -> dict[str, Any]:
