@@ -198,6 +198,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + paired_markdown(summary.get("paired", {}), levels)
                      + crossings_markdown(summary.get("crossings", {}), levels)
+                     + lookalike_markdown(summary.get("lookalike_at_levels", {}), levels)
                      + stops_markdown({"stops": summary.get("stops")})) + "\n"
 
 
@@ -226,6 +227,33 @@ def crossings_markdown(found: dict, levels: list[str]) -> list[str]:
         for seed, row in by_seed.items():
             cells = [row["first_reaching"].get(level) or "cap" for level in levels]
             lines.append(f"| {name} | {seed} | {row['highest']:.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def lookalike_at_levels(reports: dict[int, dict], names: list[str], levels: list[float]) -> dict:
+    """Per method and level: the look-alike (dangerous-sounding benign) refusal rate where each seed's curve first
+    reaches the HarmBench level (`stats.interpolate_at`), and its mean when every seed reaches it."""
+    found: dict = {}
+    for name in names:
+        for level in levels:
+            rates = [stats.interpolate_at(report["trajectories"][name], level, "dangerous_sounding_refusal_rate")
+                     for report in reports.values()]
+            mean = None if None in rates else sum(rates) / len(rates)
+            found.setdefault(name, {})[f"{level:g}"] = {"mean": mean, "per_seed": rates}
+    return found
+
+
+def lookalike_markdown(found: dict, levels: list[str]) -> list[str]:
+    """The look-alike refusal at matched HarmBench refusal, as Markdown lines (none without it)."""
+    if not found:
+        return []
+    lines = ["", "Look-alike refusal where each curve first reaches the level (mean over seeds; — : some seed's curve "
+             "does not reach it)", "", "| method | " + " | ".join(f"{float(lv):.0%}" for lv in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    for name, by_level in found.items():
+        cells = ["—" if by_level.get(level, {}).get("mean") is None else f"{by_level[level]['mean']:.1%}"
+                 for level in levels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -361,6 +389,8 @@ def write_summary(args: argparse.Namespace, reports: dict[int, dict]) -> str:
                **{key: value for key, value in across_seeds(reports, args.levels).items() if key != "seeds"},
                "paired": paired_differences(reports, [VARIANTS[name].name for name in args.variants], args.levels),
                "crossings": crossings(reports, args.levels),
+               "lookalike_at_levels": lookalike_at_levels(reports, [VARIANTS[name].name for name in args.variants],
+                                                          args.levels),
                "stops": {seed: stops for report in reports.values() for seed, stops in report.get("stops", {}).items()},
                "per_seed": {str(seed): {key: report[key] for key in ("trajectories", "lambda_curves", "models")}
                             for seed, report in reports.items()}}

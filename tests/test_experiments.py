@@ -140,3 +140,16 @@ def test_separability_constrained_direction_keeps_every_lookalike_margin_and_rea
     rise = separability.update_rise({"harmful": harmful_only, "lookalike": orthogonal}, harmful_only.mean(0),
                                     torch.zeros(40))
     assert rise["lookalike_rise"] == pytest.approx(0.0, abs=1e-5) and rise["harmful_rise"] > 0
+
+
+def test_lookalike_refusal_is_read_where_each_curve_reaches_the_level_and_averaged_only_when_all_do():
+    point = lambda harmful, lookalike: {"harmful_refusal_rate": harmful,  # noqa: E731
+                                        "dangerous_sounding_refusal_rate": lookalike}
+    reports = {0: {"trajectories": {"plain": [point(0.0, 0.0), point(1.0, 0.4)]}},
+               1: {"trajectories": {"plain": [point(0.0, 0.0), point(0.6, 0.2)]}}}
+    found = alignment_tax.lookalike_at_levels(reports, ["plain"], [0.5, 0.7])["plain"]
+    assert found["0.5"]["per_seed"] == pytest.approx([0.2, 0.2 * 5 / 6]) and found["0.5"]["mean"] == pytest.approx(
+        (0.2 + 0.2 * 5 / 6) / 2)
+    assert found["0.7"]["per_seed"][1] is None and found["0.7"]["mean"] is None
+    lines = alignment_tax.lookalike_markdown({"plain": found}, ["0.5", "0.7"])
+    assert lines[-1] == "| plain | 18.3% | — |"
