@@ -108,6 +108,8 @@ VARIANTS = {
     # τ = 1e6: every margin is below the floor, so none may fall to first order (one-sided, no room)
     "barrier-nofall": Method("barrier-nofall", project="none", stages="sft", lookalike="lookalike",
                              ogpsa={"lookalike_barrier": True, "barrier_floor": 1e6}),
+    "barrier-t-3-k05": Method("barrier-t-3-k05", project="none", stages="sft", lookalike="lookalike",
+                              ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0, "barrier_step_share": 0.5}),
     "barrier-t2-k05": Method("barrier-t2-k05", project="none", stages="sft", lookalike="lookalike",
                              ogpsa={"lookalike_barrier": True, "barrier_floor": 2.0, "barrier_step_share": 0.5}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
