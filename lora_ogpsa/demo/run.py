@@ -106,11 +106,11 @@ def _run_demo(output: Path, plan: Plan, methods: tuple[Method, ...], model: str 
     runs = demo_runs(plan, methods, model_path, data, output)
     until = None
     if plan.until_refusal is not None:  # read on the dev split, whatever split the curves are evaluated on
-        from lora_ogpsa.experiment.compare import refusal_target
+        from lora_ogpsa.experiment.stopping import RefusalTarget
 
         dev = demo_suites(data, dataclasses.replace(plan, eval_split="dev", benign_nll=False), model_path, cache_dir)
-        until = refusal_target(plan.until_refusal, model_path, dev, plan.eval_max_new_tokens, plan.eval_batch_size,
-                               evaluation_cache or output / "evaluations")
+        until = RefusalTarget.on_dev(plan.until_refusal, model_path, dev, plan.eval_max_new_tokens,
+                                     plan.eval_batch_size, evaluation_cache or output / "evaluations")
     per_seed = train_and_evaluate(runs, evaluator, base_metrics, plan.lambdas if plan.lambda_curves else None,
                                   timings, until)
     trajectories, curves, finals = (per_seed[plan.seed][key] for key in ("trajectories", "lambda_curves", "models"))

@@ -261,6 +261,7 @@ def _run(plan: ComparePlan) -> dict[str, Any]:
     from lora_ogpsa.experiment.compare_report import build_compare_report
     from lora_ogpsa.experiment.engine import train_and_evaluate
     from lora_ogpsa.experiment.report import write_report
+    from lora_ogpsa.experiment.stopping import RefusalTarget
 
     args, started = plan.arguments, time.perf_counter()
     evaluator = Evaluator(plan.model, plan.suites.by_split[args.split], plan.max_new_tokens, plan.batch_size,
@@ -268,7 +269,7 @@ def _run(plan: ComparePlan) -> dict[str, Any]:
     base = evaluator.evaluate(None, "base")
     runs = {key: (args.stage, settings) for key, settings in plan.settings.items()}
     timings: dict[str, float] = {}
-    until = None if args.until_refusal is None else refusal_target(
+    until = None if args.until_refusal is None else RefusalTarget.on_dev(
         args.until_refusal, plan.model, plan.suites.by_split["dev"], plan.max_new_tokens, plan.batch_size,
         plan.output / "evaluations")
     per_seed = train_and_evaluate(runs, evaluator, base, args.lambdas, timings, until)
@@ -277,11 +278,3 @@ def _run(plan: ComparePlan) -> dict[str, Any]:
     write_report(report, plan.output)
     return report
 
-
-def refusal_target(rate: float, model: Path, dev, max_new_tokens: int, batch_size: int, cache: Path):
-    """`--until_refusal`'s target: `rate`, read on the dev split's harmful suite alone (`dev`: its `EvalSuites`)."""
-    from lora_ogpsa.eval.cached import Evaluator
-    from lora_ogpsa.experiment.stopping import RefusalTarget
-
-    harmful = dataclasses.replace(dev, benign=[], benign_kinds=[], benign_answers=[], utility=[])
-    return RefusalTarget(rate, Evaluator(model, harmful, max_new_tokens, batch_size, cache))

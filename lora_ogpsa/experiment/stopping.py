@@ -35,6 +35,15 @@ class RefusalTarget:
     rate: float
     evaluator: Any
 
+    @classmethod
+    def on_dev(cls, rate: float, model: Path, dev, max_new_tokens: int, batch_size: int, cache: Path) -> RefusalTarget:
+        """`rate`, read on the dev split's harmful suite alone (`dev`: that split's `EvalSuites`), evaluations
+        cached in `cache`."""
+        from lora_ogpsa.eval.cached import Evaluator
+
+        harmful = dataclasses.replace(dev, benign=[], benign_kinds=[], benign_answers=[], utility=[])
+        return cls(rate, Evaluator(model, harmful, max_new_tokens, batch_size, cache))
+
     @property
     def key(self) -> str:
         """What a run trained to this target adds to its fingerprint (the rate and the dev suite's content)."""
