@@ -110,6 +110,16 @@ VARIANTS = {
                              ogpsa={"lookalike_barrier": True, "barrier_floor": 1e6}),
     "barrier-t-3-k05": Method("barrier-t-3-k05", project="none", stages="sft", lookalike="lookalike",
                               ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0, "barrier_step_share": 0.5}),
+    # the refresh period of the look-alike gradients (default 4) and n_L, the rows constrained (default 48; the
+    # demo's bank holds 96), at τ = −3
+    **{f"barrier-t-3-r{every}": Method(f"barrier-t-3-r{every}", project="none", stages="sft", lookalike="lookalike",
+                                       ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0,
+                                              "barrier_refresh_every": every})
+       for every in (1, 16)},
+    **{f"barrier-t-3-n{rows}": Method(f"barrier-t-3-n{rows}", project="none", stages="sft", lookalike="lookalike",
+                                      ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0,
+                                             "lookalike_examples": rows})
+       for rows in (24, 96)},
     "barrier-t2-k05": Method("barrier-t2-k05", project="none", stages="sft", lookalike="lookalike",
                              ogpsa={"lookalike_barrier": True, "barrier_floor": 2.0, "barrier_step_share": 0.5}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
