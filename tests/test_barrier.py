@@ -10,7 +10,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from lora_ogpsa import OGPSACallback, OGPSAConfig, build_lookalike_set, build_reference_set
 from lora_ogpsa.cli import _training_settings, main, parse_args
@@ -141,23 +141,30 @@ class _MarginChange(TrainerCallback):
         self.changes.append([(float(g @ update.double()), float(g.norm() * update.norm())) for g in self.gradients])
 
 
-def _train(model_dir, lookalikes, output, config, *, steps=2, callbacks=(), resume=None, save_steps=0):
+def _train(model_dir, lookalikes, output, config, *, steps=2, callbacks=(), resume=None, save_steps=0, stage="sft"):
+    """SFT on refusals of harmful prompts, or (`stage="dpo"`) DPO preferring the refusal to an answer."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference = build_reference_set(lookalikes, tokenizer, config, max_length=64) if config.project != "none" else []
     lookalike = build_lookalike_set(lookalikes, tokenizer, config, max_length=64) if config.lookalike_barrier else None
     ogpsa = OGPSACallback(config, reference, progress=False, lookalike=lookalike)
+    common = dict(output_dir=str(output), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                  logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                  report_to="none", use_cpu=True, bf16=False, max_length=64, seed=0, data_seed=0)
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    if stage == "dpo":
+        rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": REFUSAL}],
+                 "rejected": [{"role": "assistant", "content": f"Sure. Step one for device {i}: take the parts."}]}
+                for i, p in enumerate(HARMFUL)]
+        trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                             args=DPOConfig(**common), peft_config=peft_config, callbacks=[ogpsa, *callbacks])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, ogpsa, lookalike
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": REFUSAL}]}
             for p in HARMFUL]
     trainer = SFTTrainer(
         model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-        args=SFTConfig(output_dir=str(output), max_steps=steps, per_device_train_batch_size=4,
-                       learning_rate=1e-2, logging_steps=1, save_strategy="steps" if save_steps else "no",
-                       save_steps=save_steps or 500, report_to="none", use_cpu=True, bf16=False, max_length=64,
-                       seed=0, data_seed=0),
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                               task_type="CAUSAL_LM"),
-        callbacks=[ogpsa, *callbacks])
+        args=SFTConfig(**common), peft_config=peft_config, callbacks=[ogpsa, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, ogpsa, lookalike
 
@@ -179,6 +186,22 @@ def test_barrier_step_keeps_every_lookalike_margin_from_falling(tiny_model_dir, 
     assert len(checker.changes) == 3 and min(relative) >= -1e-6, relative
     logged = [row for row in trainer.state.log_history if "ogpsa/barrier_active" in row]
     assert logged and max(row["ogpsa/barrier_active"] for row in logged) >= 1
+
+
+def test_barrier_holds_under_dpo_and_dpo_without_it_lowers_some_lookalike_margin(tiny_model_dir, lookalikes,
+                                                                                     tmp_path):
+    # the barrier acts on the update applied, whatever loss made it: a DPO step keeps the margins as an SFT one does
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batches = build_lookalike_set(lookalikes, tokenizer, _barrier(), max_length=64).margin_batches
+    guarded, plain = _MarginChange(batches), _MarginChange(batches)
+    trainer, _, _ = _train(tiny_model_dir, lookalikes, tmp_path / "barrier", _barrier(project="none"),
+                           callbacks=[guarded], steps=3, stage="dpo")
+    relative = [change / norms for step in guarded.changes for change, norms in step]
+    assert len(guarded.changes) == 3 and min(relative) >= -1e-6, relative
+    assert any(row.get("ogpsa/barrier_active", 0) >= 1 for row in trainer.state.log_history)
+    _train(tiny_model_dir, lookalikes, tmp_path / "plain", OGPSAConfig(project="none"), callbacks=[plain], steps=3,
+           stage="dpo")
+    assert min(change / norms for step in plain.changes for change, norms in step) < -1e-3  # the check can fail
 
 
 def test_without_the_barrier_refusal_training_lowers_some_lookalike_margin(tiny_model_dir, lookalikes, tmp_path):
