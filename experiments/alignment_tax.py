@@ -120,6 +120,9 @@ VARIANTS = {
                                       ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0,
                                              "lookalike_examples": rows})
        for rows in (24, 96)},
+    # SFT then DPO with the barrier in both stages (against `plain-align`)
+    "barrier-t-3-align": Method("barrier-t-3-align", project="none", stages="align", lookalike="lookalike",
+                                ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0}),
     "barrier-t2-k05": Method("barrier-t2-k05", project="none", stages="sft", lookalike="lookalike",
                              ogpsa={"lookalike_barrier": True, "barrier_floor": 2.0, "barrier_step_share": 0.5}),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",

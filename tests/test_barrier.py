@@ -294,3 +294,16 @@ def test_sft_command_with_the_barrier_logs_it_and_saves_its_state(tiny_model_dir
     assert any(row.get("ogpsa/barrier_active", 0) >= 1 for row in metrics)
     assert (output / "checkpoint-1" / "ogpsa_barrier.safetensors").is_file()
     assert json.loads((output / "ogpsa_config.json").read_text())["ogpsa"]["lookalike_barrier"] is True
+
+
+def test_align_command_applies_the_barrier_in_both_stages(tiny_model_dir, data_files, lookalikes, tmp_path):
+    output = tmp_path / "out"
+    args = ["align", "--model", tiny_model_dir, "--sft-data", data_files["sft"], "--dpo-data", data_files["dpo"],
+            "--reference", data_files["reference"], "--output", output, "--no-quantize", "--max-steps", "2",
+            "--batch-size", "4", "--lora-r", "2", "--max-length", "64", "--reference-examples", "4",
+            "--ogpsa_project", "none", "--lookalike_barrier", "true", "--lookalike", lookalikes,
+            "--lookalike_examples", "4", "--barrier_floor", "100", "--logging_steps", "1"]
+    assert main([str(arg) for arg in args]) == 0
+    for stage in ("sft", "dpo"):
+        metrics = [json.loads(line) for line in (output / stage / "metrics.jsonl").open()]
+        assert any(row.get("ogpsa/barrier_active", 0) >= 1 for row in metrics), stage
