@@ -225,7 +225,7 @@ def _run_training(args: argparse.Namespace) -> None:
 
 
 def _check_apart(args: argparse.Namespace, *inputs: str) -> None:
-    from lora_ogpsa.utils.files import check_apart
+    from lora_ogpsa.utils.outputs import check_apart
 
     check_apart(args.output, {f"--{name}": getattr(args, name, None) for name in inputs})
 

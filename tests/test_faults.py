@@ -23,7 +23,7 @@ from conftest import file_digests
 from safetensors.torch import load_file
 
 from lora_ogpsa.cli import main
-from lora_ogpsa.utils.files import output_lock
+from lora_ogpsa.utils.outputs import output_lock
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 TIMEOUT = 900

@@ -7,7 +7,7 @@ import pytest
 from conftest import file_digests
 
 from lora_ogpsa.cli import main
-from lora_ogpsa.utils.files import output_lock
+from lora_ogpsa.utils.outputs import output_lock
 
 
 def _run(args):

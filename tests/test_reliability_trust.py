@@ -261,7 +261,7 @@ def test_eval_never_writes_its_samples_file_over_the_prompts(tiny_model_dir, tmp
 
 
 def test_an_eval_whose_samples_file_is_another_evals_output_is_refused(tiny_model_dir, tmp_path, capsys):
-    from lora_ogpsa.utils.files import output_lock
+    from lora_ogpsa.utils.outputs import output_lock
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")

@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import atomic_directory, file_sha256, read_jsonl, write_json
+from lora_ogpsa.utils.files import file_sha256, read_jsonl, write_json
+from lora_ogpsa.utils.outputs import atomic_directory
 
 logger = logging.getLogger(__name__)
 

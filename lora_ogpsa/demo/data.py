@@ -77,7 +77,8 @@ from lora_ogpsa.eval.generation import generate
 from lora_ogpsa.models.loading import load_base_model, load_tokenizer, model_fingerprint
 from lora_ogpsa.refusal import is_refusal, pick_refusal
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import atomic_directory, write_json, write_jsonl
+from lora_ogpsa.utils.files import write_json, write_jsonl
+from lora_ogpsa.utils.outputs import atomic_directory
 
 logger = logging.getLogger(__name__)
 

@@ -38,14 +38,16 @@ from lora_ogpsa.utils.files import (
     RUN_CONFIG,
     SUBSPACE_FILE,
     file_sha256,
+    partial_path,
+    read_json,
+    read_jsonl,
+)
+from lora_ogpsa.utils.outputs import (
     finalize_directory,
     is_lock_file,
     output_lock,
     output_path,
-    partial_path,
     probe_writable,
-    read_json,
-    read_jsonl,
 )
 
 logger = logging.getLogger(__name__)

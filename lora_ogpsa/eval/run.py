@@ -23,14 +23,8 @@ from lora_ogpsa.eval.stats import bootstrap_ci
 from lora_ogpsa.models.loading import check_adapter_dir, load_adapter, load_base_model, load_tokenizer
 from lora_ogpsa.models.shapes import check_adapter_fits
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import (
-    json_text,
-    jsonl_text,
-    output_lock,
-    output_path,
-    probe_writable,
-    write_texts_together,
-)
+from lora_ogpsa.utils.files import json_text, jsonl_text, write_texts_together
+from lora_ogpsa.utils.outputs import output_lock, output_path, probe_writable
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,8 @@ from typing import Any
 from lora_ogpsa.eval.cached import Evaluator
 from lora_ogpsa.experiment.suites import Suites
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import (
-    CARD_FILE,
-    atomic_directory,
-    check_apart,
-    check_output_dir,
-    output_path,
-    write_json,
-)
+from lora_ogpsa.utils.files import CARD_FILE, write_json
+from lora_ogpsa.utils.outputs import atomic_directory, check_apart, check_output_dir, output_path
 
 logger = logging.getLogger(__name__)
 

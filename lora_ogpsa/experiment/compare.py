@@ -25,14 +25,8 @@ from typing import Any
 from lora_ogpsa.experiment.arguments import CompareArguments, SuiteArguments, parse_mapping
 from lora_ogpsa.experiment.suites import SPLITS, Suites, load_suites
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import (
-    file_sha256,
-    is_lock_file,
-    output_lock,
-    output_path,
-    probe_writable,
-    write_json,
-)
+from lora_ogpsa.utils.files import file_sha256, write_json
+from lora_ogpsa.utils.outputs import is_lock_file, output_lock, output_path, probe_writable
 
 logger = logging.getLogger(__name__)
 

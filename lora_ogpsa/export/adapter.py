@@ -27,14 +27,12 @@ from lora_ogpsa.utils.files import (
     RUN_CONFIG,
     SUBSPACE_FILE,
     TOKENIZER_FILES,
-    atomic_directory,
-    check_output_dir,
-    output_path,
     read_json,
     read_jsonl,
     read_safetensors,
     write_json,
 )
+from lora_ogpsa.utils.outputs import atomic_directory, check_output_dir, output_path
 
 logger = logging.getLogger(__name__)
 

@@ -38,16 +38,8 @@ from lora_ogpsa.export.plan import (
 )
 from lora_ogpsa.models.loading import SAFE_INDEX, SAFE_WEIGHTS
 from lora_ogpsa.utils.errors import InputError
-from lora_ogpsa.utils.files import (
-    ADAPTER_CONFIG,
-    CARD_FILE,
-    RUN_CONFIG,
-    TOKENIZER_FILES,
-    atomic_directory,
-    output_path,
-    probe_writable,
-    read_json,
-)
+from lora_ogpsa.utils.files import ADAPTER_CONFIG, CARD_FILE, RUN_CONFIG, TOKENIZER_FILES, read_json
+from lora_ogpsa.utils.outputs import atomic_directory, output_path, probe_writable
 
 logger = logging.getLogger(__name__)
 

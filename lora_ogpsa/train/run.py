@@ -33,7 +33,7 @@ from lora_ogpsa.train.divergence import DivergenceCallback
 from lora_ogpsa.train.settings import TrainSettings
 from lora_ogpsa.train.stage_files import StageFilesCallback
 from lora_ogpsa.train.trainers import loss_masking
-from lora_ogpsa.utils import files
+from lora_ogpsa.utils import files, outputs
 from lora_ogpsa.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,14 @@ Stage = Literal["sft", "dpo"]
 
 def run_sft(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa sft`: train a fresh adapter on SFT data; returns the output directory."""
-    settings = dataclasses.replace(settings, output=files.output_path(settings.output))
+    settings = dataclasses.replace(settings, output=outputs.output_path(settings.output))
     with _locked(settings):
         return _run_single("sft", settings, settings.data, callbacks)
 
 
 def run_dpo(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa dpo`: train a fresh adapter, or continue `settings.adapter`, on preference data."""
-    settings = dataclasses.replace(settings, output=files.output_path(settings.output))
+    settings = dataclasses.replace(settings, output=outputs.output_path(settings.output))
     with _locked(settings):
         return _run_single("dpo", settings, settings.data, callbacks)
 
@@ -60,14 +60,14 @@ def run_dpo(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) 
 def run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     """`lora-ogpsa align`: SFT, then DPO on the same adapter with base + frozen SFT adapter as the DPO
     reference model. Writes `sft/`, `dpo/` and the final adapter at the top of the output directory."""
-    settings = dataclasses.replace(settings, output=files.output_path(settings.output))
+    settings = dataclasses.replace(settings, output=outputs.output_path(settings.output))
     with _locked(settings):
         return _run_align(settings, callbacks)
 
 
 def _locked(settings: TrainSettings):
     """The output's lock, held by rank 0 for the whole run (other ranks write nothing)."""
-    return files.output_lock(settings.output) if distributed.is_main() else contextlib.nullcontext()
+    return outputs.output_lock(settings.output) if distributed.is_main() else contextlib.nullcontext()
 
 
 def _run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback]) -> Path:
@@ -85,7 +85,7 @@ def _run_align(settings: TrainSettings, callbacks: Sequence[TrainerCallback]) ->
         _train_stage("dpo", dpo_settings, dpo_dir, dpo_rows, reference, tokenizer, sft_dir, callbacks)
     if distributed.is_main():
         _promote_final_stage(work, sft_dir, dpo_dir, tokenizer)
-        files.finalize_directory(work, settings.output)
+        outputs.finalize_directory(work, settings.output)
         logger.info("aligned adapter written to %s", settings.output)
     distributed.barrier()
     return settings.output
@@ -101,7 +101,7 @@ def _run_single(stage: Stage, settings: TrainSettings, data: str | None,
     work = _prepare_work_dir(settings)
     _train_stage(stage, settings, work, rows, reference, tokenizer, adapter, callbacks)
     if distributed.is_main():
-        files.finalize_directory(work, settings.output)
+        outputs.finalize_directory(work, settings.output)
         logger.info("adapter written to %s", settings.output)
     distributed.barrier()
     return settings.output
@@ -126,12 +126,12 @@ def resolve_model(settings: TrainSettings) -> TrainSettings:
 
 def _validate_common(settings: TrainSettings):
     """Every check that needs no training, before anything is written."""
-    files.check_apart(settings.output, {"--model": settings.model, "--data": settings.data,
+    outputs.check_apart(settings.output, {"--model": settings.model, "--data": settings.data,
                                         "--sft_data": settings.sft_data, "--dpo_data": settings.dpo_data,
                                         "--reference": settings.reference, "--replay": settings.replay,
                                         "--lookalike": settings.lookalike,
                                         "--adapter": settings.adapter})
-    files.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
+    outputs.check_output_dir(settings.output, overwrite=settings.overwrite, resume=settings.resume)
     resume.resume_checkpoint(settings)  # checks a --resume_from_checkpoint path
     if settings.ogpsa.project != "none":  # FSDP1 / DeepSpeed (launcher environment or trainer fields) refused
         refuse_sharded_training(SimpleNamespace(**settings.training_arguments))
