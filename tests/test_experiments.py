@@ -153,3 +153,31 @@ def test_lookalike_refusal_is_read_where_each_curve_reaches_the_level_and_averag
     assert found["0.7"]["per_seed"][1] is None and found["0.7"]["mean"] is None
     lines = alignment_tax.lookalike_markdown({"plain": found}, ["0.5", "0.7"])
     assert lines[-1] == "| plain | 18.3% | — |"
+
+
+def test_barrier_telemetry_reads_the_measured_refresh_margins(tmp_path):
+    from experiments import barrier_telemetry
+
+    run = tmp_path / "run"
+    run.mkdir()
+    steps = [{"step": step, "loss": 1.0, "ogpsa/barrier_active": active, "ogpsa/barrier_violated": active,
+              "ogpsa/barrier_removed_share": 0.1 * active, "ogpsa/barrier_loss_progress_kept": 1 - 0.1 * active}
+             for step, active in ((1, 0.0), (2, 2.0), (3, 4.0))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [{"step": 0, "loss": 2.0}, *steps]))
+    log = tmp_path / "train.log"
+    log.write_text("step 1/3 | loss 1.0\n"
+                   "12:00:00 INFO lora_ogpsa.callback: look-alike barrier refresh at step 0: 6 rows, margin "
+                   "min/mean -9.00/4.00 (floor -3)\n"  # before any update: not a fall below the floor
+                   "INFO lora_ogpsa.callback: look-alike barrier refresh at step 2: 6 rows, margin min/mean "
+                   "-4.25/1.50 (floor -3)\n")
+    summary = tmp_path / "telemetry.json"
+    assert barrier_telemetry.main(["--run", f"a={run}:{log}", "--floor", "-3", "--split", "dev",
+                                   "--summary", str(summary)]) == 0
+    written = json.loads(summary.read_text())
+    assert written["split"] == "dev" and written["command"].startswith("python -m experiments.barrier_telemetry")
+    got = written["runs"]["a"]
+    assert got["steps"] == 3 and got["mean_active"] == pytest.approx(2.0)
+    assert got["mean_removed_share"] == pytest.approx(0.2) and got["mean_loss_progress_kept"] == pytest.approx(0.8)
+    assert [item["step"] for item in got["refreshes"]] == [0, 2] and got["worst_below_floor"] == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="not a run with --lookalike_barrier"):
+        barrier_telemetry.run_summary([{"step": 1, "loss": 1.0}], "", -3.0)
