@@ -2,9 +2,9 @@
 
 For each run given as `LABEL=RUN_DIR:LOG` (RUN_DIR the method's directory holding metrics.jsonl, LOG the training
 command's log), it reads the `ogpsa/barrier_*` rows of metrics.jsonl (means over the steps: active constraints,
-constraints d₀ itself broke, share of d₀ removed, share of the safety loss's first-order fall kept) and, from the
-log's `look-alike barrier refresh at step N: R rows, margin min/mean X/Y` lines, the margins *measured* at every
-refresh. Between refreshes the barrier tracks the margins to first order with cached gradients; how far the
+constraints d₀ itself broke, share of d₀ removed, share of the safety loss's first-order fall kept, seconds per
+refresh) and, from the log's `look-alike barrier refresh at step N: R rows, margin min/mean X/Y` lines, the
+margins *measured* at every refresh. Between refreshes the barrier tracks the margins to first order with cached gradients; how far the
 measured minimum falls below the floor at the next refresh is what staleness costs.
 
     python -m experiments.barrier_telemetry --floor -3 --split dev \
@@ -39,7 +39,8 @@ def run_summary(metrics: list[dict], log_text: str, floor: float) -> dict:
     if not rows:
         raise ValueError("no ogpsa/barrier_* rows: not a run with --lookalike_barrier")
     measured = refreshes(log_text)
-    return {"steps": len(rows),
+    seconds = [row["ogpsa/barrier_refresh_seconds"] for row in metrics if "ogpsa/barrier_refresh_seconds" in row]
+    return {"steps": len(rows), "mean_refresh_seconds": statistics.fmean(seconds) if seconds else None,
             **{f"mean_{name}": statistics.fmean(row[f"ogpsa/barrier_{name}"] for row in rows) for name in MEANS},
             "refreshes": measured,
             # the first refresh (step 0) precedes any update: every later one measures what first order missed

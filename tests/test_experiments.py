@@ -163,6 +163,7 @@ def test_barrier_telemetry_reads_the_measured_refresh_margins(tmp_path):
     steps = [{"step": step, "loss": 1.0, "ogpsa/barrier_active": active, "ogpsa/barrier_violated": active,
               "ogpsa/barrier_removed_share": 0.1 * active, "ogpsa/barrier_loss_progress_kept": 1 - 0.1 * active}
              for step, active in ((1, 0.0), (2, 2.0), (3, 4.0))]
+    steps[0]["ogpsa/barrier_refresh_seconds"], steps[2]["ogpsa/barrier_refresh_seconds"] = 3.0, 5.0
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [{"step": 0, "loss": 2.0}, *steps]))
     log = tmp_path / "train.log"
     log.write_text("step 1/3 | loss 1.0\n"
@@ -176,7 +177,7 @@ def test_barrier_telemetry_reads_the_measured_refresh_margins(tmp_path):
     written = json.loads(summary.read_text())
     assert written["split"] == "dev" and written["command"].startswith("python -m experiments.barrier_telemetry")
     got = written["runs"]["a"]
-    assert got["steps"] == 3 and got["mean_active"] == pytest.approx(2.0)
+    assert got["steps"] == 3 and got["mean_active"] == pytest.approx(2.0) and got["mean_refresh_seconds"] == 4.0
     assert got["mean_removed_share"] == pytest.approx(0.2) and got["mean_loss_progress_kept"] == pytest.approx(0.8)
     assert [item["step"] for item in got["refreshes"]] == [0, 2] and got["worst_below_floor"] == pytest.approx(1.25)
     with pytest.raises(ValueError, match="not a run with --lookalike_barrier"):
