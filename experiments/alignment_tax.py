@@ -47,6 +47,13 @@ from lora_ogpsa.utils.files import write_json
 
 OPENING = {"opening_tokens": 4, "later_token_weight": 0.25}
 ORDINARY = "reference"  # the reference set without the dangerous-sounding prompts
+def _barrier(name: str, floor: float, *, project: str = "none", stages: str = "sft", **settings) -> Method:
+    """A variant with the look-alike barrier at floor τ = `floor` on the demo's `lookalike` rows (`settings`: other
+    OGPSAConfig fields of the barrier)."""
+    return Method(name, project=project, stages=stages, lookalike="lookalike",
+                  ogpsa={"lookalike_barrier": True, "barrier_floor": floor, **settings})
+
+
 VARIANTS = {
     "plain": Method("plain", project="none", stages="sft"),
     "replay": Method("replay", project="none", replay=True, stages="sft", reference=ORDINARY),
@@ -99,32 +106,20 @@ VARIANTS = {
     "margin-onesided-align": Method("margin-onesided-align", stages="align",
                                     ogpsa={"reference_objective": "refusal_margin", "one_sided": True}),
     # the look-alike barrier (`--lookalike_barrier`): τ the margin floor, on plain QLoRA and on the demo's OGPSA
-    **{f"barrier-t{floor:g}": Method(f"barrier-t{floor:g}", project="none", stages="sft", lookalike="lookalike",
-                                     ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
-       for floor in (-3.0, -2.0, -1.0, 0.0, 2.0, 4.0)},
-    **{f"ogpsa-barrier-t{floor:g}": Method(f"ogpsa-barrier-t{floor:g}", stages="sft", lookalike="lookalike",
-                                           ogpsa={"lookalike_barrier": True, "barrier_floor": floor})
+    **{f"barrier-t{floor:g}": _barrier(f"barrier-t{floor:g}", floor) for floor in (-3.0, -2.0, -1.0, 0.0, 2.0, 4.0)},
+    **{f"ogpsa-barrier-t{floor:g}": _barrier(f"ogpsa-barrier-t{floor:g}", floor, project="update")
        for floor in (-3.0, -2.0, -1.0, 0.0, 2.0, 4.0)},
     # τ = 1e6: every margin is below the floor, so none may fall to first order (one-sided, no room)
-    "barrier-nofall": Method("barrier-nofall", project="none", stages="sft", lookalike="lookalike",
-                             ogpsa={"lookalike_barrier": True, "barrier_floor": 1e6}),
-    "barrier-t-3-k05": Method("barrier-t-3-k05", project="none", stages="sft", lookalike="lookalike",
-                              ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0, "barrier_step_share": 0.5}),
+    "barrier-nofall": _barrier("barrier-nofall", 1e6),
+    "barrier-t-3-k05": _barrier("barrier-t-3-k05", -3.0, barrier_step_share=0.5),
     # the refresh period of the look-alike gradients (default 4) and n_L, the rows constrained (default 48; the
     # demo's bank holds 96), at τ = −3
-    **{f"barrier-t-3-r{every}": Method(f"barrier-t-3-r{every}", project="none", stages="sft", lookalike="lookalike",
-                                       ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0,
-                                              "barrier_refresh_every": every})
+    **{f"barrier-t-3-r{every}": _barrier(f"barrier-t-3-r{every}", -3.0, barrier_refresh_every=every)
        for every in (1, 16)},
-    **{f"barrier-t-3-n{rows}": Method(f"barrier-t-3-n{rows}", project="none", stages="sft", lookalike="lookalike",
-                                      ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0,
-                                             "lookalike_examples": rows})
-       for rows in (24, 96)},
+    **{f"barrier-t-3-n{rows}": _barrier(f"barrier-t-3-n{rows}", -3.0, lookalike_examples=rows) for rows in (24, 96)},
     # SFT then DPO with the barrier in both stages (against `plain-align`)
-    "barrier-t-3-align": Method("barrier-t-3-align", project="none", stages="align", lookalike="lookalike",
-                                ogpsa={"lookalike_barrier": True, "barrier_floor": -3.0}),
-    "barrier-t2-k05": Method("barrier-t2-k05", project="none", stages="sft", lookalike="lookalike",
-                             ogpsa={"lookalike_barrier": True, "barrier_floor": 2.0, "barrier_step_share": 0.5}),
+    "barrier-t-3-align": _barrier("barrier-t-3-align", -3.0, stages="align"),
+    "barrier-t2-k05": _barrier("barrier-t2-k05", 2.0, barrier_step_share=0.5),
     "act70-opening-lookalike": Method("act70-opening-lookalike", stages="sft",
                                       ogpsa={"protect": "activations", "activation_energy": 0.7,
                                              "activation_positions": "opening"}),

@@ -4,12 +4,12 @@ For each run given as `LABEL=RUN_DIR:LOG` (RUN_DIR the method's directory holdin
 command's log), it reads the `ogpsa/barrier_*` rows of metrics.jsonl (means over the steps: active constraints,
 constraints d₀ itself broke, share of d₀ removed, share of the safety loss's first-order fall kept, seconds per
 refresh) and, from the log's `look-alike barrier refresh at step N: R rows, margin min/mean X/Y` lines, the
-margins *measured* at every refresh. Between refreshes the barrier tracks the margins to first order with cached gradients; how far the
-measured minimum falls below the floor at the next refresh is what staleness costs.
+margins *measured* at every refresh. Between refreshes the barrier tracks the margins to first order with cached
+gradients; how far the measured minimum falls below the floor at the next refresh is what staleness costs.
 
     python -m experiments.barrier_telemetry --floor -3 --split dev \
         --run r4-s0=runs/barrier-dev-barrier-t-3/seed-0/barrier-t-3:runs/barrier-dev-barrier-t-3-s0.log \
-        --summary experiments/results/barrier_refresh_telemetry_dev.json
+        --summary experiments/results/barrier_settings_telemetry_dev.json
 """
 
 from __future__ import annotations

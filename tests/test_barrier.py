@@ -156,15 +156,13 @@ def _train(model_dir, lookalikes, output, config, *, steps=2, callbacks=(), resu
         rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": REFUSAL}],
                  "rejected": [{"role": "assistant", "content": f"Sure. Step one for device {i}: take the parts."}]}
                 for i, p in enumerate(HARMFUL)]
-        trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-                             args=DPOConfig(**common), peft_config=peft_config, callbacks=[ogpsa, *callbacks])
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer, ogpsa, lookalike
-    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": REFUSAL}]}
-            for p in HARMFUL]
-    trainer = SFTTrainer(
-        model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-        args=SFTConfig(**common), peft_config=peft_config, callbacks=[ogpsa, *callbacks])
+        trainer_class, args = DPOTrainer, DPOConfig(**common)
+    else:
+        rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": REFUSAL}]}
+                for p in HARMFUL]
+        trainer_class, args = SFTTrainer, SFTConfig(**common)
+    trainer = trainer_class(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows), args=args,
+                            peft_config=peft_config, callbacks=[ogpsa, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, ogpsa, lookalike
 
